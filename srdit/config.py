@@ -1,0 +1,377 @@
+"""Configs as plain dataclasses, and the named presets.
+
+The presets follow the paper's Table 1 as a chain: each row is the previous row plus one
+change, so the ablation reads as one-line differences (`_derive`). Constants of the recipe
+(latent scale, null class) live here and nowhere else.
+
+Command-line overrides are `section.field=value` (`apply_overrides`), parsed by the field's
+type; an unknown preset or key is an error naming it, with close matches first.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+
+LATENT_SCALE = 0.3099  # INVAE latents are multiplied by this for training (SPEC 1), no shift
+NULL_CLASS = 1000  # index of the null label in the 1001-row label table (SPEC 2)
+TIME_SHIFT_BASE = 4096  # s = sqrt(C*H*W / 4096) of the latent (SPEC 3)
+
+NORMS = ("rmsnorm", "layernorm")
+MLP_ACTS = ("gelu_tanh", "swiglu", "relu2", "xielu", "lopsided_relu2")
+KERNELS = ("eager",)
+ATTENTION_BACKENDS = ("sdpa", "eager")
+PREDICTIONS = ("v", "x0")
+OPTIMIZERS = ("adamw", "muon", "prodigy")
+SAMPLERS = ("sde", "euler", "heun")
+GUIDANCES = ("none", "cfg", "pdg")
+
+# hidden, depth, heads of the SiT sizes (SiT/DiT naming); `model.size=L` on the command line
+# sets all three.
+MODEL_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built; the message names the key and the fix."""
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+@dataclass
+class ModelConfig:
+    # input: latent channels and side (32 x 16 x 16 INVAE latents at 256 px)
+    in_channels: int = 32
+    input_size: int = 16
+    patch_size: int = 1
+    # transformer (SiT-B)
+    hidden: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    mlp_act: str = "gelu_tanh"
+    num_classes: int = 1000
+    # the Table-1 switches
+    norm: str = "rmsnorm"
+    rope: bool = True
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+    value_residual: bool = True
+    # REG class token (noisy teacher class embedding prepended at index 0) and REPA
+    reg_token: bool = True
+    teacher_dim: int = 768  # DINOv2-B/14 embedding width: REG token and REPA target size
+    repa_depth: int = 2  # projector taps the output of this many blocks
+    projector_dim: int = 2048
+    # SPRINT: dense encoder, routed middle, dense decoder
+    sprint: bool = True
+    sprint_drop_ratio: float = 0.75
+    sprint_encoder_depth: int = 2
+    sprint_decoder_depth: int = 2
+    # Release quirks kept as defaults (SPEC "Known quirks"); False selects the fix.
+    quirk_rotate_routed_cls: bool = True  # Q1: a kept class token is rotated as grid (0, 0)
+    quirk_cls_may_drop: bool = True  # Q2: the class token competes with patches to be kept
+    # how it runs (results do not depend on these beyond rounding)
+    kernels: str = "eager"
+    attention_backend: str = "sdpa"
+
+    def __post_init__(self):
+        _one_of("model.norm", self.norm, NORMS)
+        _one_of("model.mlp_act", self.mlp_act, MLP_ACTS)
+        _one_of("model.kernels", self.kernels, KERNELS)
+        _one_of("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.hidden % self.heads:
+            raise ConfigError(f"model.hidden={self.hidden} is not divisible by model.heads={self.heads}")
+        if self.input_size % self.patch_size:
+            raise ConfigError(f"model.input_size={self.input_size} is not divisible by model.patch_size={self.patch_size}")
+        if self.rope and self.head_dim % 4:
+            raise ConfigError(f"2D RoPE needs a head dim divisible by 4 (two axes of rotated pairs); got {self.head_dim}")
+        if self.sprint:
+            if not 0.0 < self.sprint_drop_ratio < 1.0:
+                raise ConfigError(f"model.sprint_drop_ratio={self.sprint_drop_ratio} must lie in (0, 1)")
+            if self.routed_depth < 1:
+                raise ConfigError(
+                    f"SPRINT needs routed blocks: depth {self.depth} <= encoder {self.sprint_encoder_depth}"
+                    f" + decoder {self.sprint_decoder_depth}; lower the dense depths or set model.sprint=false")
+            if self.repa_depth > self.sprint_encoder_depth:
+                raise ConfigError(
+                    f"model.repa_depth={self.repa_depth} taps a routed block, which sees only the kept tokens;"
+                    f" use repa_depth <= model.sprint_encoder_depth={self.sprint_encoder_depth}")
+        if not 1 <= self.repa_depth <= self.depth:
+            raise ConfigError(f"model.repa_depth={self.repa_depth} must lie in [1, model.depth={self.depth}]")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def grid(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2 + int(self.reg_token)
+
+    @property
+    def num_kept(self) -> int:
+        """Tokens each sample keeps in the routed blocks: int(0.25 * 257) = 64 at 256 px."""
+        return max(1, int(self.num_tokens * (1.0 - self.sprint_drop_ratio)))
+
+    @property
+    def routed_depth(self) -> int:
+        return self.depth - self.sprint_encoder_depth - self.sprint_decoder_depth
+
+
+@dataclass
+class DataConfig:
+    resolution: int = 256
+    path: str = ""  # prepared shards (srdit.data.prepare); empty = the embedded quickstart data
+    latent_scale: float = LATENT_SCALE
+    invae: str = ""  # e2e-invae-400k.pt, for decoding samples
+    teacher: str = ""  # dinov2_vitb14_pretrain.pth; empty = random init (quickstart only)
+    teacher_arch: str = "vitb14"
+    teacher_resolution: int = 224  # 224 -> 16x16 patch tokens (448 at 512 px)
+    cached_teacher: bool = False
+    num_workers: int = 4
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400_000
+    global_batch: int = 256
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    label_dropout: float = 0.1
+    path_drop_prob: float = 0.05
+    # losses (SPEC 3): L = vel + 0.5 REPA + 0.03 cls + 0.05 CFM
+    prediction: str = "v"
+    x0_t_min: float = 0.05  # x0-prediction: v = (x_t - x0) / max(t, this)
+    repa_weight: float = 0.5
+    cls_weight: float = 0.03
+    cfm_weight: float = 0.05
+    cfm_time_weighted: bool = False  # appendix: CFM term times t (used with weight 0.10)
+    dispersive_weight: float = 0.0  # appendix: dispersive loss on the REPA-tap hidden state
+    dispersive_tau: float = 0.5
+    time_shift: float = 1.0  # s of t' = s t / (1 + (s - 1) t); 1 = no shift
+    # cadence and bookkeeping
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    sample_every: int = 2_000
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 10
+    compile: bool = False
+    precision: str = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
+
+    def __post_init__(self):
+        _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("train.prediction", self.prediction, PREDICTIONS)
+        _one_of("train.precision", self.precision, ("bf16", "fp32"))
+        if self.time_shift <= 0:
+            raise ConfigError(f"train.time_shift={self.time_shift} must be > 0")
+        for name in ("label_dropout", "path_drop_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must lie in [0, 1)")
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "sde"
+    num_steps: int = 250
+    t_min: float = 0.04
+    time_shift: float = 1.0
+    guidance: str = "none"
+    guidance_scale: float = 1.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    balanced_labels: bool = False
+    num_samples: int = 50_000
+    batch: int = 125
+    seed: int = 0
+    precision: str = "fp32"  # the paper evaluated in fp32
+
+    def __post_init__(self):
+        _one_of("sample.sampler", self.sampler, SAMPLERS)
+        _one_of("sample.guidance", self.guidance, GUIDANCES)
+        _one_of("sample.precision", self.precision, ("bf16", "fp32"))
+
+
+@dataclass
+class EvalConfig:
+    reference: str = ""  # VIRTUAL_imagenet256_labeled.npz
+    inception: str = ""  # pt_inception-2015-12-05-6726825d.pth
+    kdd_teacher: str = ""  # dinov2_vitl14_pretrain.pth
+    batch: int = 250
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def auto_time_shift(model: ModelConfig) -> float:
+    """s = sqrt(C*H*W / 4096) of the latent: sqrt 2 at 256 px, sqrt 8 at 512 px (SPEC 3)."""
+    return math.sqrt(model.in_channels * model.input_size**2 / TIME_SHIFT_BASE)
+
+
+def _derive(base: Config, **sections) -> Config:
+    """A copy of `base` with some fields of some sections replaced: `model=dict(rope=True)`."""
+    replaced = {name: dataclasses.replace(getattr(base, name), **changes) for name, changes in sections.items()}
+    return dataclasses.replace(base, **replaced)
+
+
+def _build_presets() -> dict[str, Config]:
+    p: dict[str, Config] = {}
+    # Table 1, cumulative. Row 1: REG on INVAE latents with the SiT-B/1 of the REG/REPA code:
+    # LayerNorm, no RoPE/QK-norm/value residual, every block dense, REPA tapping block 4 (the
+    # encoder_depth of the release's SiT-B configs; SPRINT rows tap the 2-block dense encoder).
+    p["reg-invae-b1-256"] = _derive(
+        Config(),
+        model=dict(norm="layernorm", rope=False, qk_norm=False, value_residual=False, sprint=False, repa_depth=4),
+        train=dict(cfm_weight=0.0),
+    )
+    p["sprint-b1-256"] = _derive(p["reg-invae-b1-256"], model=dict(sprint=True, repa_depth=2))
+    p["rmsnorm-b1-256"] = _derive(p["sprint-b1-256"], model=dict(norm="rmsnorm"))
+    p["rope-b1-256"] = _derive(p["rmsnorm-b1-256"], model=dict(rope=True))
+    p["qknorm-b1-256"] = _derive(p["rope-b1-256"], model=dict(qk_norm=True))
+    p["valres-b1-256"] = _derive(p["qknorm-b1-256"], model=dict(value_residual=True))
+    p["cfm-b1-256"] = _derive(p["valres-b1-256"], train=dict(cfm_weight=0.05))
+    shift256 = auto_time_shift(p["cfm-b1-256"].model)
+    p["timeshift-b1-256"] = _derive(p["cfm-b1-256"], train=dict(time_shift=shift256), sample=dict(time_shift=shift256))
+    p["sr-dit-b1-256"] = _derive(p["timeshift-b1-256"], sample=dict(balanced_labels=True))
+    m512 = dataclasses.replace(p["sr-dit-b1-256"].model, input_size=32)
+    shift512 = auto_time_shift(m512)
+    p["sr-dit-b1-512"] = _derive(
+        p["sr-dit-b1-256"],
+        model=dict(input_size=32),
+        data=dict(resolution=512, teacher_resolution=448),
+        train=dict(time_shift=shift512),
+        sample=dict(time_shift=shift512),
+    )
+    # A small SR-DiT with every part of the recipe, for CPUs: 1 x 16 x 16 pixel-space digits
+    # (identity tokenizer), patch 2 -> 64 patches + REG token = 65 tokens, 16 kept when routed;
+    # a tiny ViT teacher of the DINOv2 code path (width 64).
+    quick_model = dict(
+        in_channels=1, input_size=16, patch_size=2, hidden=128, depth=6, heads=4, num_classes=10,
+        teacher_dim=64, projector_dim=256,
+    )
+    p["quickstart"] = _derive(
+        p["sr-dit-b1-256"],
+        model=quick_model,
+        data=dict(resolution=16, teacher_arch="tiny", teacher_resolution=16, latent_scale=1.0, num_workers=0),
+        train=dict(max_steps=2000, global_batch=64, lr=1e-3, ema_decay=0.999, log_every=50, ckpt_every=500,
+                   sample_every=500, time_shift=auto_time_shift(ModelConfig(**quick_model))),
+        sample=dict(num_steps=50, num_samples=100, batch=100, time_shift=auto_time_shift(ModelConfig(**quick_model))),
+    )
+    return p
+
+
+_PRESETS = _build_presets()
+PRESETS: tuple[str, ...] = tuple(_PRESETS)
+
+
+def _unknown(kind: str, name: str, valid) -> ConfigError:
+    valid = list(valid)
+    close = difflib.get_close_matches(name, valid, n=len(valid), cutoff=0.5)
+    ordered = close + [v for v in valid if v not in close]
+    return ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(ordered)}")
+
+
+def preset(name: str) -> Config:
+    """A fresh copy of the named preset (see PRESETS)."""
+    if name not in _PRESETS:
+        raise _unknown("preset", name, PRESETS)
+    return copy.deepcopy(_PRESETS[name])
+
+
+def _field_type(section, name: str):
+    hints = typing.get_type_hints(type(section))
+    return hints[name]
+
+
+def _parse_value(key: str, text: str, kind):
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} expects a boolean (true/false), got {text!r}")
+    if kind is int:
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key} expects an integer, got {text!r}") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key} expects a number, got {text!r}") from None
+    if kind is str:
+        return text
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        raise ConfigError(f"{key}: union-typed fields cannot be set from the command line")
+    raise ConfigError(f"{key}: fields of type {kind} cannot be set from the command line")
+
+
+def _all_keys(cfg: Config) -> list[str]:
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def apply_overrides(cfg: Config, overrides: typing.Iterable[str]) -> Config:
+    """A new Config with `section.field=value` overrides applied, type-checked, re-validated.
+
+    `model.size=S|B|L|XL` sets model.hidden, model.depth and model.heads together.
+    """
+    changes: dict[str, dict] = {}
+    valid = _all_keys(cfg) + ["model.size"]
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key == "model.size":
+            if text not in MODEL_SIZES:
+                raise _unknown("model size", text, MODEL_SIZES)
+            hidden, depth, heads = MODEL_SIZES[text]
+            changes.setdefault("model", {}).update(hidden=hidden, depth=depth, heads=heads)
+            continue
+        if key not in valid:
+            raise _unknown("config key", key, valid)
+        section_name, name = key.split(".", 1)
+        section = getattr(cfg, section_name)
+        changes.setdefault(section_name, {})[name] = _parse_value(key, text.strip(), _field_type(section, name))
+    return _derive(cfg, **changes)
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of Config.to_dict (for config.yaml and checkpoints); unknown keys are errors."""
+    sections = {}
+    for f in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[f.name]
+        values = dict(d.get(f.name, {}))
+        known = {g.name for g in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise _unknown("config key", f"{f.name}.{key}", [f"{f.name}.{k}" for k in known])
+        sections[f.name] = cls(**values)
+    return Config(**sections)

@@ -1,0 +1,1 @@
+"""srdit.sample"""
