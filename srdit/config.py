@@ -135,9 +135,18 @@ class DataConfig:
     invae: str = ""  # e2e-invae-400k.pt, for decoding samples
     teacher: str = ""  # dinov2_vitb14_pretrain.pth; empty = random init (quickstart only)
     teacher_arch: str = "vitb14"
+    # How the teacher's 37x37 position table is resampled to its grid: "timm" (antialiased
+    # bicubic) is what the release's REPA teacher does (utils.load_encoders), so it produced
+    # the published targets; "dinov2" is the hub model's own interpolation (+0.1 offset).
+    teacher_pos_interp: str = "timm"
     teacher_resolution: int = 224  # 224 -> 16x16 patch tokens (448 at 512 px)
     cached_teacher: bool = False
     num_workers: int = 4
+
+    def __post_init__(self):
+        _one_of("data.resolution", self.resolution, (16, 256, 512))
+        _one_of("data.teacher_arch", self.teacher_arch, ("vitb14", "vitl14", "tiny"))
+        _one_of("data.teacher_pos_interp", self.teacher_pos_interp, ("timm", "dinov2"))
 
 
 @dataclass
