@@ -183,11 +183,20 @@ class TrainConfig:
     max_bad_steps: int = 10
     compile: bool = False
     precision: str = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
+    wandb_mode: str = "disabled"  # online | offline | disabled
+    wandb_project: str = "srdit"
+    wandb_name: str = ""
 
     def __post_init__(self):
         _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
         _one_of("train.prediction", self.prediction, PREDICTIONS)
         _one_of("train.precision", self.precision, ("bf16", "fp32"))
+        _one_of("train.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+        if self.global_batch < 1 or self.grad_accum < 1 or self.max_steps < 0:
+            raise ConfigError("train.global_batch and train.grad_accum must be >= 1, train.max_steps >= 0")
+        for name in ("log_every", "ckpt_every", "sample_every", "keep_checkpoints", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
         if self.time_shift <= 0:
             raise ConfigError(f"train.time_shift={self.time_shift} must be > 0")
         for name in ("label_dropout", "path_drop_prob"):

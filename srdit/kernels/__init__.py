@@ -1,19 +1,26 @@
 """Fused ops and their eager twins; `get_ops(cfg.model.kernels)` picks one set for the model.
 
 The model calls only what `get_ops` returns (STYLE 7: the model does not know how it is run).
-Every set has the same functions with the same signatures as srdit/kernels/reference.py.
+Every set has the functions of OP_NAMES with the signatures of srdit/kernels/reference.py.
 """
 from __future__ import annotations
 
-from types import ModuleType
+from types import SimpleNamespace
 
 from srdit.config import KERNELS, ConfigError
 
+OP_NAMES = ("rms_norm", "rmsnorm_modulate", "layernorm_modulate", "apply_rope", "attention_prologue",
+            "gather_tokens", "sprint_fuse")
 
-def get_ops(kind: str) -> ModuleType:
-    """The op set for cfg.model.kernels (one of srdit.config.KERNELS)."""
+
+def get_ops(kind: str) -> SimpleNamespace:
+    """The op set for cfg.model.kernels (one of srdit.config.KERNELS).
+
+    A namespace of plain functions (not a module object), so models holding it can be deep-copied
+    (the EMA) and pickled.
+    """
     if kind == "eager":
-        from srdit.kernels import reference
-
-        return reference
-    raise ConfigError(f"model.kernels={kind!r} is not one of {', '.join(map(repr, KERNELS))}")
+        from srdit.kernels import reference as source
+    else:
+        raise ConfigError(f"model.kernels={kind!r} is not one of {', '.join(map(repr, KERNELS))}")
+    return SimpleNamespace(kind=kind, **{name: getattr(source, name) for name in OP_NAMES})

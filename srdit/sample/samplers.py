@@ -191,6 +191,7 @@ def guided(
     high: float = 1.0,
     *,
     kind: str = "cfg",
+    null_label: int = NULL_CLASS,
 ) -> ModelFn:
     """Wrap `model_call(state, t, y, *, path_drop: bool) -> velocity` into a guided
     `model_fn(state, t)` for the samplers (see the module docstring: guiding v = guiding the
@@ -199,7 +200,8 @@ def guided(
     v = v_u + scale (v_c - v_u) for the samples with low <= t <= high (t is the shifted time the
     model sees, compared per sample); outside the interval the conditional velocity alone, and
     when no sample of the batch is inside, no unconditional call is made.
-      kind="cfg": v_u is the same model with the null label (NULL_CLASS); conditional and
+      kind="cfg": v_u is the same model with the null label (`null_label`, the last row of the
+                  label table: NULL_CLASS for ImageNet, model.num_classes in general); conditional and
                   unconditional inputs are concatenated along the batch into ONE model call.
       kind="pdg": path-drop guidance; v_u uses the null label AND path_drop=True (the sparse
                   stream replaced by [MASK]): a different computation, so a second call.
@@ -228,7 +230,7 @@ def guided(
         def sub(z: Tensor) -> Tensor:
             return z if idx is None else z.index_select(0, idx)
 
-        y_null = sub(torch.full_like(y, NULL_CLASS))
+        y_null = sub(torch.full_like(y, null_label))
         if kind == "cfg":
             out = model_call(
                 _map(lambda a: torch.cat([a, sub(a)]), state),

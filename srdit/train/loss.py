@@ -35,11 +35,12 @@ class StepNoise:
     drop_label: torch.Tensor  # [G] bool: label replaced by the null class
     keep_ids: torch.Tensor | None  # [G, K] SPRINT kept token ids (None: the model does not route)
     path_drop: bool  # the whole batch takes the path-dropped branch
+    null_label: int = NULL_CLASS  # the label index meaning "no class" (model.num_classes)
 
     def rows(self, start: int, stop: int) -> "StepNoise":
         pick = lambda v: None if v is None else v[start:stop]  # noqa: E731
         return StepNoise(pick(self.t), pick(self.eps), pick(self.eps_cls), pick(self.drop_label),
-                         pick(self.keep_ids), self.path_drop)
+                         pick(self.keep_ids), self.path_drop, self.null_label)
 
 
 def sample_time(batch: int, shift: float, *, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -70,12 +71,12 @@ def draw_step_noise(global_batch: int, sample_shape, model_cfg: ModelConfig, cfg
         keep_ids = select_tokens(G, model_cfg.num_tokens, model_cfg.num_kept, generator=generator, device=device,
                                  keep_first=model_cfg.reg_token and not model_cfg.quirk_cls_may_drop)
     path_drop = bool(torch.rand((), generator=host_generator) < cfg.path_drop_prob)  # CPU: no sync
-    return StepNoise(t, eps, eps_cls, drop_label, keep_ids, path_drop)
+    return StepNoise(t, eps, eps_cls, drop_label, keep_ids, path_drop, model_cfg.num_classes)
 
 
-def drop_labels(y: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+def drop_labels(y: torch.Tensor, drop: torch.Tensor, null_label: int = NULL_CLASS) -> torch.Tensor:
     """Labels replaced by the null class where `drop` (classifier-free-guidance dropout)."""
-    return torch.where(drop, torch.full_like(y, NULL_CLASS), y)
+    return torch.where(drop, torch.full_like(y, null_label), y)
 
 
 def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor):
@@ -133,7 +134,7 @@ def diffusion_loss(model, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tenso
     if noise.eps_cls is not None:
         cls_clean = teacher[:, 0]  # [B, d]
         cls_t, cls_target = interpolate(cls_clean, noise.eps_cls, noise.t)
-    out = model(x_t, noise.t, drop_labels(y, noise.drop_label), cls_t,
+    out = model(x_t, noise.t, drop_labels(y, noise.drop_label, noise.null_label), cls_t,
                 path_drop=noise.path_drop, keep_ids=noise.keep_ids)
     v, v_cls = out.v, out.v_cls
     if cfg.prediction == "x0":

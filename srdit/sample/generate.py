@@ -1,0 +1,69 @@
+"""From a trained SR-DiT to images: the model as a sampler's `model_call`, the sampler chosen by
+cfg.sample, and the decode to uint8 pixels.
+
+The sampler state is (latent, class-token state) for models with a REG token: both start
+from N(0, I) at t = 1 and are integrated jointly (SPEC 5).
+"""
+from __future__ import annotations
+
+import torch
+
+from srdit.config import Config
+from srdit.model.invae import to_uint8
+from srdit.sample.samplers import euler_maruyama, guided, ode
+from srdit.train.loss import velocity_from_x0
+
+
+def model_call(model, cfg: Config):
+    """`call(state, t, y, *, path_drop) -> velocity` with the state's structure (no routing)."""
+    reg, x0 = cfg.model.reg_token, cfg.train.prediction == "x0"
+
+    def call(state, t, y, *, path_drop=False):
+        x, cls = state if reg else (state, None)
+        out = model(x, t.to(x.dtype), y, cls, route=False, path_drop=path_drop)
+        v, v_cls = out.v, out.v_cls
+        if x0:
+            v = velocity_from_x0(v, x, t, cfg.train.x0_t_min)
+            v_cls = velocity_from_x0(v_cls, cls, t, cfg.train.x0_t_min) if reg else None
+        return (v, v_cls) if reg else v
+
+    return call
+
+
+@torch.no_grad()
+def generate(model, cfg: Config, labels: torch.Tensor, *, generator: torch.Generator | None = None,
+             num_steps: int | None = None, dtype=torch.float32) -> torch.Tensor:
+    """Latents [B, C, H, W] for `labels`, with cfg.sample's sampler, guidance and time shift."""
+    m, s = cfg.model, cfg.sample
+    device = labels.device
+    shape = (labels.shape[0], m.in_channels, m.input_size, m.input_size)
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    state = (x, torch.randn((labels.shape[0], m.teacher_dim), generator=generator, device=device, dtype=dtype)) \
+        if m.reg_token else x
+    fn = guided(model_call(model, cfg), labels, s.guidance_scale, s.guidance_low, s.guidance_high, kind=s.guidance,
+                null_label=m.num_classes)
+    steps = num_steps or s.num_steps
+    if s.sampler == "sde":
+        state = euler_maruyama(fn, state, steps, t_min=s.t_min, shift=s.time_shift, generator=generator)
+    else:
+        state = ode(fn, state, steps, method=s.sampler, shift=s.time_shift)
+    return state[0] if m.reg_token else state
+
+
+def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 [N, 3, H, W] (SPEC 5 quantisation; grey images get 3 channels)."""
+    u8 = to_uint8(pixels)
+    return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
+    """uint8 [N, 3, H, W] -> one PNG with `nrow` images per row."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    canvas = torch.full((3, rows * (h + 2) + 2, nrow * (w + 2) + 2), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        canvas[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = images[i].cpu()
+    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)

@@ -1,0 +1,5 @@
+import sys
+
+from srdit.train.main import main
+
+sys.exit(main())

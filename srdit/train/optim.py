@@ -1,0 +1,97 @@
+"""Optimizers (AdamW default; Muon and Prodigy for the appendix ablation) and the EMA.
+
+A step whose loss or gradient is not finite is skipped on the device: the fused AdamW kernel
+takes a `found_inf` flag (the mechanism AMP's GradScaler uses) and leaves parameters, moments
+and step count untouched, and the EMA lerps with weight 0. No host sync is needed for that.
+Muon and Prodigy have no such flag; with them the flag is read on the host (one sync per step).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from srdit.config import TrainConfig
+
+MUON_LR = 1e-3  # the SR-DiT author's Muon run (FID 3.40)
+
+
+def _muon_params(model: nn.Module):
+    """2-D weight matrices of the transformer body go to Muon; embeddings, the output layers,
+    biases, norms and scalars stay on AdamW (Muon is defined for hidden matrices only)."""
+    muon, adam = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hidden = name.startswith(("blocks.", "fusion_proj.", "projectors.")) and p.dim() == 2
+        (muon if hidden else adam).append(p)
+    return muon, adam
+
+
+class Optimizers:
+    """One or two torch optimizers stepped together, with a device-side skip flag."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device):
+        params = [p for p in model.parameters() if p.requires_grad]
+        adam_kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            self.optimizers = [torch.optim.AdamW(params, **adam_kw, fused=True)]
+        elif cfg.optimizer == "muon":
+            if not hasattr(torch.optim, "Muon"):
+                raise RuntimeError(f"train.optimizer=muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
+            muon, adam = _muon_params(model)
+            self.optimizers = [torch.optim.Muon(muon, lr=MUON_LR, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
+                               torch.optim.AdamW(adam, **adam_kw, fused=True)]
+        else:  # prodigy
+            try:
+                from prodigyopt import Prodigy
+            except ImportError:
+                raise RuntimeError("train.optimizer=prodigy needs the package prodigyopt: pip install prodigyopt") from None
+            self.optimizers = [Prodigy(params, lr=1.0, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)]
+        self.device_skip = all(isinstance(o, torch.optim.AdamW) for o in self.optimizers)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers[-1].param_groups[0]["lr"]
+
+    def step(self, found_inf: torch.Tensor) -> None:
+        """Apply the update unless found_inf (a float 0-dim device tensor) is 1."""
+        if self.device_skip:
+            for opt in self.optimizers:
+                opt.found_inf, opt.grad_scale = found_inf, None
+                opt.step()
+        elif not bool(found_inf):  # host sync: these optimizers cannot skip on the device
+            for opt in self.optimizers:
+                opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> list:
+        return [o.state_dict() for o in self.optimizers]
+
+    def load_state_dict(self, states: list) -> None:
+        for opt, state in zip(self.optimizers, states, strict=True):
+            opt.load_state_dict(state)
+
+
+class EMA:
+    """fp32 exponential moving average of every parameter (also the frozen pos_embed, as the
+    release's EMA does) and a copy of the buffers; updated with one _foreach_lerp_."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self._ema = list(self.model.parameters())
+        self._src = list(model.parameters())
+
+    @torch.no_grad()
+    def update(self, found_inf: torch.Tensor) -> None:
+        weight = (1.0 - self.decay) * (1.0 - found_inf)  # 0 on skipped steps: no host sync
+        torch._foreach_lerp_(self._ema, [p.detach().float() for p in self._src], weight)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state, strict=True)

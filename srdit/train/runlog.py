@@ -1,0 +1,187 @@
+"""What a run tells the person running it: a self-describing header (STYLE 11), a progress bar,
+metrics.jsonl, optional wandb, GPU telemetry when there is a GPU, and a loss-curve PNG.
+
+Only rank 0 writes. Every method is cheap unless it is called at a log step.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for the MFU estimate in
+# logs only; bench/throughput.py measures the card's real matmul rate instead.
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def _git(*args: str) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def code_version() -> str:
+    """Commit, plus a hash of the uncommitted diff when the tree is dirty."""
+    commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
+    diff = _git("diff", "HEAD")
+    return f"{commit}+dirty.{hashlib.sha1(diff.encode()).hexdigest()[:8]}" if diff else commit
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
+
+
+class GpuTelemetry:
+    """Utilisation, memory, power and SM clock through nvidia-ml-py; absent without a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        except Exception:  # no nvidia-ml-py or no NVML library: telemetry is optional
+            self.handle = None
+
+    def read(self) -> dict:
+        if self.handle is None:
+            return {}
+        nv, h = self.nvml, self.handle
+        return {
+            "gpu_util": nv.nvmlDeviceGetUtilizationRates(h).gpu,
+            "gpu_mem_gb": nv.nvmlDeviceGetMemoryInfo(h).used / 2**30,
+            "gpu_power_w": nv.nvmlDeviceGetPowerUsage(h) / 1000,
+            "gpu_sm_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
+        }
+
+
+class RunLog:
+    def __init__(self, out_dir: str, cfg, *, enabled: bool, start_step: int, max_steps: int, device: torch.device,
+                 flops_per_image: float, global_batch: int):
+        self.enabled, self.out_dir, self.cfg = enabled, out_dir, cfg
+        self.flops_per_image, self.global_batch = flops_per_image, global_batch
+        self.peak = peak_flops(device)
+        self.telemetry = GpuTelemetry(device) if enabled else None
+        self.bar = None
+        self.wandb = None
+        self.last_time, self.last_step = time.perf_counter(), start_step
+        if not enabled:
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=None, file=sys.stdout)
+        self.metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        if cfg.train.wandb_mode != "disabled":
+            import wandb  # optional: only when asked for
+
+            self.wandb = wandb.init(project=cfg.train.wandb_project, name=cfg.train.wandb_name or None,
+                                    mode=cfg.train.wandb_mode, dir=out_dir, config=cfg.to_dict(), resume="allow")
+
+    def print(self, *lines: str) -> None:
+        if self.enabled:
+            for line in lines:
+                (self.bar.write if self.bar is not None else print)(line)
+
+    def header(self, lines: list[str]) -> None:
+        self.print(*lines)
+
+    @contextlib.contextmanager
+    def untimed(self):
+        """Time spent inside (checkpoints, samples) does not count against img/s."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.last_time += time.perf_counter() - start
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, step: int, values: dict, lr: float) -> dict:
+        """One metrics.jsonl record for the steps since the previous call."""
+        now = time.perf_counter()
+        steps = max(1, step - self.last_step)
+        img_per_s = steps * self.global_batch / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, step
+        record = {"step": step, **values, "lr": lr, "img_per_s": img_per_s,
+                  "model_tflops": img_per_s * self.flops_per_image / 1e12}
+        if self.peak:
+            record["mfu"] = img_per_s * self.flops_per_image / self.peak
+        if not self.enabled:
+            return record
+        record.update(self.telemetry.read())
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        return record
+
+    def image(self, name: str, path: str, step: int) -> None:
+        if self.enabled and self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(path)}, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_loss_curve(metrics_path: str, png_path: str, width: int = 640, height: int = 360) -> None:
+    """A loss-versus-step line plot from metrics.jsonl, drawn with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    points = []
+    with open(metrics_path) as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("loss") is not None and record["loss"] == record["loss"]:  # skip NaN
+                points.append((record["step"], record["loss"]))
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, width - 20, 20, height - 40
+    draw.rectangle([left, top, right, bottom], outline="black")
+    if len(points) >= 2:
+        steps, losses = zip(*points)
+        s0, s1 = min(steps), max(steps)
+        l0, l1 = min(losses), max(losses)
+        l1 = l1 if l1 > l0 else l0 + 1e-6
+        xy = [(left + (s - s0) / max(s1 - s0, 1) * (right - left), bottom - (v - l0) / (l1 - l0) * (bottom - top))
+              for s, v in points]
+        draw.line(xy, fill=(31, 119, 180), width=2)
+        draw.text((4, top), f"{l1:.3f}", fill="black")
+        draw.text((4, bottom - 10), f"{l0:.3f}", fill="black")
+        draw.text((left, bottom + 8), f"step {s0}", fill="black")
+        draw.text((right - 80, bottom + 8), f"step {s1}", fill="black")
+    draw.text((left + 8, top + 4), "training loss (total)", fill="black")
+    image.save(png_path)

@@ -1,0 +1,103 @@
+"""One optimizer step: teacher targets, losses, backward, clip, update, EMA (DESIGN.md "One
+training step"). Nothing here reads a device value on the host (with the default AdamW):
+loss parts, gradient norm and the skip flag are accumulated on the device and read only by
+the logger every log_every steps.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from srdit.config import Config
+from srdit.model.dinov2 import repa_targets
+from srdit.train.loss import StepNoise, diffusion_loss
+from srdit.train.optim import EMA, Optimizers
+
+LOSS_PARTS = ("vel", "repa", "cls", "cfm", "disp")
+
+
+class DeviceMetrics:
+    """Sums of per-step device scalars since the last read; `read()` is the only host sync."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.bad_streak = torch.zeros((), device=self.device)  # consecutive skipped steps (kept across reads)
+        self.worst_streak = torch.zeros((), device=self.device)
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.steps += 1
+        self.bad_streak = (self.bad_streak + 1) * values["skipped"]
+        self.worst_streak = torch.maximum(self.worst_streak, self.bad_streak)
+
+    def read(self) -> dict[str, float]:
+        """Means over the steps since the last read, the number of skipped steps and the longest
+        run of consecutive skipped steps seen."""
+        names = list(self.sums)
+        means = torch.stack([self.sums[n].float() for n in names])
+        worst = self.worst_streak.clone()
+        if dist.is_initialized():  # the loss of the global batch, not of rank 0's share
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        values = torch.cat([means, worst[None]]).tolist()  # host sync
+        out = {n: v / max(1, self.steps) for n, v in zip(names, values)}
+        out["skipped"] = round(out.get("skipped", 0.0) * self.steps)
+        out["worst_bad_streak"] = int(values[-1])
+        self.sums, self.steps = {}, 0
+        self.worst_streak = self.bad_streak.clone()
+        return out
+
+
+class StepRunner:
+    def __init__(self, cfg: Config, model: nn.Module, train_model: nn.Module, teacher: nn.Module | None,
+                 optimizers: Optimizers, ema: EMA, *, rank: int, world: int, device: torch.device):
+        self.cfg, self.model, self.train_model, self.teacher = cfg, model, train_model, teacher
+        self.optimizers, self.ema = optimizers, ema
+        self.rank, self.world, self.device = rank, world, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        bf16 = device.type == "cuda" and cfg.train.precision == "bf16"
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict) -> torch.Tensor | None:
+        """[B, 1 + P, d] DINOv2 class + patch tokens: cached in the batch, or computed from images."""
+        if "teacher" in batch:
+            return batch["teacher"].float()
+        if self.teacher is None:
+            return None
+        with self.autocast():
+            cls, patches = self.teacher(batch["image"])
+        return repa_targets(cls, patches).float()
+
+    def run(self, micro_batches: list[dict], noise: StepNoise) -> dict[str, torch.Tensor]:
+        accum = len(micro_batches)
+        micro = micro_batches[0]["latent"].shape[0]
+        offset = self.rank * micro * accum  # this rank's first row of the global batch
+        parts_sum = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
+        total_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            rows = noise.rows(offset + i * micro, offset + (i + 1) * micro)
+            teacher = self.teacher_targets(batch)
+            sync = i == accum - 1 or not hasattr(self.train_model, "no_sync")
+            with (contextlib.nullcontext() if sync else self.train_model.no_sync()), self.autocast():
+                total, parts = diffusion_loss(self.train_model, batch["latent"], batch["label"], teacher, rows,
+                                              self.cfg.train)
+            (total / accum).backward()
+            total_sum += total.detach() / accum
+            for k in LOSS_PARTS:
+                parts_sum[k] += parts[k].float() / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True)
+        found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
+        self.optimizers.step(found_inf)
+        self.ema.update(found_inf)
+        return {"loss": total_sum, **parts_sum, "grad_norm": grad_norm, "skipped": found_inf}
