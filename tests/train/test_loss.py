@@ -126,7 +126,7 @@ def test_total_loss_is_the_weighted_sum_of_hand_computed_parts(variant):
     x_t, v_target = (1 - t) * x + t * noise.eps, noise.eps - x
     c = teacher[:, 0]
     c_t, c_target = (1 - noise.t[:, None]) * c + noise.t[:, None] * noise.eps_cls, noise.eps_cls - c
-    y_in = torch.where(noise.drop_label, NULL_CLASS, y)
+    y_in = torch.where(noise.drop_label, m.num_classes, y)  # the null label is the last row
     out = model(x_t, noise.t, y_in, c_t, keep_ids=noise.keep_ids)
     v, v_cls = out.v, out.v_cls
     if variant == "x0":
