@@ -23,8 +23,8 @@ TIME_SHIFT_BASE = 4096  # s = sqrt(C*H*W / 4096) of the latent (SPEC 3)
 
 NORMS = ("rmsnorm", "layernorm")
 MLP_ACTS = ("gelu_tanh", "swiglu", "relu2", "xielu", "lopsided_relu2")
-KERNELS = ("eager",)
-ATTENTION_BACKENDS = ("sdpa", "eager")
+KERNELS = ("eager", "triton")
+ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "fa3", "fa4", "eager")
 PREDICTIONS = ("v", "x0")
 OPTIMIZERS = ("adamw", "muon", "prodigy")
 SAMPLERS = ("sde", "euler", "heun")
@@ -296,7 +296,7 @@ def _build_presets() -> dict[str, Config]:
         p["sr-dit-b1-256"],
         model=quick_model,
         data=dict(resolution=16, teacher_arch="tiny", teacher_resolution=16, latent_scale=1.0, num_workers=0),
-        train=dict(max_steps=2000, global_batch=64, lr=1e-3, ema_decay=0.999, log_every=50, ckpt_every=500,
+        train=dict(max_steps=1500, global_batch=64, lr=1e-3, ema_decay=0.999, log_every=50, ckpt_every=500,
                    sample_every=500, time_shift=auto_time_shift(ModelConfig(**quick_model))),
         sample=dict(num_steps=50, num_samples=100, batch=100, time_shift=auto_time_shift(ModelConfig(**quick_model))),
     )

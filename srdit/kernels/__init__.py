@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 from srdit.config import KERNELS, ConfigError
 
-OP_NAMES = ("rms_norm", "rmsnorm_modulate", "layernorm_modulate", "apply_rope", "attention_prologue",
-            "gather_tokens", "sprint_fuse")
+OP_NAMES = ("rms_norm", "rmsnorm_modulate", "residual_rmsnorm_modulate", "layernorm_modulate", "apply_rope",
+            "attention_prologue", "gather_tokens", "sprint_fuse")
 
 
 def get_ops(kind: str) -> SimpleNamespace:
@@ -19,8 +19,24 @@ def get_ops(kind: str) -> SimpleNamespace:
     A namespace of plain functions (not a module object), so models holding it can be deep-copied
     (the EMA) and pickled.
     """
+    from srdit.kernels import reference
+
     if kind == "eager":
-        from srdit.kernels import reference as source
-    else:
+        return SimpleNamespace(kind=kind, **{name: getattr(reference, name) for name in OP_NAMES})
+    if kind != "triton":
         raise ConfigError(f"model.kernels={kind!r} is not one of {', '.join(map(repr, KERNELS))}")
-    return SimpleNamespace(kind=kind, **{name: getattr(source, name) for name in OP_NAMES})
+    try:
+        from srdit.kernels import attention_prologue, rmsnorm_modulate, rope, sprint
+    except ImportError as error:
+        raise ConfigError(f"model.kernels='triton' needs the triton package ({error}); use model.kernels=eager") from None
+    return SimpleNamespace(
+        kind=kind,
+        rms_norm=rmsnorm_modulate.rms_norm,
+        rmsnorm_modulate=rmsnorm_modulate.rmsnorm_modulate,
+        residual_rmsnorm_modulate=rmsnorm_modulate.residual_rmsnorm_modulate,
+        layernorm_modulate=reference.layernorm_modulate,  # LayerNorm only in two ablation rows: no Triton twin
+        apply_rope=rope.apply_rope,
+        attention_prologue=attention_prologue.attention_prologue,
+        gather_tokens=sprint.gather_tokens,
+        sprint_fuse=sprint.sprint_fuse,
+    )

@@ -1,10 +1,25 @@
 """Scaled dot-product attention behind one switch, cfg.model.attention_backend.
 
 q, k, v [B,H,N,Dh] -> [B,H,N,Dh]; no mask, no dropout, scale Dh^-0.5 (as the release).
-"sdpa" is torch's dispatcher (flash / cuDNN / memory-efficient / math, chosen by torch);
-"eager" is the textbook softmax(q k^T / sqrt(Dh)) v, for tests and as the slowest baseline.
+
+  "sdpa"   torch's dispatcher (flash / cuDNN / memory-efficient / math, torch's choice)
+  "cudnn"  SDPA restricted to cuDNN attention (Hopper with cuDNN >= 9 prefers it anyway)
+  "flash"  SDPA restricted to torch's built-in FlashAttention-2 kernel
+  "fa3"    FlashAttention-3: torch's registry (activate_flash_attention_impl("FA3"), torch >= 2.13)
+           when it works here, else the `flash_attn_interface` package
+  "fa4"    FlashAttention-4 (package flash-attn-4, `flash_attn.cute`)
+  "eager"  textbook softmax(q k^T / sqrt(Dh)) v: tests and the slowest baseline
+  "auto"   the fastest of the available ones for the shape, measured once per (shape, dtype,
+           device) and cached; on the CPU always "sdpa"
+
+Attention is ~3-5% of SR-DiT's FLOPs (257 or 64 tokens, head dim 64), so the backend matters
+less than everything around it; it is selectable so that it can be measured (bench/).
+An explicitly requested backend that is missing is an error naming what to install, never a
+silent fallback.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -13,13 +28,120 @@ from srdit.config import ATTENTION_BACKENDS, ConfigError
 
 
 def eager_attention(q, k, v):
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, N, N]
-    return scores.softmax(dim=-1).to(v.dtype) @ v
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, N, N]
+    return (scores.softmax(dim=-1) @ v.float()).to(v.dtype)
+
+
+def _sdpa_with(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend_name]
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def _fa3():
+    """FlashAttention-3 as a function of [B,H,N,Dh] tensors, or an ImportError naming the fix."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError:
+        activate = getattr(torch.nn.attention, "activate_flash_attention_impl", None)
+        if activate is None:
+            raise ImportError("attention_backend='fa3' needs the package flash_attn_interface (FlashAttention-3, "
+                              "built from the flash-attention repo's hopper/ folder) or torch >= 2.13 with it") from None
+        activate("FA3")  # torch's SDPA flash path now runs FA3 (raises if the library is absent)
+        return _sdpa_with("flash")
+
+    def run(q, k, v):
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out[0] if isinstance(out, tuple) else out  # some versions also return the LSE
+        return out.transpose(1, 2)
+
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def _fa4():
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        raise ImportError("attention_backend='fa4' needs the package flash-attn-4 (`flash_attn.cute`)") from None
+
+    def run(q, k, v):
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2)
+
+    return run
+
+
+def backend_fn(name: str):
+    """The attention function of a backend; raises ConfigError when it is not usable here."""
+    if name == "sdpa":
+        return F.scaled_dot_product_attention
+    if name == "eager":
+        return eager_attention
+    if name in ("cudnn", "flash"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"attention_backend={name!r} needs a CUDA GPU; use 'sdpa' or 'eager' on the CPU")
+        return _sdpa_with(name)
+    try:
+        if name == "fa3":
+            return _fa3()
+        if name == "fa4":
+            return _fa4()
+    except ImportError as error:
+        raise ConfigError(str(error)) from None
+    raise ConfigError(f"attention_backend={name!r} is not one of {', '.join(map(repr, ATTENTION_BACKENDS))}")
+
+
+_AUTO: dict[tuple, str] = {}
+
+
+def _measure(fn, q, k, v, iters: int = 20) -> float:
+    """Median ms of forward + backward of `fn` on copies of q, k, v (CUDA events)."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    for _ in range(3):
+        fn(q, k, v).sum().backward()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(q, k, v).sum().backward()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def resolve_auto(q, k, v) -> str:
+    """The fastest usable backend for this shape (measured on first use, then cached)."""
+    key = (q.device.type, tuple(q.shape), q.dtype)
+    if key not in _AUTO:
+        if q.device.type != "cuda" or torch.compiler.is_compiling():
+            return "sdpa"  # nothing to choose on the CPU; never time inside a traced graph
+        timings = {}
+        for name in ("sdpa", "cudnn", "flash", "fa3", "fa4"):
+            try:
+                timings[name] = _measure(backend_fn(name), q, k, v)
+            except Exception:  # not installed or not supported for this shape/dtype: not a candidate
+                continue
+        _AUTO[key] = min(timings, key=timings.get)
+    return _AUTO[key]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
-    if backend == "eager":
-        return eager_attention(q, k, v)
-    raise ConfigError(f"attention_backend={backend!r} is not one of {', '.join(map(repr, ATTENTION_BACKENDS))}")
+    if backend == "auto":
+        backend = resolve_auto(q, k, v)
+    return backend_fn(backend)(q, k, v)
+
+
+def check_backend(name: str) -> None:
+    """Fail at build time, not at the first step, when a requested backend is unavailable."""
+    if name != "auto":
+        backend_fn(name)

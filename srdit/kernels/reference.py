@@ -106,3 +106,13 @@ def sprint_fuse(x_enc, g, ids, mask_token, weight, bias):
         if g is not None:
             padded.scatter_(1, ids.unsqueeze(-1).expand(-1, -1, D), g.to(padded.dtype))
     return F.linear(torch.cat([x_enc, padded], dim=-1), weight, bias)  # [B, T, D]
+
+
+def residual_rmsnorm_modulate(x, gate, f, shift, scale, weight=None, eps=1e-6):
+    """x, f [B,N,D]; gate, shift, scale [B,D]: the block's gated residual add, then the next norm.
+
+    Returns (x_new, y): x_new = x + gate * f is the residual stream the block continues with,
+    y = rmsnorm_modulate(x_new, shift, scale, weight, eps) what the next sublayer consumes.
+    """
+    x = x + gate.unsqueeze(1) * f  # [B, N, D]
+    return x, rmsnorm_modulate(x, shift, scale, weight, eps)

@@ -7,9 +7,11 @@ tiles runs ~40x faster than with one row per program (TOOLCHAIN.md).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
+import torch
 import triton
 
 MAX_ROW_WIDTH = 16384  # one row must fit in registers/SRAM of one program
@@ -45,3 +47,39 @@ def row_launch(n_rows: int, width: int, *, max_rows: int | None = None) -> RowLa
         rows = min(rows, max_rows)
     num_warps = 4 if block_d * rows <= 4096 else 8
     return RowLaunch(block_d, rows, num_warps, (triton.cdiv(n_rows, rows),))
+
+
+@dataclass(frozen=True)
+class SplitLaunch:
+    splits: int  # programs per group
+    tiles_per_program: int  # row tiles one program loops over (the last program's may run past the group)
+    grid: tuple[int, int]  # (groups, splits)
+
+
+def split_launch(n_groups: int, tiles_per_group: int, device, *, programs: int | None = None) -> SplitLaunch:
+    """Programs for a row kernel that also sums over the rows of each group (a norm backward's
+    dweight/dshift): each program loops over consecutive row tiles of one group and writes one
+    partial sum, so the partial buffer is [groups, splits, D] and the final sum is deterministic.
+
+    `programs` is the total wanted (at least one per group, at most one per tile). None: ~4 per SM
+    on a GPU, enough to fill the card while keeping the partial buffer small; 4 on the CPU (the
+    interpreter's cost is per tile either way; a few programs with a loop run the GPU's code path).
+    """
+    if n_groups < 1 or tiles_per_group < 1:
+        raise ValueError(f"split launch needs n_groups >= 1 and tiles_per_group >= 1, "
+                         f"got {n_groups}, {tiles_per_group}")
+    target = programs or (4 * _sm_count(device) if str(device).startswith("cuda") else 4)
+    splits = min(tiles_per_group, triton.cdiv(target, n_groups))
+    tiles = triton.cdiv(tiles_per_group, splits)
+    splits = triton.cdiv(tiles_per_group, tiles)  # no program without a tile
+    return SplitLaunch(splits, tiles, (n_groups, splits))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device) -> int:
+    device = torch.device(device)
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from srdit.config import ModelConfig
 from srdit.kernels import get_ops
-from srdit.kernels.attention import attention
+from srdit.kernels.attention import attention, check_backend
 
 
 class ModelOutput(NamedTuple):
@@ -136,6 +136,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, ops, value_residual: bool):
         super().__init__()
         self.ops, self.heads, self.backend = ops, cfg.heads, cfg.attention_backend
+        check_backend(cfg.attention_backend)
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.q_norm = NormWeight(cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = NormWeight(cfg.head_dim) if cfg.qk_norm else None
@@ -232,6 +233,13 @@ class NormModulate(nn.Module):
             return self.ops.rmsnorm_modulate(x, shift, scale, None, 1e-6)
         return self.ops.layernorm_modulate(x, shift, scale, 1e-6)
 
+    def residual(self, x, gate, f, shift, scale):
+        """(x + gate * f, this norm of it, modulated): one fused pass with RMSNorm."""
+        if self.kind == "rmsnorm":
+            return self.ops.residual_rmsnorm_modulate(x, gate, f, shift, scale, None, 1e-6)
+        x = x + gate.unsqueeze(1) * f
+        return x, self.ops.layernorm_modulate(x, shift, scale, 1e-6)
+
 
 class SiTBlock(nn.Module):
     """Pre-norm adaLN-Zero block: x += g_msa * Attn(mod(norm1 x)); x += g_mlp * MLP(mod(norm2 x))."""
@@ -247,8 +255,8 @@ class SiTBlock(nn.Module):
     def forward(self, x, c, rope, rope_ids, v0=None, v0_ids=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
         a, v_raw = self.attn(self.norm1(x, shift_msa, scale_msa), rope, rope_ids, v0, v0_ids)
-        x = x + gate_msa.unsqueeze(1) * a  # [B, N, D]
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(self.norm2(x, shift_mlp, scale_mlp))  # [B, N, D]
+        x, h = self.norm2.residual(x, gate_msa, a, shift_mlp, scale_mlp)  # x += g_msa * a; h = mod(norm2 x)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(h)  # [B, N, D]
         return x, v_raw
 
 

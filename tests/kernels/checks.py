@@ -1,4 +1,4 @@
-"""Shared pieces of the kernel correctness suite (STYLE 3): one tolerance table, poisoning,
+"""Shared pieces of the kernel correctness suite (STYLE 3), imported by every test_<op>.py: one tolerance table, poisoning,
 relative errors against the float64 eager twin, and the device the suite runs on.
 
 Tolerances are on ||out - ref|| / ||ref|| against the twin evaluated in float64 (DESIGN.md):
@@ -6,7 +6,6 @@ fp32 1e-5; fp16/bf16 1e-2. Gradients reduced over many rows (dshift, dscale, dwe
 sum N partial products in a different order from the reference, so their error grows like
 sqrt(N) ulps; at the sizes tested (N <= 2k rows) that stays inside the same bounds.
 """
-import pytest
 import torch
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
@@ -34,6 +33,11 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
 
 
-@pytest.fixture
-def device():
-    return DEVICE
+def poisoned(shape, dtype, device):
+    """An uninitialised output buffer, NaN-filled (an allocator for the launchers' `alloc=`)."""
+    return poison_(torch.empty(shape, dtype=dtype, device=device))
+
+
+def rand(*shape, dtype):
+    """Fresh standard-normal inputs on the suite's device (never zeros)."""
+    return torch.randn(*shape, dtype=dtype, device=DEVICE)

@@ -1,0 +1,432 @@
+"""Attention prologue: qkv projection output -> q, k, v for SDPA, in one Triton kernel per direction.
+
+Math (SPEC.md section 2, the release's order; the eager twin is reference.attention_prologue):
+    q, k, v = split(qkv)                                  each [B,N,H,Dh]
+    q = q * rsqrt(mean(q^2) + eps) * q_weight             QK-norm per head (if q_weight is given;
+    k = k * rsqrt(mean(k^2) + eps) * k_weight             k_weight=None then means no k scale)
+    v = lam * v0[b, v0_ids[b, n]] + (1 - lam) * v         value residual (if v0 is given)
+    q, k = rope(q, rope_ids), rope(k, rope_ids)           2D RoPE (if cos is given; id < 0: none)
+eps = reference.default_rms_eps(qkv.dtype) (torch's RMSNorm default). v0_ids=None means v0 is
+indexed by the token itself (T == N). Backward, with g = gradient arriving on the output:
+    dk, dq: transposed RoPE, then RMSNorm backward: xh = x * r, gw = g * w,
+            dx = r * (gw - xh * mean(gw * xh)), dw = sum over rows and heads of g * xh
+    dv:     d qkv_v = (1 - lam) g;  d v0[b, v0_ids] += lam * g;  dlam = sum g * (v0g - v_raw)
+
+Shapes: qkv [B,N,3D] (unit last stride; D = H*Dh); weights [Dh]; cos/sin [P,Dh] fp32; rope_ids,
+v0_ids [B,N] int (any strides); v0 [B,T,H,Dh] (any strides with a unit last stride, e.g. block
+0's v_raw, a view of its qkv); lam a 0-dim tensor (read by the kernel: no host sync).
+
+Returns q, k, v as [B,H,N,Dh] *views* of contiguous [B,N,H,Dh] tensors, like the reference. That
+is the native layout of flash / memory-efficient / cuDNN attention (torch transposes [B,H,N,Dh]
+back to [B,N,H,Dh] and only needs a unit last stride), so SDPA copies nothing, and the kernel
+writes each token's 3D outputs contiguously. v_raw [B,N,H,Dh]: with v0 given, the un-mixed v is
+a view of qkv exactly as in the reference (no copy; any gradient on it reaches qkv through
+autograd's view backward, which the model never triggers: only block 0's v_raw is used). With v0
+None, v == v_raw, so v_raw is the kernel's v tensor itself and v its transposed view: no second
+copy is written, and autograd adds the two incoming gradients (block 0 only) before the backward
+kernel folds them into d qkv.
+
+Precision: loads are upcast to fp32 (fp64 for fp64 qkv) right after the load; norm statistics,
+RoPE, the value mix and all reductions run there; q, k, v are rounded once to qkv's dtype. The
+reference's v follows torch promotion instead: a 0-dim fp32 lam does not promote a bf16 v, so
+under bf16 (autocast or not) it computes lam*v0, (1-lam)*v and their sum in bf16, rounding three
+times; this op rounds once (so it is closer to the float64 twin; both are bf16 tensors).
+Backward: q/k weight gradients reduced in fp32 (fp64) per-program partials [programs, Dh],
+summed by torch (deterministic); dlam likewise from [programs] partials. d v0 = lam * g is
+computed in fp32 and stored once in v0's dtype: without v0_ids every element is written (no
+zeroing); with v0_ids it is stored at the kept rows of a zeroed buffer. That relies on v0_ids
+being unique within a sample, which SPRINT guarantees (select_tokens takes an argsort prefix;
+sprint_fuse's scatter relies on it too): duplicate ids would keep one contribution instead of
+their sum. Plain stores instead of fp32 atomics avoid an fp32 [B,T,H,Dh] buffer and a cast pass
+over all T tokens, and the result is deterministic. Saved for backward: the inputs only (qkv,
+weights, tables, ids, v0, lam); rstd is recomputed from qkv, which the backward reads anyway.
+
+Program mapping: one kernel row = one (token, head) pair; a program holds a [ROWS, next_pow2(Dh)]
+tile of rows and handles the q, k and v parts of those rows (RoPE table rows are loaded once for
+q and k). Heads need no alignment to the tile: odd H and non-power-of-two Dh are masked.
+
+Bytes per call, bf16 activations, in bytes per token per D (D = H*Dh; tables add 8*Dh/D ~ 0.7
+per token if every head missed the cache, ids 16/D): forward reads qkv 6, v0 2, writes q, k, v
+6: 12 (14 with the value residual). Backward reads dq, dk, dv 6 and the qkv parts it needs (q, k
+4 with QK-norm, v 2 with the residual), v0 2, writes d qkv 6 and d v0 2: 16 without the
+residual, 22 dense, 22 + 2T/N routed (zeroing d v0 [B,T,...]; 30 at 64 of 257 tokens). Block 0
+(v0 None) also pays autograd's sum of the v and v_raw gradients (6). The eager twin, counted op
+by op with a dispatch-mode byte counter (reads + writes of every aten op) at B=32, N=257, H=12,
+Dh=64, fp32 weights as under autocast: forward 196 (212 dense residual, 228 routed at N=64),
+backward 359 (387, 411) bytes per token per D, in 52-63 aten ops per direction: ~15x more.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from srdit.kernels.reference import default_rms_eps
+from srdit.kernels.rope import _load_tables, _rotate_pairs, compute_dtype
+from srdit.kernels.triton_utils import interpreting, row_launch
+
+GPU_TILE = 2048  # elements per program on a GPU: q, k, v, tables and grads are live at once
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _rms_norm_fwd(x, w_ptr, d, d_mask, Dh, eps, HAS_W: tl.constexpr):
+    """x [ROWS, BLOCK_D] -> x * rsqrt(mean(x^2) + eps) * w (padded lanes hold 0 and stay 0)."""
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / Dh + eps)
+    y = x * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + d, mask=d_mask, other=0.0).to(x.dtype)[None, :]
+    return y
+
+
+@triton.jit
+def _rms_norm_bwd(x, g, w_ptr, d, d_mask, Dh, eps, HAS_W: tl.constexpr):
+    """RMSNorm backward of rows x [ROWS, BLOCK_D] given dL/dy g: returns (dx, dw partial [BLOCK_D])."""
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / Dh + eps)
+    xh = x * rstd[:, None]
+    dw = tl.sum(g * xh, axis=0)
+    if HAS_W:
+        g = g * tl.load(w_ptr + d, mask=d_mask, other=0.0).to(x.dtype)[None, :]
+    dx = rstd[:, None] * (g - xh * (tl.sum(g * xh, axis=1) / Dh)[:, None])
+    return dx, dw
+
+
+@triton.jit
+def _attention_prologue_fwd_kernel(
+    qkv_ptr, q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, ids_ptr, v0_ptr, v0_ids_ptr, lam_ptr,
+    n_rows, N, H, Dh, eps,
+    stride_xb, stride_xn, stride_ib, stride_in, stride_p,
+    stride_v0b, stride_v0t, stride_v0h, stride_jb, stride_jn,
+    HAS_NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_ROPE: tl.constexpr,
+    HAS_V0: tl.constexpr, HAS_V0_IDS: tl.constexpr,
+    COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (token, head) rows
+    d = tl.arange(0, BLOCK_D)
+    row_mask = r < n_rows
+    d_mask = d < Dh
+    mask = row_mask[:, None] & d_mask[None, :]
+    token = r // H
+    h = r % H
+    b = token // N
+    n = token % N
+    D = H * Dh
+    x_offs = (b * stride_xb + n * stride_xn + h * Dh)[:, None] + d[None, :]  # q part of qkv
+    out_offs = r[:, None] * Dh + d[None, :]  # contiguous [B,N,H,Dh]
+    out_ty = q_ptr.dtype.element_ty
+
+    q = tl.load(qkv_ptr + x_offs, mask=mask, other=0.0).to(COMPUTE)
+    k = tl.load(qkv_ptr + x_offs + D, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_NORM:
+        q = _rms_norm_fwd(q, qw_ptr, d, d_mask, Dh, eps, HAS_QW)
+        k = _rms_norm_fwd(k, kw_ptr, d, d_mask, Dh, eps, HAS_KW)
+    if HAS_ROPE:
+        c, s = _load_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
+                            COMPUTE)
+        q = _rotate_pairs(q, c, s, ROWS, BLOCK_D, False)
+        k = _rotate_pairs(k, c, s, ROWS, BLOCK_D, False)
+    tl.store(q_ptr + out_offs, q.to(out_ty), mask=mask)
+    tl.store(k_ptr + out_offs, k.to(out_ty), mask=mask)
+
+    v = tl.load(qkv_ptr + x_offs + 2 * D, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_V0:
+        lam = tl.load(lam_ptr).to(COMPUTE)
+        if HAS_V0_IDS:
+            t = tl.load(v0_ids_ptr + b * stride_jb + n * stride_jn, mask=row_mask, other=0)
+        else:
+            t = n
+        v0_offs = (b * stride_v0b + t * stride_v0t + h * stride_v0h)[:, None] + d[None, :]
+        v0 = tl.load(v0_ptr + v0_offs, mask=mask, other=0.0).to(COMPUTE)
+        v = lam * v0 + (1.0 - lam) * v
+    tl.store(v_ptr + out_offs, v.to(out_ty), mask=mask)
+
+
+@triton.jit
+def _attention_prologue_bwd_kernel(
+    dq_ptr, dk_ptr, dv_ptr, qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, ids_ptr, v0_ptr, v0_ids_ptr, lam_ptr,
+    dqkv_ptr, dqw_ptr, dkw_ptr, dv0_ptr, dlam_ptr,
+    n_rows, N, H, Dh, eps,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_xb, stride_xn, stride_ib, stride_in, stride_p,
+    stride_v0b, stride_v0t, stride_v0h, stride_jb, stride_jn, stride_d0b, stride_d0t, stride_d0h,
+    HAS_NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_ROPE: tl.constexpr,
+    HAS_V0: tl.constexpr, HAS_V0_IDS: tl.constexpr,
+    COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    d = tl.arange(0, BLOCK_D)
+    row_mask = r < n_rows
+    d_mask = d < Dh
+    mask = row_mask[:, None] & d_mask[None, :]
+    token = r // H
+    h = r % H
+    b = token // N
+    n = token % N
+    D = H * Dh
+    x_offs = (b * stride_xb + n * stride_xn + h * Dh)[:, None] + d[None, :]
+    dx_offs = (token * 3 * D + h * Dh)[:, None] + d[None, :]  # contiguous [B,N,3D]
+    dx_ty = dqkv_ptr.dtype.element_ty
+
+    gq = tl.load(dq_ptr + (b * stride_qb + n * stride_qn + h * stride_qh)[:, None] + d[None, :],
+                 mask=mask, other=0.0).to(COMPUTE)
+    gk = tl.load(dk_ptr + (b * stride_kb + n * stride_kn + h * stride_kh)[:, None] + d[None, :],
+                 mask=mask, other=0.0).to(COMPUTE)
+    if HAS_ROPE:
+        c, s = _load_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
+                            COMPUTE)
+        gq = _rotate_pairs(gq, c, s, ROWS, BLOCK_D, True)
+        gk = _rotate_pairs(gk, c, s, ROWS, BLOCK_D, True)
+    if HAS_NORM:
+        xq = tl.load(qkv_ptr + x_offs, mask=mask, other=0.0).to(COMPUTE)
+        gq, dqw = _rms_norm_bwd(xq, gq, qw_ptr, d, d_mask, Dh, eps, HAS_QW)
+        xk = tl.load(qkv_ptr + x_offs + D, mask=mask, other=0.0).to(COMPUTE)
+        gk, dkw = _rms_norm_bwd(xk, gk, kw_ptr, d, d_mask, Dh, eps, HAS_KW)
+        if HAS_QW:
+            tl.store(dqw_ptr + pid * Dh + d, dqw, mask=d_mask)
+        if HAS_KW:
+            tl.store(dkw_ptr + pid * Dh + d, dkw, mask=d_mask)
+    tl.store(dqkv_ptr + dx_offs, gq.to(dx_ty), mask=mask)
+    tl.store(dqkv_ptr + dx_offs + D, gk.to(dx_ty), mask=mask)
+
+    gv = tl.load(dv_ptr + (b * stride_vb + n * stride_vn + h * stride_vh)[:, None] + d[None, :],
+                 mask=mask, other=0.0).to(COMPUTE)
+    if HAS_V0:
+        lam = tl.load(lam_ptr).to(COMPUTE)
+        if HAS_V0_IDS:
+            t = tl.load(v0_ids_ptr + b * stride_jb + n * stride_jn, mask=row_mask, other=0)
+        else:
+            t = n
+        v0 = tl.load(v0_ptr + (b * stride_v0b + t * stride_v0t + h * stride_v0h)[:, None] + d[None, :],
+                     mask=mask, other=0.0).to(COMPUTE)
+        v = tl.load(qkv_ptr + x_offs + 2 * D, mask=mask, other=0.0).to(COMPUTE)
+        tl.store(dlam_ptr + pid, tl.sum(tl.sum(gv * (v0 - v), axis=1), axis=0))
+        # one writer per element: v0_ids are unique within a sample (see the module docstring)
+        d0_offs = (b * stride_d0b + t * stride_d0t + h * stride_d0h)[:, None] + d[None, :]
+        tl.store(dv0_ptr + d0_offs, (lam * gv).to(dv0_ptr.dtype.element_ty), mask=mask)
+        gv = (1.0 - lam) * gv
+    tl.store(dqkv_ptr + dx_offs + 2 * D, gv.to(dx_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- host launchers
+
+
+def _absent(like: torch.Tensor) -> torch.Tensor:
+    """Placeholder for a gradient whose input is absent (custom ops return no None; outputs
+    must not alias each other, so each placeholder is its own tensor)."""
+    return like.new_empty(0)
+
+
+def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_settings(n_rows: int, head_dim: int):
+    max_rows = None if interpreting() else max(1, GPU_TILE // triton.next_power_of_2(head_dim))
+    return row_launch(n_rows, head_dim, max_rows=max_rows)
+
+
+def _flags(q_weight, k_weight, cos, v0, v0_ids) -> dict:
+    return dict(HAS_NORM=q_weight is not None, HAS_QW=q_weight is not None, HAS_KW=q_weight is not None and
+                k_weight is not None, HAS_ROPE=cos is not None, HAS_V0=v0 is not None,
+                HAS_V0_IDS=v0 is not None and v0_ids is not None)
+
+
+def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
+    return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
+
+
+def _launch_fwd(qkv, heads, q_weight=None, k_weight=None, cos=None, sin=None, rope_ids=None, v0=None,
+                v0_ids=None, lam=None, out=None):
+    """q, k, v as contiguous [B,N,H,Dh] tensors in qkv's dtype; `out` = preallocated (q, k, v)."""
+    B, N, three_d = qkv.shape
+    Dh = three_d // 3 // heads
+    qkv, v0, q_weight, k_weight = (_unit_last(t) for t in (qkv, v0, q_weight, k_weight))
+    if out is None:
+        out = tuple(torch.empty((B, N, heads, Dh), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    n_rows = B * N * heads
+    if n_rows == 0:
+        return out
+    if cos is not None:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    launch = _launch_settings(n_rows, Dh)
+    q, k, v = out
+    _attention_prologue_fwd_kernel[launch.grid](
+        qkv, q, k, v, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam,
+        n_rows, N, heads, Dh, default_rms_eps(qkv.dtype),
+        qkv.stride(0), qkv.stride(1), *_strides2(rope_ids), cos.stride(0) if cos is not None else 0,
+        *_strides3(v0), *_strides2(v0_ids),
+        **_flags(q_weight, k_weight, cos, v0, v0_ids),
+        COMPUTE=compute_dtype(qkv.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+    )
+    return out
+
+
+def _launch_bwd(dq, dk, dv, qkv, heads, q_weight=None, k_weight=None, cos=None, sin=None, rope_ids=None,
+                v0=None, v0_ids=None, lam=None, out=None):
+    """Gradients (d qkv, d q_weight, d k_weight, d v0, d lam) from dq, dk, dv [B,N,H,Dh].
+
+    Absent inputs get an empty placeholder (custom ops cannot return None). `out` = preallocated
+    (d qkv [B,N,3D] contiguous, d v0 [B,T,H,Dh] contiguous in v0's dtype, or None), for the
+    poisoning tests; with v0_ids a preallocated d v0 is zeroed first."""
+    B, N, three_d = qkv.shape
+    Dh = three_d // 3 // heads
+    qkv, v0, q_weight, k_weight = (_unit_last(t) for t in (qkv, v0, q_weight, k_weight))
+    dq, dk, dv = (_unit_last(g) for g in (dq, dk, dv))  # any layout: SDPA's, or autograd's sums
+    flags = _flags(q_weight, k_weight, cos, v0, v0_ids)
+    accum = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    n_rows = B * N * heads
+    launch = _launch_settings(max(n_rows, 1), Dh)
+    programs = launch.grid[0]
+    out_dqkv, out_dv0 = (None, None) if out is None else out
+    dqkv = torch.empty((B, N, three_d), dtype=qkv.dtype, device=qkv.device) if out_dqkv is None else out_dqkv
+    partial = torch.empty if n_rows > 0 else torch.zeros  # every program writes its partials
+    dqw = partial((programs, Dh), dtype=accum, device=qkv.device) if flags["HAS_QW"] else _absent(qkv)
+    dkw = partial((programs, Dh), dtype=accum, device=qkv.device) if flags["HAS_KW"] else _absent(qkv)
+    dlam = partial(programs, dtype=accum, device=qkv.device) if flags["HAS_V0"] else _absent(qkv)
+    if not flags["HAS_V0"]:
+        dv0 = _absent(qkv)
+    else:  # routed: tokens not kept get no gradient, so zero first; dense: every element written
+        dv0 = torch.empty(v0.shape, dtype=v0.dtype, device=v0.device) if out_dv0 is None else out_dv0
+        if flags["HAS_V0_IDS"]:
+            dv0.zero_()
+    if n_rows > 0:
+        if cos is not None:
+            cos, sin = cos.contiguous(), sin.contiguous()
+        _attention_prologue_bwd_kernel[launch.grid](
+            dq, dk, dv, qkv, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam,
+            dqkv, dqw, dkw, dv0, dlam,
+            n_rows, N, heads, Dh, default_rms_eps(qkv.dtype),
+            *_strides3(dq), *_strides3(dk), *_strides3(dv), qkv.stride(0), qkv.stride(1), *_strides2(rope_ids),
+            cos.stride(0) if cos is not None else 0,
+            *_strides3(v0), *_strides2(v0_ids), *_strides3(dv0 if flags["HAS_V0"] else None),
+            **flags,
+            COMPUTE=compute_dtype(qkv.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+        )
+    if flags["HAS_QW"]:
+        dqw = dqw.sum(0).to(q_weight.dtype)
+    if flags["HAS_KW"]:
+        dkw = dkw.sum(0).to(k_weight.dtype)
+    if flags["HAS_V0"]:
+        dlam = dlam.sum().to(lam.dtype).reshape(lam.shape)
+    return dqkv, dqw, dkw, dv0, dlam
+
+
+# --------------------------------------------------------------------------- custom ops + autograd
+
+
+@torch.library.custom_op("srdit::attention_prologue", mutates_args=())
+def _attention_prologue_op(
+    qkv: torch.Tensor, heads: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, rope_ids: torch.Tensor | None,
+    v0: torch.Tensor | None, v0_ids: torch.Tensor | None, lam: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_fwd(qkv, heads, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam)
+
+
+@_attention_prologue_op.register_fake
+def _(qkv, heads, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam):
+    B, N, three_d = qkv.shape
+    shape = (B, N, heads, three_d // 3 // heads)
+    return tuple(torch.empty(shape, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+
+
+@torch.library.custom_op("srdit::attention_prologue_bwd", mutates_args=())
+def _attention_prologue_bwd_op(
+    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor, heads: int,
+    q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, cos: torch.Tensor | None,
+    sin: torch.Tensor | None, rope_ids: torch.Tensor | None, v0: torch.Tensor | None,
+    v0_ids: torch.Tensor | None, lam: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_bwd(dq, dk, dv, qkv, heads, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam)
+
+
+@_attention_prologue_bwd_op.register_fake
+def _(dq, dk, dv, qkv, heads, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam):
+    flags = _flags(q_weight, k_weight, cos, v0, v0_ids)
+    return (
+        torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device),
+        torch.empty(q_weight.shape, dtype=q_weight.dtype, device=q_weight.device) if flags["HAS_QW"] else _absent(qkv),
+        torch.empty(k_weight.shape, dtype=k_weight.dtype, device=k_weight.device) if flags["HAS_KW"] else _absent(qkv),
+        torch.empty(v0.shape, dtype=v0.dtype, device=v0.device) if flags["HAS_V0"] else _absent(qkv),
+        torch.empty(lam.shape, dtype=lam.dtype, device=lam.device) if flags["HAS_V0"] else _absent(qkv),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, heads, *rest = inputs
+    ctx.heads = heads
+    ctx.save_for_backward(qkv, *rest)
+
+
+def _backward(ctx, dq, dk, dv):
+    qkv, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam = ctx.saved_tensors
+    dqkv, dqw, dkw, dv0, dlam = _attention_prologue_bwd_op(
+        dq, dk, dv, qkv, ctx.heads, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam)
+    flags = _flags(q_weight, k_weight, cos, v0, v0_ids)
+    return (dqkv, None, dqw if flags["HAS_QW"] else None, dkw if flags["HAS_KW"] else None, None, None, None,
+            dv0 if flags["HAS_V0"] else None, None, dlam if flags["HAS_V0"] else None)
+
+
+_attention_prologue_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public op
+
+
+def _check(qkv, heads, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam) -> None:
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(f"attention_prologue: qkv must be [B,N,3*H*Dh] with H={heads}, got {tuple(qkv.shape)}")
+    B, N, three_d = qkv.shape
+    Dh = three_d // 3 // heads
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if w is not None and tuple(w.shape) != (Dh,):
+            raise ValueError(f"attention_prologue: {name} must be [{Dh}], got {tuple(w.shape)}")
+    if cos is not None:
+        if sin is None or rope_ids is None:
+            raise ValueError("attention_prologue: cos needs sin and rope_ids")
+        if Dh % 2:
+            raise ValueError(f"attention_prologue: head dim {Dh} must be even for RoPE")
+        if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != Dh:
+            raise ValueError(f"attention_prologue: cos/sin must be [P,{Dh}], got {tuple(cos.shape)} and "
+                             f"{tuple(sin.shape)}")
+        if tuple(rope_ids.shape) != (B, N):
+            raise ValueError(f"attention_prologue: rope_ids must be [{B},{N}], got {tuple(rope_ids.shape)}")
+    if v0 is not None:
+        if lam is None or lam.dim() != 0:
+            raise ValueError("attention_prologue: v0 needs lam, a 0-dim tensor")
+        if v0.dim() != 4 or v0.shape[0] != B or tuple(v0.shape[2:]) != (heads, Dh):
+            raise ValueError(f"attention_prologue: v0 must be [{B},T,{heads},{Dh}], got {tuple(v0.shape)}")
+        if v0_ids is None and v0.shape[1] != N:
+            raise ValueError(f"attention_prologue: v0 has T={v0.shape[1]} tokens but v0_ids=None needs T == N={N}")
+        if v0_ids is not None and tuple(v0_ids.shape) != (B, N):
+            raise ValueError(f"attention_prologue: v0_ids must be [{B},{N}], got {tuple(v0_ids.shape)}")
+
+
+def attention_prologue(qkv, heads, q_weight=None, k_weight=None, cos=None, sin=None, rope_ids=None,
+                       v0=None, v0_ids=None, lam=None):
+    """From the qkv projection to what attention consumes, in the release's order.
+
+    qkv [B,N,3D] -> q, k, v [B,H,N,Dh] (transposed views of contiguous [B,N,H,Dh] tensors in
+    qkv's dtype) and v_raw [B,N,H,Dh], the un-mixed v. Same contract as
+    srdit.kernels.reference.attention_prologue; rope ids must be < P and v0_ids in [0, T) (not
+    checked: a host sync).
+    """
+    _check(qkv, heads, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam)
+    if v0 is None:
+        v0_ids = lam = None  # unused by the reference either; keep them out of the graph
+    if cos is None:
+        sin = rope_ids = None
+    q, k, v = _attention_prologue_op(qkv, heads, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam)
+    if v0 is None:
+        v_raw = v  # identical values: one tensor, autograd sums the two gradients
+    else:
+        B, N, _ = qkv.shape
+        v_raw = qkv.view(B, N, 3, heads, -1)[:, :, 2]  # a view of qkv, as in the reference
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), v_raw

@@ -1,0 +1,395 @@
+"""RMSNorm + adaLN modulation, and the same fused with the gated residual add before it.
+
+Math (rows r = (b, n) of x [B,N,D]; shift, scale, gate [B,D]; weight w [D]):
+    rstd_r = 1 / sqrt(mean_d(x_r^2) + eps)
+    xhat_r = x_r * rstd_r
+    y_r    = xhat_r * w * (1 + scale_b) + shift_b                 (rmsnorm_modulate)
+With shift = scale = None it is a plain RMSNorm (optional w) over the last dim of x [..., D]
+(the REG token's wg_norm on x [B,D]). The residual variant first forms the block's residual
+stream x_new = x + gate_b * f_r (rounded to x's dtype, as the unfused code stores it) and
+normalises that: residual_rmsnorm_modulate(x, gate, f, ...) -> (x_new, y).
+
+Backward, with g_r = dy_r * (1 + scale_b) (the modulated upstream gradient) and gw_r = g_r * w:
+    dx_r     = rstd_r * (gw_r - xhat_r * mean_d(gw_r * xhat_r))
+    dshift_b = sum_n dy_r;   dscale_b = sum_n dy_r * xhat_r * w;   dw = sum_r g_r * xhat_r
+residual:  d_r = dx_new_r + dx_r (the gradient of x_new),  dx = d,  df_r = gate_b * d_r,
+           dgate_b = sum_n d_r * f_r.
+
+Precision: every load is upcast to the compute dtype (fp32 for fp16/bf16/fp32 inputs; fp64
+for fp64 inputs, so gradcheck works); rstd, the row sums and all reductions over rows are in
+that dtype; y, x_new, dx, df are stored in their input's dtype. Saved for backward: x (or
+x_new), rstd [rows] in the compute dtype, scale, weight (and f, gate for the residual
+variant); all but rstd are tensors the graph holds anyway.
+
+Reductions over rows (dshift, dscale, dweight, dgate): each backward program loops over
+consecutive row tiles of ONE batch element, so its tiles never cross a batch boundary, keeps
+[BLOCK_D] accumulators in registers, and writes one partial row to a [G, S, D] buffer
+in the compute dtype (G batch groups, S programs per group from split_launch); a torch .sum
+finishes. Chosen over fp32 atomics because the result is bitwise reproducible run to run (the
+training loop's loss curves must repeat from a seed) and the buffers are small (~4 programs per
+SM over all groups: S = 3 at B=256 on an H100, 256 x 3 x 768 fp32 = 2.4 MB per buffer).
+
+Bytes per call (R = B*N rows, s = bytes per element of x, sm = of shift/scale/gate, sw = of w,
+c = 4 bytes of the compute dtype, S programs per group):
+    rmsnorm_modulate            fwd: read R*D*s + 2*B*D*sm + D*sw;  write R*D*s + R*c
+                                bwd: read 2*R*D*s + R*c + B*D*sm + D*sw;  write R*D*s
+                                     + partials 2 * (3*B*S*D*c) (written, then read by the sum)
+    residual_rmsnorm_modulate   fwd: read 2*R*D*s + 3*B*D*sm + D*sw;  write 2*R*D*s + R*c
+                                bwd: read 4*R*D*s + R*c + 2*B*D*sm + D*sw;  write 2*R*D*s
+                                     + partials 2 * (4*B*S*D*c)
+So ~2 and ~3 passes over [R,D] for the plain op, ~4 and ~6 for the residual one. Why fuse the
+residual add: a separate gated-add kernel (read x, f; write x_new) followed by this norm (read
+x_new; write y) moves 5 passes forward, the fused kernel 4 (x_new is never re-read); eager torch
+moves 7 (gate*f is materialised: write and re-read one more [R,D]). Backward, unfused is norm
+bwd (3) + adding dx_new (3) + df = gate*d (2) + dgate = sum(d*f) (2) = 10 passes versus 6.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from srdit.kernels.reference import default_rms_eps
+from srdit.kernels.triton_utils import row_launch, split_launch
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _rmsnorm_modulate_fwd_kernel(
+    X, F, GATE, SHIFT, SCALE, W,  # inputs: x, f [R,D]; gate, shift, scale [B,D] (row stride given); w [D]
+    Y, XN, RSTD,  # outputs: y [R,D], x_new [R,D] (residual only), rstd [R] in the compute dtype
+    n_rows, N, D, stride_gate, stride_shift, stride_scale, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MOD: tl.constexpr, HAS_W: tl.constexpr, RESIDUAL: tl.constexpr,
+):
+    cdt = RSTD.dtype.element_ty  # compute dtype: fp32, or fp64 for fp64 inputs
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    cols = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    row_mask = rows < n_rows
+    col_mask = cols < D
+    mask = row_mask[:, None] & col_mask[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]  # [BLOCK_R, BLOCK_D]
+    b = rows // N  # batch of each row: a tile may span batches
+    x = tl.load(X + offs, mask=mask, other=0.0).to(cdt)
+    if RESIDUAL:
+        f = tl.load(F + offs, mask=mask, other=0.0).to(cdt)
+        gate = tl.load(GATE + b[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(cdt)
+        x_new = (x + gate * f).to(XN.dtype.element_ty)  # the residual stream, as stored
+        tl.store(XN + offs, x_new, mask=mask)
+        x = x_new.to(cdt)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [BLOCK_R]
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+    y = x * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(cdt)[None, :]
+    if HAS_MOD:
+        shift = tl.load(SHIFT + b[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(cdt)
+        scale = tl.load(SCALE + b[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(cdt)
+        y = y * (1.0 + scale) + shift
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rmsnorm_modulate_bwd_kernel(
+    DY, X, RSTD, SCALE, W, DXN, F, GATE,  # dy, x (x_new), dx_new, f [R,D]; rstd [R]; scale, gate [B,D]; w [D]
+    DX, DF, PSHIFT, PSCALE, PW, PGATE,  # dx, df [R,D]; partial sums [G, S, D] in the compute dtype
+    rows_per_group, D, stride_scale, stride_gate, tiles_per_program,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MOD: tl.constexpr, HAS_W: tl.constexpr, RESIDUAL: tl.constexpr, HAS_DXN: tl.constexpr,
+):
+    cdt = RSTD.dtype.element_ty
+    group = tl.program_id(0)  # batch element (0 when nothing is per batch)
+    split = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    # per-group vectors, loaded once: every row of this program belongs to `group`
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(cdt)
+    if HAS_MOD:
+        one_plus_scale = 1.0 + tl.load(SCALE + group * stride_scale + cols, mask=col_mask, other=0.0).to(cdt)
+    if RESIDUAL:
+        gate = tl.load(GATE + group * stride_gate + cols, mask=col_mask, other=0.0).to(cdt)
+    # [BLOCK_D] accumulators (summed over the tile's rows each step: few registers per thread)
+    acc_shift = tl.zeros([BLOCK_D], dtype=cdt)
+    acc_scale = tl.zeros([BLOCK_D], dtype=cdt)
+    acc_w = tl.zeros([BLOCK_D], dtype=cdt)
+    acc_gate = tl.zeros([BLOCK_D], dtype=cdt)
+    first_tile = split * tiles_per_program
+    for t in range(0, tiles_per_program):
+        n = (first_tile + t) * BLOCK_R + tl.arange(0, BLOCK_R)  # row within the group
+        row_mask = n < rows_per_group
+        rows = group.to(tl.int64) * rows_per_group + n
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(cdt)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(cdt)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0).to(cdt)
+        xhat = x * rstd[:, None]  # masked rows and columns are 0 from here on
+        g = dy  # the modulated upstream gradient dy * (1 + scale)
+        if HAS_MOD:
+            g = dy * one_plus_scale[None, :]
+        gw, xw = g, xhat  # g * w, xhat * w
+        if HAS_W:
+            gw = g * w[None, :]
+            xw = xhat * w[None, :]
+        c = tl.sum(gw * xhat, axis=1) / D  # [BLOCK_R]
+        dx = (gw - xhat * c[:, None]) * rstd[:, None]
+        if RESIDUAL:
+            if HAS_DXN:
+                dx += tl.load(DXN + offs, mask=mask, other=0.0).to(cdt)
+            f = tl.load(F + offs, mask=mask, other=0.0).to(cdt)
+            tl.store(DF + offs, (dx * gate[None, :]).to(DF.dtype.element_ty), mask=mask)
+            acc_gate += tl.sum(dx * f, axis=0)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_MOD:
+            acc_shift += tl.sum(dy, axis=0)
+            acc_scale += tl.sum(dy * xw, axis=0)
+        if HAS_W:
+            acc_w += tl.sum(g * xhat, axis=0)
+    part = (group * tl.num_programs(1) + split).to(tl.int64) * D + cols  # row (group, split) of [G, S, D]
+    if HAS_MOD:
+        tl.store(PSHIFT + part, acc_shift, mask=col_mask)
+        tl.store(PSCALE + part, acc_scale, mask=col_mask)
+    if HAS_W:
+        tl.store(PW + part, acc_w, mask=col_mask)
+    if RESIDUAL:
+        tl.store(PGATE + part, acc_gate, mask=col_mask)
+
+
+# --------------------------------------------------------------------------- host launchers
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(x, shift, scale, weight, gate=None, f=None) -> None:
+    """Shapes the kernels assume; called by the launchers and the fake (so compile checks too)."""
+    D = x.shape[-1]
+    if (shift is None) != (scale is None):
+        raise ValueError("rmsnorm_modulate: pass both shift and scale, or neither")
+    if (shift is not None or gate is not None) and x.dim() != 3:
+        raise ValueError(f"rmsnorm_modulate: modulation needs x [B,N,D], got {tuple(x.shape)}")
+    per_batch = {"shift": shift, "scale": scale, "gate": gate}
+    for name, t in per_batch.items():
+        if t is not None and tuple(t.shape) != (x.shape[0], D):
+            raise ValueError(f"rmsnorm_modulate: {name} must be [B,D] = {(x.shape[0], D)}, got {tuple(t.shape)}")
+    if weight is not None and tuple(weight.shape) != (D,):
+        raise ValueError(f"rmsnorm_modulate: weight must be [D] = ({D},), got {tuple(weight.shape)}")
+    if f is not None and f.shape != x.shape:
+        raise ValueError(f"residual_rmsnorm_modulate: f must have x's shape {tuple(x.shape)}, got {tuple(f.shape)}")
+
+
+def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A [B,D] operand with unit column stride (chunks of the adaLN output stay views)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, alloc=torch.empty):
+    """Runs the forward kernel; returns (x_new or None, y, rstd). `alloc` makes every output
+    (the tests pass one that fills them with NaN, so an unwritten element fails)."""
+    _check(x, shift, scale, weight, gate, f)
+    residual = gate is not None
+    D = x.shape[-1]
+    x = x.contiguous()
+    R = x.numel() // D
+    N = x.shape[1] if x.dim() == 3 else 1
+    shift, scale, gate = _rows(shift), _rows(scale), _rows(gate)
+    weight = weight.contiguous() if weight is not None else None
+    f = f.contiguous() if residual else None
+    y = alloc(x.shape, dtype=x.dtype, device=x.device)
+    x_new = alloc(x.shape, dtype=x.dtype, device=x.device) if residual else None
+    rstd = alloc((R,), dtype=_compute_dtype(x.dtype), device=x.device)
+    if R == 0:
+        return x_new, y, rstd
+    launch = row_launch(R, D)
+    _rmsnorm_modulate_fwd_kernel[launch.grid](
+        x, f if residual else x, gate if residual else x, shift if shift is not None else x,
+        scale if scale is not None else x, weight if weight is not None else x,
+        y, x_new if residual else y, rstd,
+        R, N, D, gate.stride(0) if residual else 0, shift.stride(0) if shift is not None else 0,
+        scale.stride(0) if scale is not None else 0, eps,
+        BLOCK_R=launch.rows, BLOCK_D=launch.block_d,
+        HAS_MOD=shift is not None, HAS_W=weight is not None, RESIDUAL=residual,
+        num_warps=launch.num_warps,
+    )
+    return x_new, y, rstd
+
+
+def _launch_bwd(dy, x, rstd, scale, weight, dx_new=None, f=None, gate=None, *, alloc=torch.empty, programs=None):
+    """Runs the backward kernel; returns (dx, df, dgate, dshift, dscale, dweight), None where
+    absent. x is the normalised input (x_new for the residual variant); dshift and dscale come
+    back in scale's dtype, dweight in weight's, dgate in gate's, dx in x's, df in f's.
+    `alloc` as in _launch_fwd; `programs` overrides split_launch's total (tests, tuning)."""
+    residual = gate is not None
+    D = x.shape[-1]
+    x, dy, rstd = x.contiguous(), dy.contiguous(), rstd.contiguous()
+    R = x.numel() // D
+    per_batch = scale is not None or residual
+    G = x.shape[0] if per_batch else 1  # groups whose rows are summed separately
+    scale, gate = _rows(scale), _rows(gate)
+    weight = weight.contiguous() if weight is not None else None
+    f = f.contiguous() if residual else None
+    dx_new = dx_new.contiguous() if dx_new is not None else None
+    cdt = rstd.dtype
+    dx = alloc(x.shape, dtype=x.dtype, device=x.device)
+    df = alloc(x.shape, dtype=f.dtype, device=x.device) if residual else None
+    if R == 0:
+        def zeros(t):
+            return None if t is None else torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+
+        return dx, df, zeros(gate), zeros(scale), zeros(scale), zeros(weight)
+    rows_per_group = R // G
+    launch = row_launch(rows_per_group, D)
+    split = split_launch(G, triton.cdiv(rows_per_group, launch.rows), x.device, programs=programs)
+
+    def partial(wanted):
+        return alloc((G, split.splits, D), dtype=cdt, device=x.device) if wanted else None
+
+    pshift, pscale = partial(scale is not None), partial(scale is not None)
+    pw, pgate = partial(weight is not None), partial(residual)
+    _rmsnorm_modulate_bwd_kernel[split.grid](
+        dy, x, rstd, scale if scale is not None else x, weight if weight is not None else x,
+        dx_new if dx_new is not None else x, f if residual else x, gate if residual else x,
+        dx, df if residual else dx,
+        *(p if p is not None else rstd for p in (pshift, pscale, pw, pgate)),
+        rows_per_group, D, scale.stride(0) if scale is not None else 0, gate.stride(0) if residual else 0,
+        split.tiles_per_program,
+        BLOCK_R=launch.rows, BLOCK_D=launch.block_d,
+        HAS_MOD=scale is not None, HAS_W=weight is not None, RESIDUAL=residual, HAS_DXN=dx_new is not None,
+        num_warps=launch.num_warps,
+    )
+    dshift = pshift.sum(1).to(scale.dtype) if pshift is not None else None  # [B, D]
+    dscale = pscale.sum(1).to(scale.dtype) if pscale is not None else None  # [B, D]
+    dweight = pw.sum((0, 1)).to(weight.dtype) if pw is not None else None  # [D]
+    dgate = pgate.sum(1).to(gate.dtype) if pgate is not None else None  # [B, D]
+    return dx, df, dgate, dshift, dscale, dweight
+
+
+# --------------------------------------------------------------------------- custom ops + autograd
+# Optional outputs are not allowed in a custom op schema: absent gradients come back as empty
+# tensors and the autograd backward turns them into None.
+
+
+def _empty(t: Optional[Tensor], ref: Tensor) -> Tensor:
+    """t, or an empty tensor standing for None."""
+    return ref.new_empty((0,)) if t is None else t
+
+
+def _fake_like(t: Optional[Tensor], ref: Tensor) -> Tensor:
+    """A new tensor shaped like t (the gradient of t), or the empty stand-in for None."""
+    t = _empty(t, ref)
+    return t.new_empty(t.shape)
+
+
+@torch.library.custom_op("srdit::rmsnorm_modulate", mutates_args=())
+def _rmsnorm_modulate_op(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], weight: Optional[Tensor],
+                         eps: float) -> tuple[Tensor, Tensor]:
+    _, y, rstd = _launch_fwd(x, shift, scale, weight, eps)
+    return y, rstd
+
+
+@_rmsnorm_modulate_op.register_fake
+def _(x, shift, scale, weight, eps):
+    _check(x, shift, scale, weight)
+    rows = x.numel() // x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((rows,), dtype=_compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("srdit::rmsnorm_modulate_bwd", mutates_args=())
+def _rmsnorm_modulate_bwd_op(dy: Tensor, x: Tensor, rstd: Tensor, scale: Optional[Tensor],
+                             weight: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, _, _, dshift, dscale, dweight = _launch_bwd(dy, x, rstd, scale, weight)
+    return dx, _empty(dshift, x), _empty(dscale, x), _empty(dweight, x)
+
+
+@_rmsnorm_modulate_bwd_op.register_fake
+def _(dy, x, rstd, scale, weight):
+    return x.new_empty(x.shape), _fake_like(scale, x), _fake_like(scale, x), _fake_like(weight, x)
+
+
+def _setup(ctx, inputs, output):
+    x, shift, scale, weight, _ = inputs
+    ctx.shift_dtype = shift.dtype if shift is not None else None
+    ctx.save_for_backward(x, output[1], scale, weight)
+
+
+def _backward(ctx, dy, _drstd):
+    x, rstd, scale, weight = ctx.saved_tensors
+    dx, dshift, dscale, dweight = torch.ops.srdit.rmsnorm_modulate_bwd(dy, x, rstd, scale, weight)
+    if scale is None:
+        dshift = dscale = None
+    else:
+        dshift = dshift.to(ctx.shift_dtype)
+    return dx, dshift, dscale, dweight if weight is not None else None, None
+
+
+_rmsnorm_modulate_op.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("srdit::residual_rmsnorm_modulate", mutates_args=())
+def _residual_rmsnorm_modulate_op(x: Tensor, gate: Tensor, f: Tensor, shift: Optional[Tensor], scale: Optional[Tensor],
+                                  weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _launch_fwd(x, shift, scale, weight, eps, gate, f)
+
+
+@_residual_rmsnorm_modulate_op.register_fake
+def _(x, gate, f, shift, scale, weight, eps):
+    _check(x, shift, scale, weight, gate, f)
+    rows = x.numel() // x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((rows,), dtype=_compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("srdit::residual_rmsnorm_modulate_bwd", mutates_args=())
+def _residual_rmsnorm_modulate_bwd_op(dx_new: Optional[Tensor], dy: Tensor, x_new: Tensor, f: Tensor, gate: Tensor,
+                                      rstd: Tensor, scale: Optional[Tensor], weight: Optional[Tensor]
+                                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, df, dgate, dshift, dscale, dweight = _launch_bwd(dy, x_new, rstd, scale, weight, dx_new, f, gate)
+    return dx, dgate, df, _empty(dshift, x_new), _empty(dscale, x_new), _empty(dweight, x_new)
+
+
+@_residual_rmsnorm_modulate_bwd_op.register_fake
+def _(dx_new, dy, x_new, f, gate, rstd, scale, weight):
+    return (x_new.new_empty(x_new.shape), _fake_like(gate, x_new), f.new_empty(f.shape),
+            _fake_like(scale, x_new), _fake_like(scale, x_new), _fake_like(weight, x_new))
+
+
+def _residual_setup(ctx, inputs, output):
+    x, gate, f, shift, scale, weight, _ = inputs
+    ctx.shift_dtype = shift.dtype if shift is not None else None
+    x_new, _, rstd = output
+    ctx.save_for_backward(x_new, f, gate, rstd, scale, weight)
+
+
+def _residual_backward(ctx, dx_new, dy, _drstd):
+    x_new, f, gate, rstd, scale, weight = ctx.saved_tensors
+    dx, dgate, df, dshift, dscale, dweight = torch.ops.srdit.residual_rmsnorm_modulate_bwd(
+        dx_new, dy, x_new, f, gate, rstd, scale, weight)
+    if scale is None:
+        dshift = dscale = None
+    else:
+        dshift = dshift.to(ctx.shift_dtype)
+    return dx, dgate, df, dshift, dscale, dweight if weight is not None else None, None
+
+
+_residual_rmsnorm_modulate_op.register_autograd(_residual_backward, setup_context=_residual_setup)
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def rmsnorm_modulate(x, shift, scale, weight=None, eps=1e-6):
+    """x [B,N,D], shift/scale [B,D] or both None (then x [..., D]): rms_norm(x) * (1 + scale) + shift."""
+    return torch.ops.srdit.rmsnorm_modulate(x, shift, scale, weight, eps)[0]
+
+
+def residual_rmsnorm_modulate(x, gate, f, shift, scale, weight=None, eps=1e-6):
+    """x, f [B,N,D]; gate, shift, scale [B,D] -> (x_new = x + gate * f, rmsnorm_modulate(x_new, ...))."""
+    x_new, y, _ = torch.ops.srdit.residual_rmsnorm_modulate(x, gate, f, shift, scale, weight, eps)
+    return x_new, y
+
+
+def rms_norm(x, weight=None, eps=None):
+    """Plain RMSNorm over the last dim (the REG token's wg_norm); eps=None is torch's default."""
+    return rmsnorm_modulate(x, None, None, weight, default_rms_eps(x.dtype) if eps is None else eps)

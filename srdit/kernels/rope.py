@@ -1,0 +1,196 @@
+"""2D RoPE (EVA-02 interleaved layout) as one Triton kernel per direction.
+
+Math (SPEC.md section 2), per token with table row p = rope_ids[b, n] and c = cos[p], s = sin[p]:
+    out[2i]   = x[2i]   c[2i]   - x[2i+1] s[2i]
+    out[2i+1] = x[2i+1] c[2i+1] + x[2i]   s[2i+1]
+i.e. out = x * c + rotate_half(x) * s with rotate_half((a, b)) = (-b, a) on adjacent pairs. A
+negative id leaves the token unrotated (c = 1, s = 0: the class token). The backward applies the
+transposed rotation, dx[2i] = g[2i] c[2i] + g[2i+1] s[2i+1], dx[2i+1] = g[2i+1] c[2i+1] - g[2i] s[2i];
+the tables and ids are constants (no gradient).
+
+Shapes: x [B,N,H,Dh] (Dh even; any strides with a unit last stride, others are copied), cos/sin
+[P,Dh] fp32, rope_ids [B,N] int (any strides, e.g. an expanded [1,N] row). Output: a contiguous
+[B,N,H,Dh] tensor in x's dtype.
+
+Precision: loads are upcast to fp32 (fp64 for fp64 x) right after the load, the rotation is
+computed there, the result is rounded once to x's dtype. Nothing is saved for backward except the
+tables and ids (x itself is not needed: the map is linear).
+
+Program mapping: one kernel row = one (token, head) pair of Dh elements; `row_launch` puts many
+rows in one program (tile [ROWS, next_pow2(Dh)]). The tile is loaded contiguously, split into
+even/odd lanes with tl.reshape + tl.split, rotated, and re-interleaved with tl.join.
+
+Bytes per call (M = B*N*H*Dh elements of size e, T = B*N tokens): read x M*e, write M*e, read
+ids 8T and the table rows 2*4*Dh*T (shared by the H heads of a token, so mostly cache hits).
+bf16 at SR-DiT-B shapes: 4 bytes per element of x (+0.7 if the table rows missed the cache).
+The eager twin (reference.apply_rope) runs 16 aten ops (table gathers and wheres, upcast,
+negate, stack, two products, add, downcast): 55 bytes per element of x, ~14x more (reads +
+writes of every op, counted with a dispatch-mode byte counter at B=32, N=257, H=12, Dh=64).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from srdit.kernels.triton_utils import row_launch
+
+
+def compute_dtype(dtype: torch.dtype):
+    """Triton compute dtype for a tensor dtype: fp64 stays fp64, everything else computes in fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def _rotate_pairs(x, c, s, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Rotate adjacent pairs of every row of x [ROWS, BLOCK_D] by the tables c, s [ROWS, BLOCK_D].
+
+    TRANSPOSE=False is RoPE itself; TRANSPOSE=True its transpose (the backward)."""
+    xe, xo = tl.split(tl.reshape(x, [ROWS, BLOCK_D // 2, 2]))
+    ce, co = tl.split(tl.reshape(c, [ROWS, BLOCK_D // 2, 2]))
+    se, so = tl.split(tl.reshape(s, [ROWS, BLOCK_D // 2, 2]))
+    if TRANSPOSE:
+        ye = xe * ce + xo * so
+        yo = xo * co - xe * se
+    else:
+        ye = xe * ce - xo * se
+        yo = xo * co + xe * so
+    return tl.reshape(tl.join(ye, yo), [ROWS, BLOCK_D])
+
+
+@triton.jit
+def _load_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
+                 COMPUTE: tl.constexpr):
+    """cos/sin rows [ROWS, BLOCK_D] for tokens (b, n); rows with a negative id get c = 1, s = 0."""
+    pos = tl.load(ids_ptr + b * stride_ib + n * stride_in, mask=row_mask, other=-1)  # [ROWS]
+    mask = (row_mask & (pos >= 0))[:, None] & d_mask[None, :]
+    offs = pos[:, None] * stride_p + d[None, :]
+    c = tl.load(cos_ptr + offs, mask=mask, other=1.0).to(COMPUTE)
+    s = tl.load(sin_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    return c, s
+
+
+@triton.jit
+def _rope_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
+               stride_xb, stride_xn, stride_xh, stride_ib, stride_in, stride_p,
+               TRANSPOSE: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (token, head) rows
+    d = tl.arange(0, BLOCK_D)
+    row_mask = r < n_rows
+    d_mask = d < Dh
+    mask = row_mask[:, None] & d_mask[None, :]
+    token = r // H
+    h = r % H
+    b = token // N
+    n = token % N
+    x_offs = (b * stride_xb + n * stride_xn + h * stride_xh)[:, None] + d[None, :]
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(COMPUTE)
+    c, s = _load_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
+                        COMPUTE)
+    y = _rotate_pairs(x, c, s, ROWS, BLOCK_D, TRANSPOSE)
+    tl.store(out_ptr + r[:, None] * Dh + d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_rope_fwd_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
+                           stride_xb, stride_xn, stride_xh, stride_ib, stride_in, stride_p,
+                           COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    _rope_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
+               stride_xb, stride_xn, stride_xh, stride_ib, stride_in, stride_p,
+               False, COMPUTE, ROWS, BLOCK_D)
+
+
+@triton.jit
+def _apply_rope_bwd_kernel(g_ptr, dx_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
+                           stride_gb, stride_gn, stride_gh, stride_ib, stride_in, stride_p,
+                           COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    _rope_rows(g_ptr, dx_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
+               stride_gb, stride_gn, stride_gh, stride_ib, stride_in, stride_p,
+               True, COMPUTE, ROWS, BLOCK_D)
+
+
+def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_ids: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"apply_rope: x must be [B,N,H,Dh], got shape {tuple(x.shape)}")
+    B, N, _, Dh = x.shape
+    if Dh % 2:
+        raise ValueError(f"apply_rope: head dim {Dh} must be even (RoPE rotates pairs)")
+    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != Dh:
+        raise ValueError(f"apply_rope: cos/sin must both be [P,{Dh}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if tuple(rope_ids.shape) != (B, N):
+        raise ValueError(f"apply_rope: rope_ids must be [{B},{N}], got {tuple(rope_ids.shape)}")
+
+
+def _launch(kernel, x, cos, sin, rope_ids, out):
+    """Run `kernel` (forward or backward) over every (token, head) row of x into `out`."""
+    B, N, H, Dh = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty((B, N, H, Dh), dtype=x.dtype, device=x.device)
+    n_rows = B * N * H
+    if n_rows == 0:
+        return out
+    cos, sin = cos.contiguous(), sin.contiguous()
+    launch = row_launch(n_rows, Dh)
+    kernel[launch.grid](
+        x, out, cos, sin, rope_ids, n_rows, N, H, Dh,
+        x.stride(0), x.stride(1), x.stride(2), rope_ids.stride(0), rope_ids.stride(1), cos.stride(0),
+        COMPUTE=compute_dtype(x.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+    )
+    return out
+
+
+def _launch_fwd(x, cos, sin, rope_ids, out=None):
+    """RoPE of x [B,N,H,Dh] into `out` (a preallocated contiguous [B,N,H,Dh] tensor, or a new one)."""
+    return _launch(_apply_rope_fwd_kernel, x, cos, sin, rope_ids, out)
+
+
+def _launch_bwd(grad, cos, sin, rope_ids, out=None):
+    """Transposed RoPE of grad [B,N,H,Dh] (dL/dout -> dL/dx) into `out`."""
+    return _launch(_apply_rope_bwd_kernel, grad, cos, sin, rope_ids, out)
+
+
+@torch.library.custom_op("srdit::apply_rope", mutates_args=())
+def _apply_rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_ids: torch.Tensor) -> torch.Tensor:
+    return _launch_fwd(x, cos, sin, rope_ids)
+
+
+@_apply_rope_op.register_fake
+def _(x, cos, sin, rope_ids):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("srdit::apply_rope_bwd", mutates_args=())
+def _apply_rope_bwd_op(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       rope_ids: torch.Tensor) -> torch.Tensor:
+    return _launch_bwd(grad, cos, sin, rope_ids)
+
+
+@_apply_rope_bwd_op.register_fake
+def _(grad, cos, sin, rope_ids):
+    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+
+
+def _setup_context(ctx, inputs, output):
+    _, cos, sin, rope_ids = inputs
+    ctx.save_for_backward(cos, sin, rope_ids)
+
+
+def _backward(ctx, grad):
+    cos, sin, rope_ids = ctx.saved_tensors
+    return _apply_rope_bwd_op(grad, cos, sin, rope_ids), None, None, None
+
+
+_apply_rope_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def apply_rope(x, cos, sin, rope_ids):
+    """x [B,N,H,Dh]; cos/sin tables [P,Dh]; rope_ids [B,N] int, row of the table for each token.
+
+    A negative id leaves the token unrotated (the class token). Computed in fp32 (fp64 for fp64
+    x), returned in x's dtype as a contiguous [B,N,H,Dh] tensor. Same contract as
+    srdit.kernels.reference.apply_rope; ids must lie in [-inf, P) (not checked: a host sync).
+    """
+    _check(x, cos, sin, rope_ids)
+    return _apply_rope_op(x, cos, sin, rope_ids)
