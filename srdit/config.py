@@ -296,7 +296,7 @@ def _build_presets() -> dict[str, Config]:
         p["sr-dit-b1-256"],
         model=quick_model,
         data=dict(resolution=16, teacher_arch="tiny", teacher_resolution=16, latent_scale=1.0, num_workers=0),
-        train=dict(max_steps=1500, global_batch=64, lr=1e-3, ema_decay=0.999, log_every=50, ckpt_every=500,
+        train=dict(max_steps=1500, global_batch=64, lr=1e-3, ema_decay=0.99, log_every=50, ckpt_every=500,
                    sample_every=500, time_shift=auto_time_shift(ModelConfig(**quick_model))),
         sample=dict(num_steps=50, num_samples=100, batch=100, time_shift=auto_time_shift(ModelConfig(**quick_model))),
     )

@@ -55,9 +55,12 @@ def model_flops(cfg: ModelConfig, path_drop_prob: float = 0.0) -> StepFlops:
     return StepFlops(fwd, fwd_drop, 3.0 * expected)
 
 
-def teacher_flops(embed_dim: int, depth: int, tokens: int, mlp_ratio: float = 4.0, patch: int = 14) -> int:
-    """Forward matmul FLOPs of a ViT teacher (DINOv2) on one image of `tokens` tokens."""
-    D, N = embed_dim, tokens
+def teacher_flops(arch: str, resolution: int, mlp_ratio: float = 4.0) -> int:
+    """Forward matmul FLOPs of the DINOv2 teacher `arch` on one image of `resolution` px."""
+    from srdit.model.dinov2 import ARCHS
+
+    a = ARCHS[arch]
+    D, N = a.embed_dim, (resolution // a.patch) ** 2 + 1
     per_block = 2 * N * (D * 3 * D + D * D + 2 * D * int(D * mlp_ratio)) + 2 * 2 * N * N * D
-    patchify = 2 * (N - 1) * 3 * patch * patch * D
-    return depth * per_block + patchify
+    patchify = 2 * (N - 1) * 3 * a.patch**2 * D
+    return a.depth * per_block + patchify

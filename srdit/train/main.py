@@ -28,10 +28,12 @@ from srdit.train.optim import EMA, Optimizers
 from srdit.train.runlog import RunLog, code_version, device_name, plot_loss_curve
 from srdit.train.step import DeviceMetrics, StepRunner
 
-# Keys that may change when a run is resumed: they do not change what is computed.
+# Keys that may change when a run is resumed: cadences and bookkeeping, and how the same math is
+# run (kernels, attention backend, compile: equal up to rounding, so bit-exact resume then ends).
 RESUMABLE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
              "train.keep_checkpoints", "train.max_bad_steps", "train.wandb_mode", "train.wandb_project",
-             "train.wandb_name", "data.num_workers", "data.path"}
+             "train.wandb_name", "data.num_workers", "data.path", "model.kernels", "model.attention_backend",
+             "train.compile"}
 
 
 class TrainingError(RuntimeError):
@@ -158,6 +160,9 @@ def train(args, dist) -> int:
     stop = GracefulStop()  # first: a signal during setup also ends the run cleanly
     cfg = resolve_config(args)
     t = cfg.train
+    if cfg.model.kernels == "triton" and dist.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("model.kernels=triton needs a CUDA GPU (TRITON_INTERPRET=1 runs it on the CPU, for tests "
+                          "only); use model.kernels=eager here")
     check_or_write_config(args.out, cfg, dist.is_main)
     distributed.barrier()
     ckpt_dir, sample_dir = os.path.join(args.out, "checkpoints"), os.path.join(args.out, "samples")

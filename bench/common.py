@@ -1,0 +1,103 @@
+"""What every benchmark shares (STYLE 13): the environment record, a timer, the card's measured
+copy bandwidth and bf16 matmul rate, and the JSON writer.
+
+Timing: warm-up untimed, then the median (and the interquartile range) of repeated runs, with
+CUDA events on a GPU and perf_counter on the CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "unknown", False
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"device_name": name, "torch": torch.__version__, "triton": triton_version,
+            "commit": commit + ("+dirty" if dirty else ""), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, *, warmup: int = 5, iters: int = 20) -> tuple[float, float]:
+    """(median, interquartile range) of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2], times[(3 * len(times)) // 4] - times[len(times) // 4]
+
+
+def copy_bandwidth_gbps(device: torch.device, mib: int = 1024) -> float:
+    """Measured device copy rate: bytes read + bytes written per second of a large copy_."""
+    n = mib * 2**20 // 4
+    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
+    ms, _ = time_ms(lambda: dst.copy_(src), device, warmup=3, iters=10)
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, n: int = 8192) -> float:
+    """Measured dense bf16 matmul rate (the MFU denominator); fp32 on the CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms, _ = time_ms(lambda: a @ b, device, warmup=3, iters=10)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
+        print(f"wrote {path}")
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,178 @@
+"""Per-op forward+backward time of the Triton kernels vs their eager twins vs torch.compile of the
+eager twins, at SR-DiT-B/1 shapes (D = 768, T = 257 tokens, K = 64 routed, H = 12, Dh = 64).
+
+    python bench/kernels.py [--device cuda] [--batch 32 256] [--json OUT]
+
+Memory-bound ops are scored by achieved GB/s against the card's measured copy bandwidth
+(target: >= 70%); the bytes are the minimum an op must move, forward + backward, with bf16
+activations (2 bytes), written next to each case. sprint_fuse is GEMM-bound and scored by
+TFLOP/s against the measured bf16 matmul rate.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from common import copy_bandwidth_gbps, environment, matmul_tflops, table, time_ms, write_json
+from srdit.kernels import get_ops
+
+D, T, K, H, DH = 768, 257, 64, 12, 64
+
+
+@dataclass
+class Case:
+    name: str
+    make: Callable  # (B, dtype, device) -> (args, kwargs-free positional inputs)
+    bytes_fn: Callable[[int], float]  # B -> bytes moved forward + backward (0: compute-bound)
+    flops_fn: Callable[[int], float] = lambda B: 0.0  # B -> matmul FLOPs forward + backward
+
+
+def _leaf(t):
+    return t.detach().requires_grad_(t.is_floating_point())
+
+
+def rmsnorm_inputs(B, dtype, device):
+    x = torch.randn(B, T, D, device=device, dtype=dtype)
+    shift, scale = (torch.randn(B, D, device=device, dtype=dtype) * 0.1 for _ in range(2))
+    return [_leaf(x), _leaf(shift), _leaf(scale)]
+
+
+def residual_inputs(B, dtype, device):
+    x, f = (torch.randn(B, T, D, device=device, dtype=dtype) for _ in range(2))
+    gate, shift, scale = (torch.randn(B, D, device=device, dtype=dtype) * 0.1 for _ in range(3))
+    return [_leaf(x), _leaf(gate), _leaf(f), _leaf(shift), _leaf(scale)]
+
+
+def _rope_tables(device):
+    from srdit.model.sit import VisionRoPE
+
+    rope = VisionRoPE(DH, 16).to(device)
+    return rope.freqs_cos, rope.freqs_sin
+
+
+def rope_inputs(B, dtype, device):
+    cos, sin = _rope_tables(device)
+    x = torch.randn(B, T, H, DH, device=device, dtype=dtype)
+    ids = torch.arange(-1, T - 1, device=device).expand(B, -1)
+    return [_leaf(x), cos, sin, ids]
+
+
+def prologue_inputs(B, dtype, device, routed=False):
+    cos, sin = _rope_tables(device)
+    n = K if routed else T
+    qkv = torch.randn(B, n, 3 * D, device=device, dtype=dtype)
+    w_q, w_k = (1 + 0.1 * torch.randn(DH, device=device) for _ in range(2))
+    v0 = torch.randn(B, T, H, DH, device=device, dtype=dtype)
+    ids = torch.stack([torch.randperm(T, device=device)[:K] for _ in range(B)]) if routed else None
+    rope_ids = (ids - 1).clamp(min=0) if routed else torch.arange(-1, T - 1, device=device).expand(B, -1)
+    lam = torch.tensor(0.5, device=device)
+    return [_leaf(qkv), H, _leaf(w_q), _leaf(w_k), cos, sin, rope_ids, _leaf(v0), ids, _leaf(lam)]
+
+
+def gather_inputs(B, dtype, device):
+    x = torch.randn(B, T, D, device=device, dtype=dtype)
+    ids = torch.stack([torch.randperm(T, device=device)[:K] for _ in range(B)])
+    return [_leaf(x), ids]
+
+
+def fuse_inputs(B, dtype, device):
+    x_enc = torch.randn(B, T, D, device=device, dtype=dtype)
+    g = torch.randn(B, K, D, device=device, dtype=dtype)
+    ids = torch.stack([torch.randperm(T, device=device)[:K] for _ in range(B)])
+    mask = torch.randn(1, 1, D, device=device, dtype=dtype)
+    w = torch.randn(D, 2 * D, device=device, dtype=dtype) * D**-0.5
+    b = torch.zeros(D, device=device, dtype=dtype)
+    return [_leaf(x_enc), _leaf(g), ids, _leaf(mask), _leaf(w), _leaf(b)]
+
+
+ACT = 2  # bytes per bf16 activation element
+CASES = {
+    # fwd: read x, write y; bwd: read dy and x, write dx  -> 5 passes over [B, T, D]
+    "rmsnorm_modulate": Case("rmsnorm_modulate", rmsnorm_inputs, lambda B: 5 * B * T * D * ACT),
+    # fwd: read x, f, write x_new, y; bwd: read dx_new, dy, x_new, f, write dx, df -> 10 passes
+    "residual_rmsnorm_modulate": Case("residual_rmsnorm_modulate", residual_inputs, lambda B: 10 * B * T * D * ACT),
+    # fwd: read x, write out; bwd: read dout, write dx -> 4 passes over [B, T, H, Dh]
+    "apply_rope": Case("apply_rope", rope_inputs, lambda B: 4 * B * T * D * ACT),
+    # fwd: read qkv (3) + v0 (1), write q, k, v (3); bwd: read dq, dk, dv, qkv, v0 (7), write dqkv, dv0 (4)
+    "attention_prologue": Case("attention_prologue", prologue_inputs, lambda B: 18 * B * T * D * ACT),
+    # routed: the same on K tokens, v0 gathered (read K rows) and d v0 over all T rows (zeroed + K written)
+    "attention_prologue_routed": Case("attention_prologue_routed", lambda B, d, dev: prologue_inputs(B, d, dev, True),
+                                      lambda B: (16 * B * K * D + B * T * D) * ACT),
+    # fwd: read K rows, write K rows; bwd: zero T rows, write K rows, read K rows
+    "gather_tokens": Case("gather_tokens", gather_inputs, lambda B: (4 * K + T) * B * D * ACT),
+    # GEMMs: fwd x_enc W1 (T rows) + g W2 (K rows); bwd twice that
+    "sprint_fuse": Case("sprint_fuse", fuse_inputs, lambda B: 0.0, lambda B: 3 * 2 * B * (T + K) * D * D),
+}
+
+
+def fwd_bwd(fn, inputs):
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def run():
+        out = fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum(o.float().sum() for o in outs if isinstance(o, torch.Tensor) and o.requires_grad)
+        torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    return run
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--ops", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--variants", nargs="+", default=["eager", "triton", "compile"],
+                        choices=["eager", "triton", "compile"], help="triton runs on a GPU only")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    variants = {"eager": get_ops("eager")}
+    if device.type == "cuda" and "triton" in args.variants:
+        variants["triton"] = get_ops("triton")
+    env = environment(device)
+    copy_gbps, peak_tflops = copy_bandwidth_gbps(device), matmul_tflops(device)
+    print(f"{env['device_name']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    print(f"measured copy bandwidth {copy_gbps:.0f} GB/s, bf16 matmul {peak_tflops:.0f} TFLOP/s")
+    rows = []
+    for B in args.batch:
+        for name in args.ops:
+            case = CASES[name]
+            op_name = "attention_prologue" if name.startswith("attention_prologue") else name
+            timings = {}
+            fns = {v: getattr(ops, op_name) for v, ops in variants.items() if v in args.variants}
+            if "compile" in args.variants:
+                fns["compile"] = torch.compile(getattr(variants["eager"], op_name))
+            for variant, fn in fns.items():
+                inputs = case.make(B, dtype, device)
+                try:
+                    ms, iqr = time_ms(fwd_bwd(fn, inputs), device, iters=args.iters)
+                except Exception as error:  # report, keep benchmarking the others
+                    rows.append({"op": name, "batch": B, "variant": variant, "error": f"{type(error).__name__}: {error}"[:200]})
+                    continue
+                timings[variant] = ms
+                row = {"op": name, "batch": B, "variant": variant, "ms": ms, "iqr_ms": iqr}
+                if case.bytes_fn(B):
+                    row["gb_per_s"] = case.bytes_fn(B) / (ms * 1e-3) / 1e9
+                    row["of_copy_bw"] = row["gb_per_s"] / copy_gbps
+                if case.flops_fn(B):
+                    row["tflops"] = case.flops_fn(B) / (ms * 1e-3) / 1e12
+                    row["of_matmul_peak"] = row["tflops"] / peak_tflops
+                rows.append(row)
+            for row in rows[-len(fns):]:
+                if "ms" in row:
+                    row["vs_eager"] = timings.get("eager", float("nan")) / row["ms"]
+                    row["vs_compile"] = timings.get("compile", float("nan")) / row["ms"]
+    print(table(rows, ["op", "batch", "variant", "ms", "iqr_ms", "gb_per_s", "of_copy_bw", "tflops",
+                       "vs_eager", "vs_compile", "error"]))
+    write_json(args.json, {**env, "copy_gbps": copy_gbps, "matmul_tflops": peak_tflops, "dtype": str(dtype),
+                           "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

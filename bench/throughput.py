@@ -1,0 +1,134 @@
+"""Full training steps per second: forward, losses, backward, clip, optimizer, EMA, with the
+teacher online (uint8 images in) or cached (targets in), on synthetic inputs already on the
+device, through the training loop's own StepRunner.
+
+    python bench/throughput.py --preset sr-dit-b1-256 --device cuda [--batch 256] [--steps 20]
+                               [--variants eager kernels ...] --json OUT
+
+Variants, all in one run on one device (ratios are the result):
+  eager           kernels=eager, no compile: the release-style baseline
+  kernels         kernels=triton
+  compile         torch.compile of the model
+  kernels+compile both
+  cached-teacher  eager, teacher targets given instead of images
+  best            kernels + compile + cached teacher
+FLOPs per image are analytic (srdit.model.flops; checked against torch's flop counter in the
+tests); MFU is against the bf16 matmul rate measured in the same run, reported twice: counting
+the student only, and student + online teacher (when the variant runs the teacher).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import environment, matmul_tflops, sync, table, time_ms, write_json
+from srdit.config import apply_overrides, preset
+from srdit.model import build_model
+from srdit.model.flops import model_flops, teacher_flops
+from srdit.train.loss import draw_step_noise
+from srdit.train.optim import EMA, Optimizers
+from srdit.train.step import StepRunner
+
+VARIANTS = {
+    "eager": dict(kernels="eager", compile=False, cached=False),
+    "kernels": dict(kernels="triton", compile=False, cached=False),
+    "compile": dict(kernels="eager", compile=True, cached=False),
+    "kernels+compile": dict(kernels="triton", compile=True, cached=False),
+    "cached-teacher": dict(kernels="eager", compile=False, cached=True),
+    "best": dict(kernels="triton", compile=True, cached=True),
+}
+
+
+def build_teacher(cfg, device):
+    from srdit.model.dinov2 import build_dinov2
+
+    # random init: the cost of the real teacher, without its weights file
+    return build_dinov2(cfg.data.teacher_arch, cfg.data.teacher_resolution, cfg.data.teacher_pos_interp).freeze().to(device)
+
+
+def synthetic_batch(cfg, batch, device, cached):
+    m = cfg.model
+    out = {"latent": torch.randn(batch, m.in_channels, m.input_size, m.input_size, device=device),
+           "label": torch.randint(0, m.num_classes, (batch,), device=device)}
+    if cached:
+        out["teacher"] = torch.randn(batch, m.num_tokens, m.teacher_dim, device=device, dtype=torch.float16)
+    else:
+        r = cfg.data.resolution
+        out["image"] = torch.randint(0, 256, (batch, 3, r, r), device=device, dtype=torch.uint8)
+    return out
+
+
+def run_variant(preset_name, variant, batch, steps, device):
+    spec = VARIANTS[variant]
+    cfg = apply_overrides(preset(preset_name), [f"model.kernels={spec['kernels']}", f"train.global_batch={batch}",
+                                                f"data.cached_teacher={spec['cached']}"])
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    train_model = torch.compile(model) if spec["compile"] else model
+    teacher = None if spec["cached"] else build_teacher(cfg, device)
+    runner = StepRunner(cfg, model, train_model, teacher, Optimizers(model, cfg.train, device),
+                        EMA(model, cfg.train.ema_decay), rank=0, world=1, device=device)
+    data = synthetic_batch(cfg, batch, device, spec["cached"])
+    gen = torch.Generator(device).manual_seed(0)
+    host = torch.Generator().manual_seed(1)
+
+    def step():
+        noise = draw_step_noise(batch, data["latent"].shape[1:], cfg.model, cfg.train, generator=gen,
+                                host_generator=host, device=device)
+        return runner.run([data], noise)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ms, iqr = time_ms(step, device, warmup=3, iters=steps)
+    sync(device)
+    loss = step()["loss"].item()
+    flops = model_flops(cfg.model, cfg.train.path_drop_prob).train
+    teacher = 0 if spec["cached"] else teacher_flops(cfg.data.teacher_arch, cfg.data.teacher_resolution)
+    return {"variant": variant, "batch": batch, "step_ms": ms, "iqr_ms": iqr, "images_per_s": batch / (ms * 1e-3),
+            "model_flops_per_image": flops, "teacher_flops_per_image": teacher, "loss": loss,
+            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="sr-dit-b1-256")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="per-device batch (default: 32 on GPU, 8 on CPU)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    batch = args.batch or (32 if device.type == "cuda" else 8)
+    # Triton on a CPU runs only under the interpreter: a correctness tool, not a speed one
+    variants = args.variants or (list(VARIANTS) if device.type == "cuda" else ["eager", "cached-teacher"])
+    env = environment(device)
+    peak = matmul_tflops(device)
+    print(f"{env['device_name']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  "
+          f"preset {args.preset}  batch {batch}  measured matmul {peak:.1f} TFLOP/s")
+    rows = []
+    for variant in variants:
+        try:
+            row = run_variant(args.preset, variant, batch, args.steps, device)
+        except Exception as error:  # a variant that cannot run here is reported, the rest still run
+            rows.append({"variant": variant, "error": f"{type(error).__name__}: {error}"[:300]})
+            continue
+        row["model_tflops"] = row["images_per_s"] * row["model_flops_per_image"] / 1e12
+        row["mfu"] = row["model_tflops"] / peak
+        row["mfu_with_teacher"] = row["images_per_s"] * (row["model_flops_per_image"] + row["teacher_flops_per_image"]) / 1e12 / peak
+        rows.append(row)
+    base = next((r["images_per_s"] for r in rows if r.get("variant") == "eager" and "images_per_s" in r), None)
+    for r in rows:
+        if base and "images_per_s" in r:
+            r["speedup"] = r["images_per_s"] / base
+    print(table(rows, ["variant", "batch", "step_ms", "iqr_ms", "images_per_s", "model_tflops", "mfu",
+                       "mfu_with_teacher", "peak_mem_gb", "speedup", "loss", "error"]))
+    write_json(args.json, {**env, "preset": args.preset, "batch": batch, "steps": args.steps, "matmul_tflops": peak,
+                           "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
