@@ -182,6 +182,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 10
     compile: bool = False
+    # torch.compile mode when train.compile: "reduce-overhead" captures CUDA graphs on a GPU
+    compile_mode: str = "default"
     precision: str = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
     wandb_mode: str = "disabled"  # online | offline | disabled
     wandb_project: str = "srdit"
@@ -192,6 +194,7 @@ class TrainConfig:
         _one_of("train.prediction", self.prediction, PREDICTIONS)
         _one_of("train.precision", self.precision, ("bf16", "fp32"))
         _one_of("train.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+        _one_of("train.compile_mode", self.compile_mode, ("default", "reduce-overhead", "max-autotune"))
         if self.global_batch < 1 or self.grad_accum < 1 or self.max_steps < 0:
             raise ConfigError("train.global_batch and train.grad_accum must be >= 1, train.max_steps >= 0")
         for name in ("log_every", "ckpt_every", "sample_every", "keep_checkpoints", "max_bad_steps"):

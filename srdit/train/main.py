@@ -33,7 +33,7 @@ from srdit.train.step import DeviceMetrics, StepRunner
 RESUMABLE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
              "train.keep_checkpoints", "train.max_bad_steps", "train.wandb_mode", "train.wandb_project",
              "train.wandb_name", "data.num_workers", "data.path", "model.kernels", "model.attention_backend",
-             "train.compile"}
+             "train.compile", "train.compile_mode"}
 
 
 class TrainingError(RuntimeError):
@@ -195,12 +195,15 @@ def train(args, dist) -> int:
             ckpt.restore_rng(state["rng"][dist.rank])
         step = state["step"]
 
+    # Wrapping order (STYLE 7, the one place it is decided): DDP around the model, then
+    # torch.compile around DDP, so that dynamo's DDP optimizer splits the graph at the gradient
+    # buckets and all-reduce overlaps backward. "reduce-overhead" replays CUDA graphs on a GPU.
     train_model = model
-    if t.compile:
-        train_model = torch.compile(train_model)  # the model only: loss and optimizer stay eager here
-    if dist.world > 1:  # DDP last, around the (compiled) model, so that hooks see the real parameters
+    if dist.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        train_model = torch.compile(train_model, mode=None if t.compile_mode == "default" else t.compile_mode)
 
     flops = model_flops(cfg.model, t.path_drop_prob)
     log = RunLog(args.out, cfg, enabled=dist.is_main, start_step=step, max_steps=t.max_steps, device=device,

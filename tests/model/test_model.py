@@ -421,3 +421,15 @@ def test_rmsnorm_modulate_formula():
     y = ref.rmsnorm_modulate(x, shift, scale, w[0], eps=1e-6)
     manual = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6) * w[0] * (1 + scale[:, None]) + shift[:, None]
     assert torch.allclose(y, manual, rtol=1e-13, atol=1e-13)
+
+
+def test_model_without_reg_token_or_value_residual():
+    model, cfg = small_model("sr-dit-b1-256", "model.reg_token=false", "model.value_residual=false",
+                             dtype=torch.float32)
+    randomize_(model).train()
+    x, t, y, _ = inputs(cfg, dtype=torch.float32)
+    out = model(x, t, y, None)
+    assert out.v_cls is None and out.repa.shape == (3, 16, 32)  # patches only
+    assert cfg.model.num_tokens == 16 and cfg.model.num_kept == 4
+    (out.v.square().mean() + out.repa.square().mean()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

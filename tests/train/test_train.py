@@ -171,3 +171,14 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert "unknown config key 'train.nonsense'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "c")])  # --preset is required (argparse)
+
+
+def test_muon_runs_and_prodigy_without_its_package_says_what_to_install(tmp_path, capsys):
+    assert run(tmp_path / "muon", "train.max_steps=2", "train.optimizer=muon") == 0
+    state = torch.load(tmp_path / "muon" / "checkpoints" / "step_000000002.pt", weights_only=True)
+    assert len(state["optimizer"]) == 2  # Muon for the body's matrices, AdamW for the rest
+    try:
+        import prodigyopt  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pip install prodigyopt"):
+            run(tmp_path / "prodigy", "train.max_steps=1", "train.optimizer=prodigy")
