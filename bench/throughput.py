@@ -59,7 +59,8 @@ def synthetic_batch(cfg, batch, device, cached):
     return out
 
 
-def run_variant(preset_name, variant, batch, steps, device):
+def build_variant(preset_name, variant, batch, device):
+    """(cfg, step): `step()` runs one full training step of `variant` on fixed synthetic data."""
     spec = VARIANTS[variant]
     cfg = apply_overrides(preset(preset_name), [f"model.kernels={spec['kernels']}", f"train.global_batch={batch}",
                                                 f"data.cached_teacher={spec['cached']}"])
@@ -78,13 +79,18 @@ def run_variant(preset_name, variant, batch, steps, device):
                                 host_generator=host, device=device)
         return runner.run([data], noise)
 
+    return cfg, step
+
+
+def run_variant(preset_name, variant, batch, steps, device):
+    cfg, step = build_variant(preset_name, variant, batch, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms, iqr = time_ms(step, device, warmup=3, iters=steps)
     sync(device)
     loss = step()["loss"].item()
     flops = model_flops(cfg.model, cfg.train.path_drop_prob).train
-    teacher = 0 if spec["cached"] else teacher_flops(cfg.data.teacher_arch, cfg.data.teacher_resolution)
+    teacher = 0 if VARIANTS[variant]["cached"] else teacher_flops(cfg.data.teacher_arch, cfg.data.teacher_resolution)
     return {"variant": variant, "batch": batch, "step_ms": ms, "iqr_ms": iqr, "images_per_s": batch / (ms * 1e-3),
             "model_flops_per_image": flops, "teacher_flops_per_image": teacher, "loss": loss,
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}

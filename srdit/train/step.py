@@ -19,6 +19,20 @@ from srdit.train.optim import EMA, Optimizers
 LOSS_PARTS = ("vel", "repa", "cls", "cfm", "disp")
 
 
+@contextlib.contextmanager
+def phase(name: str):
+    """A named range for torch.profiler and, on a GPU, for Nsight (NVTX): profiling/ reads them."""
+    nvtx = torch.cuda.is_available()
+    if nvtx:
+        torch.cuda.nvtx.range_push(name)
+    try:
+        with torch.profiler.record_function(name):
+            yield
+    finally:
+        if nvtx:
+            torch.cuda.nvtx.range_pop()
+
+
 class DeviceMetrics:
     """Sums of per-step device scalars since the last read; `read()` is the only host sync."""
 
@@ -87,17 +101,23 @@ class StepRunner:
         total_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             rows = noise.rows(offset + i * micro, offset + (i + 1) * micro)
-            teacher = self.teacher_targets(batch)
+            with phase("teacher"):
+                teacher = self.teacher_targets(batch)
             sync = i == accum - 1 or not hasattr(self.train_model, "no_sync")
-            with (contextlib.nullcontext() if sync else self.train_model.no_sync()), self.autocast():
-                total, parts = diffusion_loss(self.train_model, batch["latent"], batch["label"], teacher, rows,
-                                              self.cfg.train)
-            (total / accum).backward()
+            with (contextlib.nullcontext() if sync else self.train_model.no_sync()):
+                with phase("forward+loss"), self.autocast():
+                    total, parts = diffusion_loss(self.train_model, batch["latent"], batch["label"], teacher, rows,
+                                                  self.cfg.train)
+                with phase("backward"):
+                    (total / accum).backward()
             total_sum += total.detach() / accum
             for k in LOSS_PARTS:
                 parts_sum[k] += parts[k].float() / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True)
-        found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
-        self.optimizers.step(found_inf)
-        self.ema.update(found_inf)
+        with phase("clip"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True)
+            found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
+        with phase("optimizer"):
+            self.optimizers.step(found_inf)
+        with phase("ema"):
+            self.ema.update(found_inf)
         return {"loss": total_sum, **parts_sum, "grad_norm": grad_norm, "skipped": found_inf}

@@ -74,3 +74,15 @@ def test_b1_counts_match_the_issue_figures():
     flops = model_flops(preset("sr-dit-b1-256").model, 0.05)
     assert 80e9 < flops.train < 82e9  # ~81 GFLOP per training image, student fwd + bwd
     assert 46e9 < teacher_flops("vitb14", 224) < 47e9  # ~46 GFLOP per image, DINOv2-B/14 forward
+
+
+def test_profile_step_writes_a_trace_and_a_top20_table(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "profiling", "profile_step.py"), "--preset",
+                             "quickstart", "--steps", "1", "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Self CPU" in result.stdout and "host-device syncs per step" in result.stdout
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert {"step", "teacher", "forward+loss", "backward", "optimizer", "ema"} <= names
