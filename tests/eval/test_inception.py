@@ -14,7 +14,7 @@ from srdit.eval.inception import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-LAYOUT_CANDIDATES = (REPO / "shared" / "layouts", REPO.parent / "shared" / "layouts")
+LAYOUT = Path(__file__).resolve().parents[1] / "data" / "inception_fid.json"  # copy of shared/layouts/
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,7 @@ def model():
 
 
 def _layout():
-    for d in LAYOUT_CANDIDATES:
-        if (d / "inception_fid.json").is_file():
-            return json.loads((d / "inception_fid.json").read_text())
-    pytest.skip(f"inception_fid.json not found in {[str(d) for d in LAYOUT_CANDIDATES]}")
+    return json.loads(LAYOUT.read_text())
 
 
 def test_state_dict_layout_equals_reference_json(model):
