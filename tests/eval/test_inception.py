@@ -13,7 +13,6 @@ from srdit.eval.inception import (
     tf1_resize_bilinear,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 LAYOUT = Path(__file__).resolve().parents[1] / "data" / "inception_fid.json"  # copy of shared/layouts/
 
 
