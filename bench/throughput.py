@@ -7,7 +7,7 @@ device, through the training loop's own StepRunner.
 
 Variants, all in one run on one device (ratios are the result):
   eager           kernels=eager, no compile: the release-style baseline
-  kernels         kernels=triton
+  kernels         kernels=triton and batched_adaln (every fused op)
   compile         torch.compile of the model
   kernels+compile both
   cached-teacher  eager, teacher targets given instead of images
@@ -30,6 +30,7 @@ from srdit.train.loss import draw_step_noise
 from srdit.train.optim import EMA, Optimizers
 from srdit.train.step import StepRunner
 
+# "kernels" means the fused ops: Triton kernels and the batched adaLN GEMM
 VARIANTS = {
     "eager": dict(kernels="eager", compile=False, cached=False),
     "kernels": dict(kernels="triton", compile=False, cached=False),
@@ -62,12 +63,15 @@ def synthetic_batch(cfg, batch, device, cached):
 def build_variant(preset_name, variant, batch, device):
     """(cfg, step): `step()` runs one full training step of `variant` on fixed synthetic data."""
     spec = VARIANTS[variant]
-    cfg = apply_overrides(preset(preset_name), [f"model.kernels={spec['kernels']}", f"train.global_batch={batch}",
-                                                f"data.cached_teacher={spec['cached']}"])
+    fused = spec["kernels"] == "triton"
+    cfg = apply_overrides(preset(preset_name), [f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}",
+                                                f"train.global_batch={batch}", f"data.cached_teacher={spec['cached']}"])
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     train_model = torch.compile(model) if spec["compile"] else model
     teacher = None if spec["cached"] else build_teacher(cfg, device)
+    if teacher is not None and spec["compile"]:
+        teacher = torch.compile(teacher)
     runner = StepRunner(cfg, model, train_model, teacher, Optimizers(model, cfg.train, device),
                         EMA(model, cfg.train.ema_decay), rank=0, world=1, device=device)
     data = synthetic_batch(cfg, batch, device, spec["cached"])

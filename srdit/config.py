@@ -79,6 +79,7 @@ class ModelConfig:
     # how it runs (results do not depend on these beyond rounding)
     kernels: str = "eager"
     attention_backend: str = "sdpa"
+    batched_adaln: bool = False  # all adaLN modulations of a forward in one GEMM (the fast step)
 
     def __post_init__(self):
         _one_of("model.norm", self.norm, NORMS)

@@ -252,8 +252,9 @@ class SiTBlock(nn.Module):
         self.mlp = Mlp(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 6 * cfg.hidden))
 
-    def forward(self, x, c, rope, rope_ids, v0=None, v0_ids=None):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+    def forward(self, x, mod, rope, rope_ids, v0=None, v0_ids=None):
+        """mod [B, 6D]: this block's adaLN output (SRDiT.modulations computes it from c)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         a, v_raw = self.attn(self.norm1(x, shift_msa, scale_msa), rope, rope_ids, v0, v0_ids)
         x, h = self.norm2.residual(x, gate_msa, a, shift_mlp, scale_mlp)  # x += g_msa * a; h = mod(norm2 x)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(h)  # [B, N, D]
@@ -268,8 +269,8 @@ class FinalLayer(nn.Module):
         self.linear_cls = nn.Linear(cfg.hidden, cfg.teacher_dim) if cfg.reg_token else None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 2 * cfg.hidden))
 
-    def forward(self, x, c, has_cls: bool):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+    def forward(self, x, mod, has_cls: bool):
+        shift, scale = mod.chunk(2, dim=-1)  # mod [B, 2D]
         x = self.norm_final(x, shift, scale)  # [B, T, D]
         if not has_cls:
             return self.linear(x), None
@@ -382,10 +383,27 @@ class SRDiT(nn.Module):
         x = x.reshape(x.shape[0], S, S, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, S * p, S * p)
 
-    def _run(self, blocks, h, c, rope_ids, v0, v0_ids=None, tap=None, first_index=0):
+    def modulations(self, c):
+        """adaLN outputs of the blocks and the final layer, [B, 6D] each and [B, 2D]: callable by
+        index (index depth = the final layer), so skipped blocks need not compute theirs.
+
+        With model.batched_adaln, one GEMM on the concatenated weights computes all of them (c is
+        shared by every block: 13 small GEMMs become one); otherwise each layer its own, as the
+        release does. Same math either way; parameters stay per block (the release layout).
+        """
+        layers = [b.adaLN_modulation for b in self.blocks] + [self.final_layer.adaLN_modulation]
+        if not self.cfg.batched_adaln:
+            return lambda i: layers[i](c)
+        linears = [layer[1] for layer in layers]
+        weight = torch.cat([lin.weight for lin in linears])  # [13 * 6D - 4D, D]
+        bias = torch.cat([lin.bias for lin in linears])
+        mods = F.linear(F.silu(c), weight, bias).split([lin.out_features for lin in linears], dim=-1)
+        return mods.__getitem__
+
+    def _run(self, blocks, h, mods, rope_ids, v0, v0_ids=None, tap=None, first_index=0):
         """Run `blocks` on h; caches block 0's v as v0; returns (h, v0, tapped hidden)."""
         for i, block in enumerate(blocks, start=first_index):
-            h, v_raw = block(h, c, self.feat_rope, rope_ids, v0, v0_ids)
+            h, v_raw = block(h, mods(i), self.feat_rope, rope_ids, v0, v0_ids)
             if i == 0 and self.cfg.value_residual:
                 v0 = v_raw
             if i + 1 == self.cfg.repa_depth:
@@ -411,15 +429,16 @@ class SRDiT(nn.Module):
             h = torch.cat([token.unsqueeze(1), h], dim=1)  # [B, T, D]
         h = h + self.pos_embed  # [B, T, D]
         c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
+        mods = self.modulations(c)  # mods(i): [B, 6D] of block i, mods(depth): [B, 2D] of the final layer
         rope_ids = self.rope_ids.expand(B, -1)  # [B, T]
 
         if not cfg.sprint:
-            h, _, tap = self._run(self.blocks, h, c, rope_ids, None)
-            return self._head(h, c, tap)
+            h, _, tap = self._run(self.blocks, h, mods, rope_ids, None)
+            return self._head(h, mods(cfg.depth), tap)
 
         # 1) dense encoder on all tokens
         n_enc, n_mid = cfg.sprint_encoder_depth, cfg.routed_depth
-        enc, v0, tap = self._run(self.blocks[:n_enc], h, c, rope_ids, None)  # [B, T, D]
+        enc, v0, tap = self._run(self.blocks[:n_enc], h, mods, rope_ids, None)  # [B, T, D]
         # 2) routed middle blocks on the kept tokens (all tokens when not routing)
         route = self.training if route is None else route
         mid_blocks = self.blocks[n_enc: n_enc + n_mid]
@@ -433,20 +452,20 @@ class SRDiT(nn.Module):
             sparse_rope_ids = rope_ids.gather(1, ids)  # [B, K]: tokens keep their grid position
             if cfg.quirk_rotate_routed_cls:
                 sparse_rope_ids = sparse_rope_ids.clamp(min=0)  # Q1: a kept class token rotates as (0, 0)
-            g, _, _ = self._run(mid_blocks, self.ops.gather_tokens(enc, ids), c, sparse_rope_ids, v0,
+            g, _, _ = self._run(mid_blocks, self.ops.gather_tokens(enc, ids), mods, sparse_rope_ids, v0,
                                 v0_ids=ids, first_index=n_enc)  # [B, K, D]
         else:
-            g, _, _ = self._run(mid_blocks, enc, c, rope_ids, v0, first_index=n_enc)  # [B, T, D]
+            g, _, _ = self._run(mid_blocks, enc, mods, rope_ids, v0, first_index=n_enc)  # [B, T, D]
         # 3) pad with [MASK] and fuse with the encoder output
         h = self.ops.sprint_fuse(enc, g, ids, self.mask_token, self.fusion_proj.weight, self.fusion_proj.bias)
         if path_drop and torch.is_grad_enabled():
             h = _TieZeroGrads.apply(h, *[p for p in mid_blocks.parameters() if p.requires_grad])
         # 4) dense decoder on all tokens
-        h, _, _ = self._run(self.blocks[n_enc + n_mid:], h, c, rope_ids, v0, first_index=n_enc + n_mid)
-        return self._head(h, c, tap)
+        h, _, _ = self._run(self.blocks[n_enc + n_mid:], h, mods, rope_ids, v0, first_index=n_enc + n_mid)
+        return self._head(h, mods(cfg.depth), tap)
 
-    def _head(self, h, c, tap) -> ModelOutput:
-        out, v_cls = self.final_layer(h, c, self.cfg.reg_token)  # [B, P, p*p*C]
+    def _head(self, h, mod, tap) -> ModelOutput:
+        out, v_cls = self.final_layer(h, mod, self.cfg.reg_token)  # [B, P, p*p*C]
         repa = self.projectors[0](tap)  # [B, T, teacher_dim]
         return ModelOutput(self.unpatchify(out), v_cls, repa, tap)
 

@@ -72,7 +72,7 @@ def test_block_compiles_with_fullgraph():
     _, triton = pair()
     block = triton.blocks[2]
     x = torch.randn(2, 17, 64, device=DEVICE, requires_grad=True)
-    c = torch.randn(2, 64, device=DEVICE)
+    c = torch.randn(2, 6 * 64, device=DEVICE)  # the block's adaLN output
     ids = torch.arange(-1, 16, device=DEVICE).expand(2, -1)
     v0 = torch.randn(2, 17, 2, 32, device=DEVICE)
     compiled = torch.compile(block, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")

@@ -433,3 +433,23 @@ def test_model_without_reg_token_or_value_residual():
     assert cfg.model.num_tokens == 16 and cfg.model.num_kept == 4
     (out.v.square().mean() + out.repa.square().mean()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("path_drop", [False, True])
+def test_batched_adaln_computes_the_same_function_and_gradients(path_drop):
+    model, cfg = small_model()
+    randomize_(model).train()
+    batched, _ = small_model("sr-dit-b1-256", "model.batched_adaln=true")
+    batched.load_state_dict(model.state_dict())
+    batched.train()
+    ids = torch.stack([torch.randperm(17)[:4] for _ in range(3)])
+    args = inputs(cfg)
+    results = []
+    for m in (model, batched):
+        out = m(*args, keep_ids=ids, path_drop=path_drop)
+        loss = out.v.square().sum() + out.v_cls.square().sum() + out.repa.square().sum()
+        results.append((out, torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad])))
+    (a, ga), (b, gb) = results
+    assert_close(b.v, a.v, 1e-12)
+    for x, y in zip(gb, ga):
+        assert (x - y).abs().max() <= 1e-12 * max(1.0, y.abs().max().item())
