@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from srdit.kernels.reference import default_rms_eps
-from srdit.kernels.rope import _load_tables, _rotate_pairs, compute_dtype
+from srdit.kernels.rope import _head_rows, _load_tables, _rotate_pairs, compute_dtype
 from srdit.kernels.triton_utils import interpreting, row_launch
 
 GPU_TILE = 2048  # elements per program on a GPU: q, k, v, tables and grads are live at once
@@ -103,15 +103,7 @@ def _attention_prologue_fwd_kernel(
     HAS_V0: tl.constexpr, HAS_V0_IDS: tl.constexpr,
     COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (token, head) rows
-    d = tl.arange(0, BLOCK_D)
-    row_mask = r < n_rows
-    d_mask = d < Dh
-    mask = row_mask[:, None] & d_mask[None, :]
-    token = r // H
-    h = r % H
-    b = token // N
-    n = token % N
+    r, d, row_mask, d_mask, mask, b, n, h = _head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
     D = H * Dh
     x_offs = (b * stride_xb + n * stride_xn + h * Dh)[:, None] + d[None, :]  # q part of qkv
     out_offs = r[:, None] * Dh + d[None, :]  # contiguous [B,N,H,Dh]
@@ -156,15 +148,8 @@ def _attention_prologue_bwd_kernel(
     COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    r = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    d = tl.arange(0, BLOCK_D)
-    row_mask = r < n_rows
-    d_mask = d < Dh
-    mask = row_mask[:, None] & d_mask[None, :]
-    token = r // H
-    h = r % H
-    b = token // N
-    n = token % N
+    r, d, row_mask, d_mask, mask, b, n, h = _head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
+    token = b * N + n
     D = H * Dh
     x_offs = (b * stride_xb + n * stride_xn + h * Dh)[:, None] + d[None, :]
     dx_offs = (token * 3 * D + h * Dh)[:, None] + d[None, :]  # contiguous [B,N,3D]

@@ -59,6 +59,18 @@ def _rotate_pairs(x, c, s, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSE:
 
 
 @triton.jit
+def _head_rows(n_rows, N, H, Dh, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (token, head) rows of a [B, N, H, Dh] layout: row ids r, lanes d, the row,
+    lane and tile masks, and the coordinates b, n, h of each row."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    d = tl.arange(0, BLOCK_D)
+    row_mask = r < n_rows
+    d_mask = d < Dh
+    token = r // H
+    return r, d, row_mask, d_mask, row_mask[:, None] & d_mask[None, :], token // N, token % N, r % H
+
+
+@triton.jit
 def _load_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
                  COMPUTE: tl.constexpr):
     """cos/sin rows [ROWS, BLOCK_D] for tokens (b, n); rows with a negative id get c = 1, s = 0."""
@@ -74,15 +86,7 @@ def _load_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p
 def _rope_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
                stride_xb, stride_xn, stride_xh, stride_ib, stride_in, stride_p,
                TRANSPOSE: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (token, head) rows
-    d = tl.arange(0, BLOCK_D)
-    row_mask = r < n_rows
-    d_mask = d < Dh
-    mask = row_mask[:, None] & d_mask[None, :]
-    token = r // H
-    h = r % H
-    b = token // N
-    n = token % N
+    r, d, row_mask, d_mask, mask, b, n, h = _head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
     x_offs = (b * stride_xb + n * stride_xn + h * stride_xh)[:, None] + d[None, :]
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(COMPUTE)
     c, s = _load_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
