@@ -60,18 +60,19 @@ def synthetic_batch(cfg, batch, device, cached):
     return out
 
 
-def build_variant(preset_name, variant, batch, device):
-    """(cfg, step): `step()` runs one full training step of `variant` on fixed synthetic data."""
+def build_variant(preset_name, variant, batch, device, compile_backend="inductor"):
+    """(cfg, step): `step()` runs one full training step of `variant` on fixed synthetic data.
+    compile_backend: torch.compile's backend for the compiled variants (tests use "aot_eager")."""
     spec = VARIANTS[variant]
     fused = spec["kernels"] == "triton"
     cfg = apply_overrides(preset(preset_name), [f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}",
                                                 f"train.global_batch={batch}", f"data.cached_teacher={spec['cached']}"])
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    train_model = torch.compile(model) if spec["compile"] else model
+    train_model = torch.compile(model, backend=compile_backend) if spec["compile"] else model
     teacher = None if spec["cached"] else build_teacher(cfg, device)
     if teacher is not None and spec["compile"]:
-        teacher = torch.compile(teacher)
+        teacher = torch.compile(teacher, backend=compile_backend)
     runner = StepRunner(cfg, model, train_model, teacher, Optimizers(model, cfg.train, device),
                         EMA(model, cfg.train.ema_decay), rank=0, world=1, device=device)
     data = synthetic_batch(cfg, batch, device, spec["cached"])
