@@ -3,6 +3,7 @@
 #   1. the kernel and model tests on the GPU, natively (no interpreter), bf16 included
 #   2. bench/kernels.py at SR-DiT-B/1 shapes, batch 32 and 256
 #   3. bench/throughput.py, every variant, sr-dit-b1-256 at batch 32 (and 256 for eager/best)
+#   4. bench/sample.py: samples/s per NFE, decode and metric costs, a 50K-evaluation projection
 # Usage: bash bench/gpu_check.sh OUTDIR   (on the device machine: bash bench/gpu_check.sh "$OUT")
 # Writes logs and JSON into OUTDIR; target: under 6 minutes on an H100.
 set -uo pipefail
@@ -30,4 +31,7 @@ timeout 150 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 32 --step
 timeout 100 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 --variants eager best \
     --json "$OUT/throughput_b256.json" >> "$OUT/throughput.log" 2>&1 || status=1
 tail -20 "$OUT/throughput.log"
+
+timeout 100 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json" > "$OUT/sample.log" 2>&1 || status=1
+tail -15 "$OUT/sample.log"
 exit $status

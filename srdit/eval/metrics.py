@@ -67,6 +67,38 @@ def fid_from_features(features, ref_mu, ref_sigma) -> float:
     return frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
 
+def frechet_distance_eigh(features, ref_mu, ref_sigma, device=None) -> float:
+    """FID of [N, D] features against (ref_mu, ref_sigma) without a general matrix square root.
+
+    tr sqrtm(S1 S2) is the sum of the square roots of the eigenvalues of S1 S2 (real, >= 0 for
+    PSD S1, S2), which are those of the symmetric matrix F^T S2 F for any factor S1 = F F^T:
+    F = Xc^T / sqrt(N - 1) [D, N] (Xc the centred features) when N <= D, else F = V sqrt(W) from
+    eigh(S1). Symmetric eigensolvers in float64 (torch, on `device`) instead of scipy's Schur-based
+    sqrtm: seconds instead of minutes at D = 2048 on a CPU. Same value as `fid_from_features` up to
+    rounding (tests); eigenvalues below zero from rounding are clipped where ADM drops a small
+    imaginary part. For quick evaluations; reported numbers use the ADM path."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64, device=device)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"features must be [N >= 2, D], got shape {tuple(x.shape)}")
+    mu2 = torch.as_tensor(np.asarray(ref_mu), dtype=torch.float64, device=x.device)
+    s2 = torch.as_tensor(np.asarray(ref_sigma), dtype=torch.float64, device=x.device)
+    if mu2.shape != x.shape[1:] or s2.shape != (x.shape[1], x.shape[1]):
+        raise ValueError(f"shape mismatch: features {tuple(x.shape)}, mu {tuple(mu2.shape)}, sigma {tuple(s2.shape)}")
+    n = x.shape[0]
+    mu1 = x.mean(0)
+    xc = x - mu1
+    if n <= x.shape[1]:
+        factor = xc.T / (n - 1) ** 0.5  # [D, N]
+    else:
+        w, v = torch.linalg.eigh(xc.T @ xc / (n - 1))
+        factor = v * w.clamp_min(0).sqrt()  # [D, D]
+    eig = torch.linalg.eigvalsh(factor.T @ s2 @ factor)
+    tr_covmean = eig.clamp_min(0).sqrt().sum()
+    diff = mu1 - mu2
+    tr1 = (xc * xc).sum() / (n - 1)
+    return float(diff @ diff + tr1 + torch.trace(s2) - 2 * tr_covmean)
+
+
 # ----------------------------------------------------------------------------- IS
 
 

@@ -56,6 +56,18 @@ def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
 
 
+def decode_uint8(latents: torch.Tensor, cfg: Config, vae=None) -> torch.Tensor:
+    """Sampled latents -> uint8 [B, 3, H, W] (SPEC 5): latent / 0.3099 -> INVAE decoder ->
+    clamp(255 (x + 1) / 2, 0, 255) -> truncation. The quickstart's identity tokenizer (1 channel,
+    pixel space) has no decoder: pixels = latents / data.latent_scale (1.0 there)."""
+    if cfg.model.in_channels == 1:
+        return pixels_to_uint8(latents / cfg.data.latent_scale)
+    if vae is None:
+        raise ValueError("decoding latents needs the INVAE decoder: give data.invae (or --vae) the path of "
+                         "e2e-invae-400k.pt")
+    return pixels_to_uint8(vae.decode_scaled(latents))
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     """uint8 [N, 3, H, W] -> one PNG with `nrow` images per row."""
     from PIL import Image

@@ -20,7 +20,7 @@ from srdit.config import Config, ConfigError, apply_overrides, from_dict, preset
 from srdit.data.loader import GlobalBatches
 from srdit.model import build_model, count_params
 from srdit.model.flops import model_flops
-from srdit.sample.generate import generate, pixels_to_uint8, save_grid
+from srdit.sample.generate import decode_uint8, generate, save_grid
 from srdit.train import checkpoint as ckpt
 from srdit.train import distributed
 from srdit.train.loss import draw_step_noise
@@ -297,15 +297,12 @@ def sample_batch(cfg: Config, device: torch.device):
 def write_sample_grid(ema_model, cfg: Config, labels: torch.Tensor, seed: int, png: str) -> bool:
     """EMA samples with fixed noise and labels, decoded and saved as a grid; False when there is
     nothing to decode latents with (no data.invae for a latent-space preset)."""
+    if cfg.model.in_channels != 1 and not cfg.data.invae:
+        return False
     generator = torch.Generator(labels.device).manual_seed(seed)
     latents = generate(ema_model, cfg, labels, generator=generator)
-    if cfg.model.in_channels == 1:  # identity tokenizer (quickstart): the latents are pixels
-        pixels = latents / cfg.data.latent_scale
-    elif cfg.data.invae:
-        pixels = _decoder(cfg.data.invae, labels.device).decode_scaled(latents)
-    else:
-        return False
-    save_grid(pixels_to_uint8(pixels), png, nrow=10)
+    vae = _decoder(cfg.data.invae, labels.device) if cfg.data.invae else None
+    save_grid(decode_uint8(latents, cfg, vae), png, nrow=10)
     return True
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from srdit.eval.main import main
+
+sys.exit(main())

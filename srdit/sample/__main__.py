@@ -1,0 +1,5 @@
+import sys
+
+from srdit.sample.main import main
+
+sys.exit(main())

@@ -1,0 +1,356 @@
+"""`python -m srdit.sample --ckpt PATH --out SAMPLES.npz [--preset P] [--vae INVAE.pt] [section.key=value ...]`
+(`torchrun --nproc_per_node N -m srdit.sample ...` on several GPUs).
+
+Samples a checkpoint into an ADM-style .npz: `arr_0` uint8 [N, H, W, 3], `arr_1` int64 labels
+[N], in global sample order (balanced labels = index mod num_classes, so the classes are
+interleaved, as the ADM evaluator's consecutive IS splits need), and `settings`, a JSON string
+of every setting that moves FID; plus a grid PNG of the first 100 samples.
+
+Streaming and resume. Batch b (global samples b*batch ..) is drawn from a generator seeded by
+(seed, b) (srdit.sample.batches), and ranks take the batches still to do round-robin. Each
+finished batch is written atomically (temporary file, fsync, rename) as
+`OUT.parts/batch_<b>.npz`; a rerun of the same command skips the batches already there, on any
+number of ranks, and a rerun with other settings is an error naming them
+(`OUT.parts/settings.json`). When every batch exists, rank 0
+assembles OUT by streaming the parts, one at a time, into the zip (srdit.sample.npz: no copy of
+the whole array in RAM), renames it into place and removes the parts. Peak disk use is twice the
+final file (~20 GB for 50K at 256 px), peak RAM one batch. The bytes of OUT depend only on the
+settings (and the device type), not on the number of ranks or on interruptions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from srdit.config import ConfigError, apply_overrides, from_dict, preset
+from srdit.model import build_model, load_release_weights
+from srdit.model.weights import describe_mismatch
+from srdit.sample.batches import num_batches, sample_batch
+from srdit.sample.generate import save_grid
+from srdit.sample.npz import NpzRows, NpzWriter
+from srdit.train import checkpoint as train_ckpt
+from srdit.train import distributed
+from srdit.train.runlog import code_version, device_name
+
+SAMPLES_FORMAT = "srdit-samples-v1"
+GRID_SAMPLES = 100
+
+
+class SamplingError(RuntimeError):
+    """A clear, one-line reason sampling cannot go on."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m srdit.sample", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True,
+                        help="srdit training checkpoint (EMA weights and its config), or a release checkpoint / "
+                             "state dict (then --preset is required)")
+    parser.add_argument("--out", required=True, help="the .npz to write (resumed if OUT.parts exists)")
+    parser.add_argument("--preset", default=None, help="model/sample config instead of the checkpoint's")
+    parser.add_argument("--vae", default=None, help="e2e-invae-400k.pt for decoding (default: data.invae)")
+    parser.add_argument("--grid", default=None, help="grid PNG of the first samples (default: OUT with .png)")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="fp32 matmuls without TF32 on GPUs (the release sampler allows TF32)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. sample.num_steps=250")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _peek(path: str):
+    """The checkpoint object, memory-mapped where possible (a release file is read only once,
+    by load_release_weights, when it turns out not to be an srdit checkpoint)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise ValueError(f"cannot read {path} as a checkpoint: {error}") from error
+        except Exception as error:
+            raise ValueError(f"cannot read {path} as a checkpoint: {error}") from error
+
+
+def load_model(path: str, preset_name: str | None, overrides, device: torch.device):
+    """(EMA model in eval mode on `device`, config, source description)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    obj = _peek(path)
+    source = {"checkpoint": os.path.abspath(path), "preset": preset_name}
+    if isinstance(obj, dict) and obj.get("format") == train_ckpt.FORMAT:
+        base = preset(preset_name) if preset_name else from_dict(obj["config"])
+        state = obj["ema"]
+        source.update(kind="srdit training checkpoint", step=int(obj["step"]), weights="ema")
+    else:
+        if not preset_name:
+            raise ConfigError(f"{path} is not an srdit training checkpoint (a release checkpoint or a state dict?): "
+                              "give --preset to say which model it holds, e.g. --preset sr-dit-b1-256")
+        base = preset(preset_name)
+        which = "ema" if isinstance(obj, dict) and isinstance(obj.get("ema"), dict) else "state dict"
+        del obj
+        state = load_release_weights(path)
+        source.update(kind="release checkpoint", step=None, weights=which)
+    cfg = apply_overrides(base, overrides)
+    model = build_model(cfg)
+    problem = describe_mismatch(state, model.state_dict())
+    if problem:
+        raise ValueError(f"{path} does not fit the model of {preset_name or 'its config'} with these overrides: "
+                         f"{problem}")
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval().requires_grad_(False), cfg, source
+
+
+def load_decoder(cfg, vae_path: str | None, device: torch.device):
+    """(INVAE or None, description) for the model's latents; the quickstart is pixel space."""
+    if cfg.model.in_channels == 1:
+        return None, f"identity (pixel space): pixels = latents / {cfg.data.latent_scale}"
+    path = vae_path or cfg.data.invae
+    if not path:
+        raise ConfigError("this model samples INVAE latents: give --vae e2e-invae-400k.pt (or data.invae=PATH)")
+    from srdit.model.invae import load_invae
+
+    return load_invae(path).to(device), f"INVAE {os.path.abspath(path)} (latent / {cfg.data.latent_scale})"
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def fid_settings(cfg, source: dict, decoder: str, tf32: bool, device: torch.device) -> dict:
+    """Everything that moves FID, stored in the npz (and compared on resume)."""
+    s = cfg.sample
+    nfe = {"sde": s.num_steps, "euler": s.num_steps, "heun": 2 * s.num_steps - 1}[s.sampler]
+    return {
+        "format": SAMPLES_FORMAT, **source,
+        "sampler": s.sampler, "num_steps": s.num_steps, "nfe": nfe,
+        "t_min": s.t_min if s.sampler == "sde" else None,
+        "final_step": "sde_mean" if s.sampler == "sde" else None, "time_shift": s.time_shift,
+        "guidance": s.guidance, "guidance_scale": s.guidance_scale,
+        "guidance_interval": [s.guidance_low, s.guidance_high],
+        "labels": "balanced (index mod num_classes)" if s.balanced_labels else "uniform random",
+        "num_classes": cfg.model.num_classes, "num_samples": s.num_samples, "batch": s.batch, "seed": s.seed,
+        "precision": s.precision, "tf32": tf32, "sampler_state_dtype": "float32", "device_type": device.type,
+        "decoder": decoder, "quantisation": "clamp(255 (x + 1) / 2, 0, 255) -> uint8 by truncation",
+        "config": cfg.to_dict(),
+    }
+
+
+def describe(settings: dict) -> list[str]:
+    s = settings
+    low, high = s["guidance_interval"]
+    guidance = (f"{s['guidance']} scale {s['guidance_scale']} for t in [{low}, {high}]"
+                if s["guidance"] != "none" else "none")
+    step = f", step {s['step']}" if s.get("step") is not None else ""
+    return [
+        f"checkpoint {s['checkpoint']} ({s['kind']}{step}, {s['weights']} weights)"
+        + (f", preset {s['preset']}" if s.get("preset") else ""),
+        "settings that move FID:",
+        (f"  sampler {s['sampler']}  steps {s['num_steps']}  NFE {s['nfe']}  t_min {s['t_min']}  "
+         f"final step {s['final_step']}  time shift {s['time_shift']:.6g}"),
+        f"  guidance {guidance}",
+        (f"  labels {s['labels']} over {s['num_classes']} classes  num_samples {s['num_samples']:,}  "
+         f"batch {s['batch']}  seed {s['seed']}"),
+        (f"  precision {s['precision']}  TF32 {'on' if s['tf32'] else 'off'}  noise on {s['device_type']}  "
+         f"decoder {s['decoder']}"),
+    ]
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def read_settings(path: str) -> dict:
+    """The settings stored in a samples npz ({} when it has none)."""
+    with np.load(path) as f:
+        return json.loads(str(f["settings"])) if "settings" in f.files else {}
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+class Parts:
+    """Finished batches of an interrupted or running job: OUT.parts/batch_<b>.npz, atomic."""
+
+    def __init__(self, out: str):
+        self.dir = f"{out}.parts"
+
+    def path(self, b: int) -> str:
+        return os.path.join(self.dir, f"batch_{b:06d}.npz")
+
+    def done(self, b: int) -> bool:
+        return os.path.exists(self.path(b))
+
+    def write(self, b: int, images: np.ndarray, labels: np.ndarray) -> None:
+        tmp = f"{self.path(b)}.tmp.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, labels=labels)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path(b))
+
+    def read(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(self.path(b)) as f:
+            return f["images"], f["labels"]
+
+    def check_settings(self, settings: dict) -> None:
+        """Create the folder for a new job, or check that an interrupted one had the same settings."""
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, "settings.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            changed = _diff(old, settings)
+            if changed:
+                raise SamplingError(
+                    f"{self.dir} holds batches of an interrupted run with other settings ({'; '.join(changed[:6])}); "
+                    f"rerun with the same settings to resume, or delete {self.dir} to start over")
+            return
+        with open(path + ".tmp", "w") as f:
+            json.dump(settings, f, indent=1, sort_keys=True)
+        os.replace(path + ".tmp", path)
+
+
+def assemble(out: str, parts: Parts, settings: dict) -> None:
+    """Stream every part, in batch order, into OUT (written beside it, then renamed)."""
+    n, batch = settings["num_samples"], settings["batch"]
+    missing = [b for b in range(num_batches(n, batch)) if not parts.done(b)]
+    if missing:
+        raise SamplingError(f"batches {missing[:10]} are missing in {parts.dir}; rerun the command to finish them")
+    first, _ = parts.read(0)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    labels = []
+    with NpzWriter(tmp) as writer:
+        images = writer.member("arr_0", (n, *first.shape[1:]), np.uint8)
+        for b in range(num_batches(n, batch)):
+            rows, lab = parts.read(b)
+            expected = min(batch, n - b * batch)
+            if len(rows) != expected or len(lab) != expected:
+                raise SamplingError(f"{parts.path(b)} holds {len(rows)} samples, expected {expected}; "
+                                    "delete it and rerun")
+            images.write(rows)
+            labels.append(lab)
+        images.close()
+        writer.add("arr_1", np.concatenate(labels).astype(np.int64))
+        writer.add("settings", np.array(json.dumps(settings, sort_keys=True)))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+
+
+def write_grid(out: str, grid: str) -> None:
+    with NpzRows(out, "arr_0") as rows:
+        first = next(rows.batches(GRID_SAMPLES))
+    save_grid(torch.from_numpy(first.copy()).permute(0, 3, 1, 2), grid, nrow=10)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dist = distributed.setup()
+    try:
+        return sample(args, dist)
+    except (ConfigError, SamplingError, ValueError, FileNotFoundError) as error:
+        print(f"srdit.sample: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.teardown()
+
+
+def _status(out: str, parts: Parts, settings: dict) -> str:
+    """'complete' (OUT exists with these settings) or 'todo'; raises on conflicting files."""
+    if os.path.exists(out):
+        try:
+            old = read_settings(out)
+        except Exception as error:
+            raise SamplingError(f"{out} exists and is not a readable samples file ({error}); remove it") from error
+        changed = _diff(old, settings)
+        if changed:
+            raise SamplingError(f"{out} exists with other settings ({'; '.join(changed[:6])}); "
+                                "choose another --out or remove it")
+        return "complete"
+    parts.check_settings(settings)
+    return "todo"
+
+
+def sample(args, dist) -> int:
+    device = dist.device
+    say = print if dist.is_main else (lambda *a, **k: None)
+    model, cfg, source = load_model(args.ckpt, args.preset, args.overrides, device)
+    s = cfg.sample
+    if s.num_samples < 1 or s.batch < 1:
+        raise ConfigError(f"sample.num_samples={s.num_samples} and sample.batch={s.batch} must be >= 1")
+    tf32 = device.type == "cuda" and s.precision == "fp32" and not args.no_tf32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    vae, decoder = load_decoder(cfg, args.vae, device)
+    settings = fid_settings(cfg, source, decoder, tf32, device)
+    out = os.path.abspath(args.out)
+    grid = args.grid or os.path.splitext(out)[0] + ".png"
+    parts = Parts(out)
+    say(f"srdit.sample  code {code_version()}  torch {torch.__version__}  device {device_name(device)} x {dist.world}")
+    for line in describe(settings):
+        say(line)
+
+    # Rank 0 decides (the files are shared by all ranks) and lists the batches still to do; every
+    # rank gets its verdict or its error. The remaining batches, not all batches, are dealt
+    # round-robin, so a resumed job stays balanced (ranks wait at most one batch at the barrier).
+    total = num_batches(s.num_samples, s.batch)
+    verdict, todo = None, []
+    if dist.is_main:
+        try:
+            verdict = _status(out, parts, settings)
+            todo = [b for b in range(total) if not parts.done(b)]
+        except SamplingError as error:
+            verdict = f"error: {error}"
+    verdict, todo = distributed.broadcast_object((verdict, todo))
+    if verdict.startswith("error: "):
+        raise SamplingError(verdict[len("error: "):])
+    if verdict == "complete":
+        if dist.is_main and not os.path.exists(grid):
+            write_grid(out, grid)
+        if dist.is_main and os.path.isdir(parts.dir):  # interrupted after the rename: tidy up
+            shutil.rmtree(parts.dir)
+        say(f"{out} is already complete with these settings; nothing to do")
+        return 0
+
+    mine = todo[dist.rank::dist.world]
+    done_before = s.num_samples - sum(min(s.batch, s.num_samples - b * s.batch) for b in todo)
+    if done_before:
+        say(f"resuming: {done_before:,} of {s.num_samples:,} samples already in {parts.dir}")
+    bar = tqdm(total=s.num_samples, initial=done_before, unit="img", desc="sample", dynamic_ncols=True,
+               disable=not dist.is_main, file=sys.stdout, smoothing=0.1,
+               mininterval=1.0 if sys.stdout.isatty() else 30.0)  # a log file gets a line every 30 s
+    start = time.perf_counter()
+    for b in mine:
+        images, labels = sample_batch(model, cfg, b, device=device, vae=vae)
+        parts.write(b, images.permute(0, 2, 3, 1).cpu().numpy(), labels.cpu().numpy())
+        bar.update(min(len(labels) * dist.world, s.num_samples - bar.n))  # rank 0 speaks for all ranks
+    bar.close()
+    elapsed = time.perf_counter() - start
+    distributed.barrier()
+    if dist.is_main:
+        assemble(out, parts, settings)
+        write_grid(out, grid)
+        shutil.rmtree(parts.dir)
+        new = s.num_samples - done_before
+        say(f"wrote {out}: {s.num_samples:,} samples ({new:,} new in {elapsed:.1f} s, "
+            f"{new / max(elapsed, 1e-9):.2f} samples/s over {dist.world} process(es)); grid {grid}")
+    return 0

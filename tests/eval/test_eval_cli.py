@@ -1,0 +1,154 @@
+"""`python -m srdit.eval`, the reference feature cache and the in-training `quick_eval`, with
+random-init networks saved in their original layouts.
+
+Speed: the Inception runs at its smallest input, 75 px (INPUT_SIZE patched; the 299-px path is
+tests/eval/test_inception.py's), so sFID is 3 x 3 x 7 = 63-d; the KDD network is the ViT-L/14 code
+path at 224 px with a 64-wide, 2-block arch in place of vitl14's table entry. FID's 2048-d square
+root goes through `--fid-method eigh`: scipy's sqrtm of a singular 2048-d product takes minutes
+on two cores; test_eigh_fid_equals_adm_sqrtm ties the two together.
+"""
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from srdit.config import apply_overrides, preset
+from srdit.eval import features, metrics
+from srdit.eval import inception as inception_module
+from srdit.eval.main import main
+from srdit.eval.quick import QuickReference, build_quick_eval, fid_key, quick_eval
+from srdit.model import build_model, dinov2
+
+N_REF = 24
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inception_module, "INPUT_SIZE", 75)
+        mp.setitem(dinov2.ARCHS, "vitl14", dinov2.DINOv2Arch(64, 2, 2, 14, 37, "dinov2_vitl14_pretrain.pth"))
+        torch.manual_seed(0)
+        inc = inception_module.build_inception()
+        torch.save(inc.state_dict(), d / "pt_inception.pth")
+        teacher = dinov2.build_dinov2("vitl14", 224).freeze()
+        torch.save(teacher.state_dict(), d / "dinov2_vitl14_pretrain.pth")
+        rng = np.random.default_rng(0)
+        # smooth-ish random images: a coarse pattern upsampled, plus noise
+        coarse = rng.integers(0, 256, (N_REF, 4, 4, 3)).repeat(8, 1).repeat(8, 2)
+        images = np.clip(coarse + rng.normal(0, 20, coarse.shape), 0, 255).astype(np.uint8)
+        feats = features.inception_features(inc, [images])
+        mu, sigma = metrics.feature_stats(feats["pool"])
+        mu_s, sigma_s = metrics.feature_stats(feats["spatial"])
+        np.savez(d / "ref.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+        settings = np.array(json.dumps({"sampler": "sde", "nfe": 250, "seed": 7}))
+        np.savez(d / "samples.npz", arr_0=images, arr_1=np.arange(N_REF) % 10, settings=settings)
+        yield types.SimpleNamespace(dir=d, inc=inc, teacher=teacher, images=images, ref=str(d / "ref.npz"),
+                                    samples=str(d / "samples.npz"), inception=str(d / "pt_inception.pth"),
+                                    kdd=str(d / "dinov2_vitl14_pretrain.pth"))
+
+
+def run(nets, tmp_path, *extra):
+    return main([nets.samples, "--ref", nets.ref, "--inception", nets.inception, "--batch", "5",
+                 "--fid-method", "eigh", "--cache-dir", str(tmp_path / "cache"), *extra])
+
+
+def test_reference_against_itself(nets, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    assert run(nets, tmp_path, "--kdd-teacher", nets.kdd, "--json", str(out)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in ("FID", "sFID", "IS", "Precision", "Recall", "KDD"):
+        assert sum(line.startswith(name + " ") for line in lines) == 1, name
+    assert any("NFE 250" in line and "seed 7" in line for line in lines)  # the samples' settings
+    r = json.loads(out.read_text())
+    trace = float(np.trace(np.load(nets.ref)["sigma"]))
+    assert abs(r["fid"]) < 1e-6 * trace and abs(r["sfid"]) < 1e-6 * float(np.trace(np.load(nets.ref)["sigma_s"]))
+    assert (r["precision"], r["recall"]) == (1.0, 1.0)
+    assert np.isfinite(r["is"]) and r["is"] >= 1.0
+    assert np.isfinite(r["kdd"]) and abs(r["kdd"]) < 0.1
+    assert r["num_samples"] == N_REF and r["reference_images"] == N_REF and r["kdd_real_images"] == N_REF
+    assert r["reference_stats"] == "stored in the reference npz"
+    assert r["sample_settings"] == {"sampler": "sde", "nfe": 250, "seed": 7}
+    assert sorted(f.split("-")[0] for f in os.listdir(tmp_path / "cache")) == ["inception", "kdd"]
+
+
+def test_reference_features_are_cached_by_content(nets, tmp_path, monkeypatch):
+    calls = []
+    real = features.inception_features
+
+    def counting(model, batches, device=None):
+        calls.append(1)
+        return real(model, batches, device)
+
+    monkeypatch.setattr(features, "inception_features", counting)
+    assert run(nets, tmp_path) == 0
+    assert len(calls) == 1  # the reference's features (the samples go through main's own import)
+    assert run(nets, tmp_path) == 0
+    assert len(calls) == 1  # cached
+    # another reference file (different content): its own cache entry; no stored stats -> computed
+    other = tmp_path / "other.npz"
+    np.savez(other, arr_0=nets.images[::-1].copy())
+    assert main([nets.samples, "--ref", str(other), "--inception", nets.inception, "--fid-method", "eigh",
+                 "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "o.json")]) == 0
+    assert len(calls) == 2 and len(os.listdir(tmp_path / "cache")) == 2
+    r = json.loads((tmp_path / "o.json").read_text())
+    assert r["reference_stats"] == "computed from the reference images" and abs(r["fid"]) < 1e-3
+
+
+def test_kdd_against_another_real_set(nets, tmp_path):
+    real = tmp_path / "real.npz"
+    np.savez(real, arr_0=np.full((8, 20, 20, 3), 128, np.uint8))
+    out = tmp_path / "m.json"
+    assert run(nets, tmp_path, "--kdd-teacher", nets.kdd, "--kdd-real", str(real), "--json", str(out)) == 0
+    r = json.loads(out.read_text())
+    assert r["kdd_real_images"] == 8 and r["kdd_real"] == str(real) and r["kdd"] > 0
+
+
+@pytest.mark.parametrize("which", ["samples", "ref", "inception", "kdd"])
+def test_missing_files_are_named(nets, tmp_path, capsys, which):
+    missing = str(tmp_path / f"missing-{which}")
+    args = {"samples": nets.samples, "ref": nets.ref, "inception": nets.inception, "kdd": nets.kdd}
+    args[which] = missing
+    assert main([args["samples"], "--ref", args["ref"], "--inception", args["inception"],
+                 "--kdd-teacher", args["kdd"]]) == 2
+    err = capsys.readouterr().err
+    assert missing in err
+    if which in ("inception", "kdd"):
+        assert {"inception": "pt_inception-2015-12-05", "kdd": "dinov2_vitl14_pretrain.pth"}[which] in err
+
+
+def test_eigh_fid_equals_adm_sqrtm():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(400, 48)) @ rng.normal(size=(48, 48)) * 0.3 + 0.5
+    mu, sigma = metrics.feature_stats(ref)
+    for n in (20, 300):  # fewer samples than dimensions (singular covariance) and more
+        fake = rng.normal(size=(n, 48)) * 1.2
+        adm = metrics.fid_from_features(fake, mu, sigma)
+        assert metrics.frechet_distance_eigh(fake, mu, sigma) == pytest.approx(adm, rel=1e-7)
+    assert metrics.frechet_distance_eigh(ref, mu, sigma) == pytest.approx(0.0, abs=1e-9 * np.trace(sigma))
+
+
+def test_quick_eval_on_a_tiny_model(nets, tmp_path):
+    cfg = apply_overrides(preset("quickstart"), ["model.hidden=32", "model.heads=2", "model.depth=5",
+                                                 "model.projector_dim=32", "sample.num_steps=2"])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inception_module, "INPUT_SIZE", 75)
+        ref = QuickReference.load(nets.ref, inception=nets.inc, kdd_teacher=nets.teacher, cache_dir=str(tmp_path))
+        rng_before = torch.get_rng_state()
+        first = quick_eval(model, cfg, inception=nets.inc, ref=ref, kdd_teacher=nets.teacher, num_samples=12, batch=8)
+        second = quick_eval(model, cfg, inception=nets.inc, ref=ref, kdd_teacher=nets.teacher, num_samples=12, batch=8)
+    assert set(first) == {"fid12", "kdd", "kdd_std", "quick_eval_s"}
+    assert np.isfinite(first["fid12"]) and first["fid12"] > 0 and np.isfinite(first["kdd"])
+    assert (first["fid12"], first["kdd"]) == (second["fid12"], second["kdd"])  # its own seeded generators
+    assert torch.equal(torch.get_rng_state(), rng_before) and model.training
+    assert (fid_key(10_000), fid_key(50_000)) == ("fid10k", "fid50k")
+
+
+def test_build_quick_eval_needs_reference_and_inception():
+    with pytest.raises(ValueError, match="eval.reference"):
+        build_quick_eval(preset("quickstart"), torch.device("cpu"))
