@@ -180,6 +180,8 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 10_000
     sample_every: int = 2_000
+    eval_every: int = 0  # quick FID-10K + KDD of the EMA model (srdit.eval.quick) every N steps; 0 = off
+    eval_samples: int = 10_000
     keep_checkpoints: int = 3
     max_bad_steps: int = 10
     compile: bool = False
@@ -198,6 +200,8 @@ class TrainConfig:
         _one_of("train.compile_mode", self.compile_mode, ("default", "reduce-overhead", "max-autotune"))
         if self.global_batch < 1 or self.grad_accum < 1 or self.max_steps < 0:
             raise ConfigError("train.global_batch and train.grad_accum must be >= 1, train.max_steps >= 0")
+        if self.eval_every < 0 or self.eval_samples < 1:
+            raise ConfigError("train.eval_every must be >= 0 (0 = off) and train.eval_samples >= 1")
         for name in ("log_every", "ckpt_every", "sample_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")

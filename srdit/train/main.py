@@ -30,7 +30,8 @@ from srdit.train.step import DeviceMetrics, StepRunner
 
 # Keys that may change when a run is resumed: cadences and bookkeeping, and how the same math is
 # run (kernels, attention backend, compile: equal up to rounding, so bit-exact resume then ends).
-RESUMABLE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
+RESUMABLE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.eval_every",
+             "train.eval_samples", "eval.reference", "eval.inception", "eval.kdd_teacher", "eval.batch",
              "train.keep_checkpoints", "train.max_bad_steps", "train.wandb_mode", "train.wandb_project",
              "train.wandb_name", "data.num_workers", "data.path", "model.kernels", "model.attention_backend",
              "model.batched_adaln", "train.compile", "train.compile_mode"}
@@ -247,6 +248,17 @@ def train(args, dist) -> int:
             ckpt.rotate(ckpt_dir, t.keep_checkpoints)
         distributed.barrier()
 
+    evaluate = None
+    if t.eval_every:
+        from srdit.eval.quick import build_quick_eval
+
+        evaluate = build_quick_eval(cfg, device, num_samples=t.eval_samples)
+
+    def maybe_eval():
+        if evaluate is not None and step % t.eval_every == 0:  # every rank samples its share
+            with log.untimed():
+                log.record(step, evaluate(ema.model))
+
     def maybe_sample(force=False):
         if dist.is_main and (force or step % t.sample_every == 0):
             png = os.path.join(sample_dir, f"step_{step:09d}.png")
@@ -272,6 +284,7 @@ def train(args, dist) -> int:
         if step % t.ckpt_every == 0:
             save_checkpoint()
         maybe_sample()
+        maybe_eval()
 
     # ---------------------------------------------------------------- close
     if step % t.ckpt_every != 0 or stop.requested:

@@ -142,6 +142,16 @@ class RunLog:
             self.wandb.log(record, step=step)
         return record
 
+    def record(self, step: int, values: dict) -> None:
+        """An extra metrics.jsonl record (e.g. the quick evaluation), also sent to wandb."""
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics.flush()
+        self.print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
     def image(self, name: str, path: str, step: int) -> None:
         if self.enabled and self.wandb is not None:
             import wandb

@@ -152,3 +152,18 @@ def test_quick_eval_on_a_tiny_model(nets, tmp_path):
 def test_build_quick_eval_needs_reference_and_inception():
     with pytest.raises(ValueError, match="eval.reference"):
         build_quick_eval(preset("quickstart"), torch.device("cpu"))
+
+
+def test_training_loop_logs_the_quick_evaluation(nets, tmp_path):
+    from srdit.train.main import main as train_main
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inception_module, "INPUT_SIZE", 75)
+        assert train_main(["--preset", "quickstart", "--out", str(out), "model.hidden=32", "model.heads=2",
+                           "model.depth=5", "model.projector_dim=32", "train.global_batch=16", "train.max_steps=2",
+                           "sample.num_steps=2", "train.eval_every=2", "train.eval_samples=12",
+                           f"eval.reference={nets.ref}", f"eval.inception={nets.inception}"]) == 0
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    evals = [r for r in records if "fid12" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 2 and np.isfinite(evals[0]["fid12"])
