@@ -36,7 +36,7 @@ setup(
     # Install a pinned torch first (README); the GPU machines bring their own.
     install_requires=["numpy", "pyyaml", "tqdm", "pillow", "scipy"],
     extras_require={
-        "test": ["pytest", "timm", "scikit-learn"],
+        "test": ["pytest", "timm", "scikit-learn", "nvidia-dali-cuda130==2.4.0"],
         "dali": ["nvidia-dali-cuda130"],
         "telemetry": ["nvidia-ml-py", "wandb"],
     },

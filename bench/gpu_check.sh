@@ -3,35 +3,38 @@
 #   1. the kernel and model tests on the GPU, natively (no interpreter), bf16 included
 #   2. bench/kernels.py at SR-DiT-B/1 shapes, batch 32 and 256
 #   3. bench/throughput.py, every variant, sr-dit-b1-256 at batch 32 (and 256 for eager/best)
-#   4. bench/sample.py: samples/s per NFE, decode and metric costs, a 50K-evaluation projection
+#   4. bench/data.py: the loaders alone (synthetic shards; no DALI on the device image)
+#   5. bench/sample.py: samples/s per NFE, decode and metric costs, a 50K-evaluation projection
 # Usage: bash bench/gpu_check.sh OUTDIR   (on the device machine: bash bench/gpu_check.sh "$OUT")
-# Writes logs and JSON into OUTDIR; target: under 6 minutes on an H100.
+# Writes OUTDIR/log.txt (everything printed), tests.xml and one JSON per benchmark: 7 files,
+# within the device tool's 8-file limit. Target: under 6 minutes on an H100.
 set -uo pipefail
 OUT="${1:?usage: bench/gpu_check.sh OUTDIR}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LOG="$OUT/log.txt"
 status=0
-{
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-    git rev-parse --short=12 HEAD 2>/dev/null
-} > "$OUT/env.txt" 2>&1
 
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/model/test_model.py \
-    --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
-tail -3 "$OUT/tests.log"
+run() {  # run NAME SECONDS CMD...: append its output to the log, keep going on failure
+    local name=$1 seconds=$2
+    shift 2
+    echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$LOG"
+    timeout "$seconds" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    [ $rc -eq 0 ] || { echo "=== $name FAILED (exit $rc)" | tee -a "$LOG"; status=1; }
+}
 
-timeout 100 python3 bench/kernels.py --batch 32 256 --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1 || status=1
-tail -30 "$OUT/kernels.log"
-
-timeout 150 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 32 --steps 15 \
-    --json "$OUT/throughput_b32.json" > "$OUT/throughput.log" 2>&1 || status=1
-timeout 100 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 --variants eager best \
-    --json "$OUT/throughput_b256.json" >> "$OUT/throughput.log" 2>&1 || status=1
-tail -20 "$OUT/throughput.log"
-
-timeout 100 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json" > "$OUT/sample.log" 2>&1 || status=1
-tail -15 "$OUT/sample.log"
+run env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
+    python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", torch.version.cuda)";
+    git rev-parse --short=12 HEAD'
+run tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/model/test_model.py --junitxml="$OUT/tests.xml"
+run kernels 100 python3 bench/kernels.py --batch 32 256 --json "$OUT/kernels.json"
+run throughput-b32 150 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 32 --steps 15 --json "$OUT/throughput_b32.json"
+run throughput-b256 100 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 --variants eager best \
+    --json "$OUT/throughput_b256.json"
+run data 60 python3 bench/data.py --json "$OUT/data.json"
+run sample 100 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json"
+tail -60 "$LOG"
 exit $status

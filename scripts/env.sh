@@ -3,7 +3,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SRDIT_VENV:-$ROOT/.venv}"
-STAMP="$VENV/.srdit-installed-v1"
+STAMP="$VENV/.srdit-installed-v2"  # bump when the installed set changes
 if [ ! -f "$STAMP" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from srdit.config import Config, ConfigError, apply_overrides, from_dict, preset
-from srdit.data.loader import GlobalBatches
+from srdit.data import make_batches
 from srdit.model import build_model, count_params
 from srdit.model.flops import model_flops
 from srdit.sample.generate import decode_uint8, generate, save_grid
@@ -88,8 +88,9 @@ def build_dataset(cfg: Config):
     if cfg.data.path:
         from srdit.data import ShardDataset  # prepared ImageNet shards (srdit.data.prepare)
 
-        dataset = ShardDataset(cfg.data.path)
-        num_classes = cfg.model.num_classes
+        # checks the index, shard sizes and checksums, and every label against the model's classes
+        dataset = ShardDataset(cfg.data.path, num_classes=cfg.model.num_classes)
+        num_classes = dataset.num_classes
     else:
         if cfg.model.in_channels != 1 or cfg.model.input_size != 16:
             raise ConfigError("only the quickstart preset trains without --data (embedded 1x16x16 digits); "
@@ -100,6 +101,11 @@ def build_dataset(cfg: Config):
         num_classes = dataset.num_classes
     if len(dataset) == 0:
         raise ValueError(f"{cfg.data.path or 'the dataset'} holds no samples")
+    has_targets = getattr(dataset, "kind", "image") == "teacher"
+    if has_targets != cfg.data.cached_teacher:  # else REPA/REG would silently lose their targets
+        raise ConfigError(f"{cfg.data.path or 'the embedded dataset'} holds "
+                          f"{'cached teacher targets' if has_targets else 'images'} but data.cached_teacher="
+                          f"{cfg.data.cached_teacher}; set data.cached_teacher={str(has_targets).lower()}")
     item = dataset[0]
     m = cfg.model
     expected = (m.in_channels, m.input_size, m.input_size)
@@ -226,8 +232,9 @@ def train(args, dist) -> int:
     ])
 
     # ---------------------------------------------------------------- data
-    batches = GlobalBatches(dataset, t.global_batch, rank=dist.rank, world=dist.world, accum=t.grad_accum,
-                            seed=t.seed, start_step=step, device=device)
+    # DALI on a GPU when installed, DataLoader workers otherwise; all give the same sample order
+    batches = make_batches(dataset, t.global_batch, rank=dist.rank, world=dist.world, accum=t.grad_accum,
+                           seed=t.seed, start_step=step, device=device, workers=cfg.data.num_workers)
     runner = StepRunner(cfg, model, train_model, teacher, optimizers, ema, rank=dist.rank, world=dist.world,
                         device=device)
     metrics = DeviceMetrics(device)

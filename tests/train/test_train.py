@@ -169,6 +169,10 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
     assert main(["--preset", "quickstart", "--out", str(tmp_path / "b"), "train.nonsense=1"]) == 2
     assert "unknown config key 'train.nonsense'" in capsys.readouterr().err
+    assert main(["--preset", "quickstart", "--out", str(tmp_path / "d"), "data.cached_teacher=true"]) == 2
+    assert "set data.cached_teacher=false" in capsys.readouterr().err  # images, not cached targets
+    assert main(["--preset", "sr-dit-b1-256", "--out", str(tmp_path / "e"), "--data", str(tmp_path / "nothere")]) == 2
+    assert "nothere" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "c")])  # --preset is required (argparse)
 

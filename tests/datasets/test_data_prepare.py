@@ -1,0 +1,233 @@
+"""`python -m srdit.data.prepare` on a tiny ImageNet-style folder (conftest.py) and on the
+release layout: index and shards, skipped files, the item contract, the per-image posterior
+seed, cached teacher targets, resume, torchrun, and the real command at 256 px."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from srdit.config import LATENT_SCALE
+from srdit.data import ShardDataset, center_crop_dhariwal
+from srdit.data.prepare import image_seed
+from srdit.data.shards import open_shard, sha256_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+# source listing of the conftest folder: sorted classes, sorted files; 2 unreadable files
+SOURCE = (["n01000000/img_0.JPEG", "n01000000/img_1.JPEG", "n01000000/img_2.JPEG", "n01000000/img_3.JPEG",
+           "n02000000/bad_garbage.JPEG", "n02000000/img_0.JPEG", "n02000000/img_1.JPEG", "n02000000/img_2.JPEG",
+           "n02000000/img_3.JPEG", "n03000000/img_0.JPEG", "n03000000/img_1.JPEG", "n03000000/img_2.JPEG",
+           "n03000000/img_3.JPEG", "n03000000/img_9_truncated.JPEG"])
+GOOD = [i for i, p in enumerate(SOURCE) if "img_" in p and "truncated" not in p]
+
+
+def index_of(out):
+    with open(os.path.join(out, "index.json")) as f:
+        return json.load(f)
+
+
+def shard_arrays(out):
+    """Every shard's tensors concatenated (unscaled latents, source indices, ...)."""
+    shards = [open_shard(os.path.join(out, s["file"])) for s in index_of(out)["shards"]]
+    return {k: np.concatenate([s[k] for s in shards]) for k in ("latent", "label", "source_index")}
+
+
+def crop_of(src, i, r=64):
+    with Image.open(os.path.join(src, SOURCE[i])) as image:
+        return center_crop_dhariwal(image, r)
+
+
+def test_index_shards_and_summary(prepared, weights):
+    out, text = prepared
+    index = index_of(out)
+    assert index["format"] == "srdit-shards" and index["resolution"] == 64 and index["latent_shape"] == [32, 4, 4]
+    assert index["samples"] == 12 and index["skipped"] == 2 and index["source"]["files"] == 14
+    assert index["classes"] == ["n01000000", "n02000000", "n03000000"]
+    assert index["image"] == {"format": "jpeg", "quality": 95, "subsampling": "4:4:4"} and index["teacher"] is None
+    assert index["tokenizer"]["sha256"] == sha256_file(weights["vae"]) and index["latent_scale"] == LATENT_SCALE
+    assert [s["file"] for s in index["shards"]] == [f"shard-00000{k}.safetensors" for k in range(4)]
+    assert [s["samples"] for s in index["shards"]] == [4, 3, 4, 1]
+    for s in index["shards"]:
+        path = os.path.join(out, s["file"])
+        assert os.path.getsize(path) == s["bytes"] and sha256_file(path) == s["sha256"]
+    assert "12 samples in 4 shards" in text and "2 unreadable image(s) skipped" in text and "images/s" in text
+    safetensors = pytest.importorskip("safetensors")  # the shards are plain safetensors files
+    with safetensors.safe_open(os.path.join(out, "shard-000001.safetensors"), "np") as f:
+        assert f.get_tensor("latent").shape == (3, 32, 4, 4) and f.metadata()["format"] == "srdit-shards"
+
+
+def test_unreadable_images_are_skipped_counted_and_logged(prepared):
+    out, _ = prepared
+    with open(os.path.join(out, "skipped.txt")) as f:
+        lines = [line.split("\t") for line in f if not line.startswith("#")]
+    assert [(int(i), path) for i, path, _ in lines] == [(4, SOURCE[4]), (13, SOURCE[13])]
+    assert "UnidentifiedImageError" in lines[0][2] and "truncated" in lines[1][2]
+    assert sorted(shard_arrays(out)["source_index"].tolist()) == GOOD
+
+
+def test_items_follow_the_contract(prepared, imagenet_src):
+    out, _ = prepared
+    ds = ShardDataset(out)
+    assert len(ds) == 12 and ds.kind == "image" and ds.num_classes == 3
+    raw = shard_arrays(out)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert set(item) == {"latent", "label", "image"}
+        assert item["latent"].dtype == torch.float32 and item["latent"].shape == (32, 4, 4)
+        assert torch.equal(item["latent"], torch.from_numpy(raw["latent"][i]) * LATENT_SCALE)  # scaled at load
+        assert isinstance(item["label"], int) and item["label"] == int(SOURCE[raw["source_index"][i]][2]) - 1  # n0k: k-1
+        assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 64, 64)
+        crop = torch.from_numpy(crop_of(imagenet_src, raw["source_index"][i]).copy()).permute(2, 0, 1).float()
+        error = (item["image"].float() - crop).abs()
+        assert error.mean() < 3 and error.max() < 40  # JPEG q95 4:4:4 of the exact crop (sharp test images)
+    batch = ds.batch([11, 0, 5])
+    assert batch["label"].tolist() == [2, 0, 1] and batch["image"].shape == (3, 3, 64, 64)
+
+
+def test_posterior_sample_uses_a_per_image_seed(prepared, imagenet_src, weights):
+    from srdit.model.invae import load_invae, pixels_from_uint8
+
+    out, _ = prepared
+    raw = shard_arrays(out)
+    vae = load_invae(weights["vae"])
+    rows = [0, 6, 11]
+    pixels = torch.from_numpy(np.stack([crop_of(imagenet_src, raw["source_index"][r]) for r in rows])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        mean, logvar = vae.encode_moments(pixels_from_uint8(pixels))
+    for j, r in enumerate(rows):
+        eps = torch.randn(32, 4, 4, generator=torch.Generator().manual_seed(image_seed(0, int(raw["source_index"][r]))))
+        expected = mean[j] + torch.exp(0.5 * logvar[j]) * eps
+        torch.testing.assert_close(torch.from_numpy(raw["latent"][r]), expected, atol=1e-5, rtol=1e-5)
+    seeds = {image_seed(s, i) for s in (0, 1) for i in range(1000)}
+    assert len(seeds) == 2000  # unrelated streams for neighbouring images and seeds
+
+
+def test_torchrun_two_ranks_with_other_batches_give_the_same_samples(prepared, imagenet_src, weights, tmp_path):
+    """One shard range per rank, batches of 3 instead of 5: the same samples, labels, images
+    and (up to conv rounding) latents as the single-process run."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "srdit.data.prepare", "--src", str(imagenet_src), "--out", str(out), "--resolution", "64",
+           "--vae", weights["vae"], "--batch", "3", "--shard-size", "4", "--workers", "0"]
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "12 samples in 4 shards" in result.stdout
+    a, b = shard_arrays(prepared[0]), shard_arrays(out)
+    assert np.array_equal(a["label"], b["label"]) and np.array_equal(a["source_index"], b["source_index"])
+    np.testing.assert_allclose(a["latent"], b["latent"], atol=1e-5, rtol=1e-5)
+    for k in range(4):
+        x, y = (open_shard(os.path.join(d, f"shard-00000{k}.safetensors")) for d in (prepared[0], out))
+        assert np.array_equal(x["image_bytes"], y["image_bytes"]) and np.array_equal(x["image_offsets"], y["image_offsets"])
+
+
+def test_resume_skips_finished_shards_and_redoes_a_missing_one(prepared, imagenet_src, weights, run_prepare, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(prepared[0], out)
+    before = index_of(out)["shards"]
+    args = ["--src", imagenet_src, "--out", out, "--resolution", 64, "--vae", weights["vae"], "--batch", 5,
+            "--shard-size", 4, "--workers", 0]
+    code, text = run_prepare(*args)
+    assert code == 0 and "this run: 0 shard(s)" in text and "4 shard(s) were done before" in text
+    os.remove(out / "shard-000002.safetensors")
+    os.remove(out / "parts" / "shard-000002.json")
+    (out / "shard-000001.safetensors.tmp-999").write_bytes(b"half-written")  # an interrupted run's leftover
+    code, text = run_prepare(*args)
+    assert code == 0 and "this run: 1 shard(s), 4 images" in text, text
+    assert index_of(out)["shards"] == before  # the same bytes again
+    assert not (out / "shard-000001.safetensors.tmp-999").exists()
+    code, text = run_prepare(*args[:-6], "--seed", 1, "--shard-size", 4, "--workers", 0)
+    assert code == 2 and "other settings (seed: 0 -> 1)" in text
+
+
+def test_cached_teacher_targets_are_the_teachers_output(prepared_teacher, prepared, imagenet_src, weights):
+    from srdit.model.dinov2 import load_dinov2, repa_targets
+
+    out, _ = prepared_teacher
+    index = index_of(out)
+    assert index["image"] is None and index["teacher"]["shape"] == [17, 768]
+    assert {k: index["teacher"][k] for k in ("arch", "img_size", "pos_interp", "dtype")} == {
+        "arch": "vitb14", "img_size": 56, "pos_interp": "timm", "dtype": "float16"}
+    assert index["teacher"]["sha256"] == sha256_file(weights["teacher"])
+    ds = ShardDataset(out)
+    assert ds.kind == "teacher" and len(ds) == 12
+    item = ds[3]
+    assert set(item) == {"latent", "label", "teacher"}
+    assert item["teacher"].dtype == torch.float16 and item["teacher"].shape == (17, 768)
+    raw = shard_arrays(out)
+    teacher = load_dinov2("vitb14", weights["teacher"], 56, "timm")
+    crops = torch.from_numpy(np.stack([crop_of(imagenet_src, i) for i in raw["source_index"][:4]])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = repa_targets(*teacher(crops))
+    torch.testing.assert_close(ds.batch([0, 1, 2, 3])["teacher"].float(), expected, atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(raw["latent"], shard_arrays(prepared[0])["latent"], atol=1e-5, rtol=1e-5)
+
+
+def release_layout(root, labels, r=64, seed=0):
+    """A REPA/REPA-E preprocessed folder: images/00000/img*.png, vae-in/00000/img-mean-std-*.npy
+    holding concat(mean, std) [64, r/16, r/16], vae-in/dataset.json."""
+    rng = np.random.default_rng(seed)
+    (root / "images" / "00000").mkdir(parents=True)
+    (root / "vae-in" / "00000").mkdir(parents=True)
+    moments, entries = [], []
+    for i, label in enumerate(labels):
+        pixels = (rng.random((r, r, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "images" / "00000" / f"img{i:08d}.png")
+        m = np.concatenate([rng.standard_normal((32, r // 16, r // 16)),
+                            rng.uniform(0.1, 1.0, (32, r // 16, r // 16))]).astype(np.float32)
+        np.save(root / "vae-in" / "00000" / f"img-mean-std-{i:08d}.npy", m)
+        moments.append(m)
+        entries.append([f"00000/img-mean-std-{i:08d}.npy", label])
+    (root / "vae-in" / "dataset.json").write_text(json.dumps({"labels": entries}))
+    return moments
+
+
+def test_release_layout_uses_its_vae_in_moments(tmp_path, run_prepare):
+    labels = [3, 1, 0, 1, 2]
+    moments = release_layout(tmp_path / "release", labels)
+    code, text = run_prepare("--src", tmp_path / "release", "--out", tmp_path / "out", "--resolution", 64,
+                             "--workers", 0)
+    assert code == 0, text
+    ds = ShardDataset(tmp_path / "out")
+    assert ds.labels.tolist() == labels and ds.num_classes == 4
+    assert index_of(tmp_path / "out")["tokenizer"]["source"] == "release vae-in moments (mean, std)"
+    for i, m in enumerate(moments):
+        eps = torch.randn(32, 4, 4, generator=torch.Generator().manual_seed(image_seed(0, i)))
+        expected = (torch.from_numpy(m[:32]) + torch.from_numpy(m[32:]) * eps) * LATENT_SCALE
+        torch.testing.assert_close(ds[i]["latent"], expected, atol=1e-6, rtol=1e-6)
+        png = np.array(Image.open(tmp_path / "release" / "images" / "00000" / f"img{i:08d}.png"))
+        assert (ds[i]["image"].permute(1, 2, 0).float() - torch.from_numpy(png).float()).abs().mean() < 12  # JPEG of noise
+    code, text = run_prepare("--src", tmp_path / "release", "--out", tmp_path / "out2", "--resolution", 64,
+                             "--latents", "encode")
+    assert code == 2 and "--vae INVAE.pt is required" in text
+
+
+def test_the_real_command_at_256_px(tmp_path, weights):
+    """`python -m srdit.data.prepare ... --resolution 256` as a user runs it (2 images)."""
+    src = tmp_path / "src"
+    (src / "n00000001").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for j, size in enumerate([(300, 260), (256, 341)]):
+        small = (rng.random((size[1] // 16, size[0] // 16, 3)) * 255).astype(np.uint8)
+        Image.fromarray(small).resize(size, Image.BICUBIC).save(src / "n00000001" / f"{j}.JPEG")
+    result = subprocess.run([sys.executable, "-m", "srdit.data.prepare", "--src", str(src), "--out", str(tmp_path / "out"),
+                             "--resolution", "256", "--vae", weights["vae"], "--batch", "2", "--workers", "1"],
+                            env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 samples in 1 shards" in result.stdout and "img/s" in result.stderr  # tqdm bar: rate and ETA
+    item = ShardDataset(tmp_path / "out")[1]
+    assert item["latent"].shape == (32, 16, 16) and item["image"].shape == (3, 256, 256) and item["label"] == 0
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, imagenet_src, weights, run_prepare):
+    base = ["--src", imagenet_src, "--out", tmp_path / "o", "--vae", weights["vae"]]
+    assert run_prepare(*base, "--resolution", 100)[1].count("multiple of 16") == 1
+    assert "--cache-teacher needs --teacher" in run_prepare(*base, "--resolution", 64, "--cache-teacher")[1]
+    assert "only used with --cache-teacher" in run_prepare(*base, "--resolution", 64, "--teacher", weights["teacher"])[1]
+    code, text = run_prepare("--src", tmp_path / "nowhere", "--out", tmp_path / "o", "--resolution", 64)
+    assert code == 2 and "is not a directory" in text
