@@ -263,15 +263,8 @@ def write_grid(out: str, grid: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    dist = distributed.setup()
-    try:
-        return sample(args, dist)
-    except (ConfigError, SamplingError, ValueError, FileNotFoundError) as error:
-        print(f"srdit.sample: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.teardown()
+    return distributed.run_command("srdit.sample", sample, parse_args(argv),
+                                   (ConfigError, SamplingError, ValueError, FileNotFoundError))
 
 
 def _status(out: str, parts: Parts, settings: dict) -> str:

@@ -6,6 +6,7 @@ no code here. NCCL on GPUs, gloo on CPUs.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -63,3 +64,16 @@ def broadcast_object(obj, src: int = 0):
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_command(prog: str, body, args, errors: tuple) -> int:
+    """A torchrun-able command's main: set up the process group, run body(args, dist), turn the
+    expected `errors` into one line on stderr and exit status 2, always tear down."""
+    dist = setup()
+    try:
+        return body(args, dist)
+    except errors as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        teardown()

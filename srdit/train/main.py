@@ -151,15 +151,8 @@ class GracefulStop:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    dist = distributed.setup()
-    try:
-        return train(args, dist)
-    except (ConfigError, TrainingError, ValueError, FileNotFoundError) as error:
-        print(f"srdit.train: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.teardown()
+    return distributed.run_command("srdit.train", train, parse_args(argv),
+                                   (ConfigError, TrainingError, ValueError, FileNotFoundError))
 
 
 def train(args, dist) -> int:
