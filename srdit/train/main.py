@@ -198,10 +198,14 @@ def train(args, dist) -> int:
     # Wrapping order (STYLE 7, the one place it is decided): DDP around the model, then
     # torch.compile around DDP, so that dynamo's DDP optimizer splits the graph at the gradient
     # buckets and all-reduce overlaps backward. "reduce-overhead" replays CUDA graphs on a GPU.
+    # Every parameter gets a gradient every step, also on path-drop steps (zeros for the skipped
+    # routed blocks), so no find_unused_parameters. Gradients live in DDP's buckets themselves
+    # (no copy in, no copy out). static_graph=True made a rank abort at exit now and then
+    # (gloo, CPU; "terminate called without an active exception"), so it stays off.
     train_model = model
     if dist.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if t.compile:
         mode = None if t.compile_mode == "default" else t.compile_mode
         train_model = torch.compile(train_model, mode=mode)

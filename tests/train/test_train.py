@@ -124,13 +124,14 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     """Same samples, same noise rows (drawn for the global batch), CFM rolled within the same
     8-sample micro-batches: 2 ranks x 8 equals 1 rank with 2 accumulation steps of 8."""
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run(one, "train.max_steps=3", "train.grad_accum=2") == 0
-    proc = spawn(two, "train.max_steps=3", "train.grad_accum=1", nproc=2)
+    drop = "train.path_drop_prob=0.5"  # both branches (routed and path-dropped) in 4 steps, under DDP's static graph
+    assert run(one, "train.max_steps=4", "train.grad_accum=2", drop) == 0
+    proc = spawn(two, "train.max_steps=4", "train.grad_accum=1", drop, nproc=2)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     # the run differs only in grad_accum: one process must use it to reproduce the two ranks' split
-    a = torch.load(one / "checkpoints" / "step_000000003.pt", weights_only=True)["model"]
-    b = torch.load(two / "checkpoints" / "step_000000003.pt", weights_only=True)["model"]
+    a = torch.load(one / "checkpoints" / "step_000000004.pt", weights_only=True)["model"]
+    b = torch.load(two / "checkpoints" / "step_000000004.pt", weights_only=True)["model"]
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key
     la, lb = losses(one), losses(two)
