@@ -44,6 +44,7 @@ from srdit.data.shards import (
     write_shard,
 )
 from srdit.data.sources import JPEG_QUALITY, Source, SourceError, SourceSamples, as_list, list_source
+from srdit.distributed import teardown
 
 SETTINGS = "prepare.json"
 SKIPPED = "skipped.txt"
@@ -99,8 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    clean = False
     try:
-        return prepare(args)
+        status = prepare(args)
+        clean = True
+        return status
     except (PrepareError, ShardError, SourceError, ValueError, FileNotFoundError) as error:
         print(f"srdit.data.prepare: error: {error}", file=sys.stderr)
         return 2
@@ -109,8 +113,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        teardown(wait=clean)  # rank 0 writes the index after the others are done: wait for it
 
 
 # ------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from srdit.sample.batches import num_batches, sample_batch
 from srdit.sample.generate import save_grid
 from srdit.sample.npz import NpzRows, NpzWriter
 from srdit.train import checkpoint as train_ckpt
-from srdit.train import distributed
+from srdit import distributed
 from srdit.train.runlog import code_version, device_name
 
 SAMPLES_FORMAT = "srdit-samples-v1"

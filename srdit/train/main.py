@@ -22,7 +22,7 @@ from srdit.model import build_model, count_params
 from srdit.model.flops import model_flops
 from srdit.sample.generate import decode_uint8, generate, save_grid
 from srdit.train import checkpoint as ckpt
-from srdit.train import distributed
+from srdit import distributed
 from srdit.train.loss import draw_step_noise
 from srdit.train.optim import EMA, Optimizers
 from srdit.train.runlog import RunLog, code_version, device_name, plot_loss_curve

@@ -1,4 +1,5 @@
-"""Process-group setup for `torchrun -m srdit.train` (also plain `python -m srdit.train`).
+"""Process-group setup for the torchrun-able commands (srdit.train, srdit.sample, srdit.data.prepare;
+each also runs as plain `python -m ...` in one process).
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; its c10d rendezvous makes multi-node work with
 no code here. NCCL on GPUs, gloo on CPUs.
@@ -61,8 +62,13 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def teardown() -> None:
+def teardown(*, wait: bool = True) -> None:
+    """Destroy the process group; with `wait`, only once every rank got here: a rank that
+    destroyed its group while another still worked (rank 0 drawing samples) sometimes aborted
+    in gloo at exit ("terminate called without an active exception")."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -70,10 +76,13 @@ def run_command(prog: str, body, args, errors: tuple) -> int:
     """A torchrun-able command's main: set up the process group, run body(args, dist), turn the
     expected `errors` into one line on stderr and exit status 2, always tear down."""
     dist = setup()
+    clean = False
     try:
-        return body(args, dist)
+        status = body(args, dist)
+        clean = True
+        return status
     except errors as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     finally:
-        teardown()
+        teardown(wait=clean)  # after an error the other ranks may never arrive
