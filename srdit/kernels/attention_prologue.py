@@ -94,6 +94,20 @@ def _rms_norm_bwd(x, g, w_ptr, d, d_mask, Dh, eps, HAS_W: tl.constexpr):
 
 
 @triton.jit
+def _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_jb, stride_jn, stride_v0b, stride_v0t,
+             stride_v0h, HAS_V0_IDS: tl.constexpr, COMPUTE: tl.constexpr):
+    """lam, the v0 token index t of each row (v0_ids[b, n] when routed, else n) and v0 at it."""
+    lam = tl.load(lam_ptr).to(COMPUTE)
+    if HAS_V0_IDS:
+        t = tl.load(v0_ids_ptr + b * stride_jb + n * stride_jn, mask=row_mask, other=0)
+    else:
+        t = n
+    v0 = tl.load(v0_ptr + (b * stride_v0b + t * stride_v0t + h * stride_v0h)[:, None] + d[None, :],
+                 mask=mask, other=0.0).to(COMPUTE)
+    return lam, t, v0
+
+
+@triton.jit
 def _attention_prologue_fwd_kernel(
     qkv_ptr, q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, ids_ptr, v0_ptr, v0_ids_ptr, lam_ptr,
     n_rows, N, H, Dh, eps,
@@ -124,13 +138,8 @@ def _attention_prologue_fwd_kernel(
 
     v = tl.load(qkv_ptr + x_offs + 2 * D, mask=mask, other=0.0).to(COMPUTE)
     if HAS_V0:
-        lam = tl.load(lam_ptr).to(COMPUTE)
-        if HAS_V0_IDS:
-            t = tl.load(v0_ids_ptr + b * stride_jb + n * stride_jn, mask=row_mask, other=0)
-        else:
-            t = n
-        v0_offs = (b * stride_v0b + t * stride_v0t + h * stride_v0h)[:, None] + d[None, :]
-        v0 = tl.load(v0_ptr + v0_offs, mask=mask, other=0.0).to(COMPUTE)
+        lam, t, v0 = _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_jb, stride_jn,
+                              stride_v0b, stride_v0t, stride_v0h, HAS_V0_IDS, COMPUTE)
         v = lam * v0 + (1.0 - lam) * v
     tl.store(v_ptr + out_offs, v.to(out_ty), mask=mask)
 
@@ -179,13 +188,8 @@ def _attention_prologue_bwd_kernel(
     gv = tl.load(dv_ptr + (b * stride_vb + n * stride_vn + h * stride_vh)[:, None] + d[None, :],
                  mask=mask, other=0.0).to(COMPUTE)
     if HAS_V0:
-        lam = tl.load(lam_ptr).to(COMPUTE)
-        if HAS_V0_IDS:
-            t = tl.load(v0_ids_ptr + b * stride_jb + n * stride_jn, mask=row_mask, other=0)
-        else:
-            t = n
-        v0 = tl.load(v0_ptr + (b * stride_v0b + t * stride_v0t + h * stride_v0h)[:, None] + d[None, :],
-                     mask=mask, other=0.0).to(COMPUTE)
+        lam, t, v0 = _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_jb, stride_jn,
+                              stride_v0b, stride_v0t, stride_v0h, HAS_V0_IDS, COMPUTE)
         v = tl.load(qkv_ptr + x_offs + 2 * D, mask=mask, other=0.0).to(COMPUTE)
         tl.store(dlam_ptr + pid, tl.sum(tl.sum(gv * (v0 - v), axis=1), axis=0))
         # one writer per element: v0_ids are unique within a sample (see the module docstring)
