@@ -83,12 +83,16 @@ class EMA:
         self.decay = decay
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
         self._ema = list(self.model.parameters())
-        self._src = list(model.parameters())
+        # detached views of the master weights, made once: optimizer steps and checkpoint loads
+        # write in place, so they stay current without a per-step list of new tensors
+        self._src = [p.detach() for p in model.parameters()]
+        self._upcast = any(p.dtype != torch.float32 for p in self._src)  # fp32 masters (the trainer): no copies
 
     @torch.no_grad()
     def update(self, found_inf: torch.Tensor) -> None:
         weight = (1.0 - self.decay) * (1.0 - found_inf)  # 0 on skipped steps: no host sync
-        torch._foreach_lerp_(self._ema, [p.detach().float() for p in self._src], weight)
+        src = [p.float() for p in self._src] if self._upcast else self._src
+        torch._foreach_lerp_(self._ema, src, weight)
 
     def state_dict(self) -> dict:
         return self.model.state_dict()
