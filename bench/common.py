@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -21,23 +20,16 @@ if ROOT not in sys.path:
 
 
 def environment(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "unknown", False
+    from srdit.train.runlog import code_version, device_name  # the training log's own record
+
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device_name": name, "torch": torch.__version__, "triton": triton_version,
-            "commit": commit + ("+dirty" if dirty else ""), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d")}
+    return {"device_name": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "commit": code_version(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
 def sync(device: torch.device) -> None:
