@@ -139,12 +139,19 @@ def build_teacher(cfg: Config, device: torch.device):
 
 
 class GracefulStop:
-    """SIGTERM/SIGINT: finish the current step, checkpoint, exit 0."""
+    """SIGTERM/SIGINT: finish the current step, checkpoint, exit 0. A context manager, so the
+    previous handlers come back when the run ends (main() may be called from Python)."""
 
-    def __init__(self):
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._request)
+        self.previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _request(self, signum, frame):
         self.requested = True
@@ -156,8 +163,12 @@ def main(argv=None) -> int:
 
 
 def train(args, dist) -> int:
+    with GracefulStop() as stop:  # first: a signal during setup also ends the run cleanly
+        return run_training(args, dist, stop)
+
+
+def run_training(args, dist, stop: GracefulStop) -> int:
     # ---------------------------------------------------------------- setup
-    stop = GracefulStop()  # first: a signal during setup also ends the run cleanly
     cfg = resolve_config(args)
     t = cfg.train
     if cfg.model.kernels == "triton" and dist.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
