@@ -92,7 +92,9 @@ class EMA:
     def update(self, found_inf: torch.Tensor) -> None:
         weight = (1.0 - self.decay) * (1.0 - found_inf)  # 0 on skipped steps: no host sync
         src = [p.float() for p in self._src] if self._upcast else self._src
-        torch._foreach_lerp_(self._ema, src, weight)
+        # one weight tensor per parameter: a bare 0-dim tensor would bind to the Scalar overload,
+        # whose conversion reads it on the host (a sync per step, and no CUDA-graph capture)
+        torch._foreach_lerp_(self._ema, src, [weight] * len(self._ema))
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -114,7 +114,7 @@ class StepRunner:
             for k in LOSS_PARTS:
                 parts_sum[k] += parts[k].float() / accum
         with phase("clip"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)  # foreach where supported
             found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
         with phase("optimizer"):
             self.optimizers.step(found_inf)
