@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One short GPU check, prepared to run as it is (device lease: ~15 minutes in all):
-#   1. the kernel and model tests on the GPU, natively (no interpreter), bf16 included
+#   1. the kernel and model tests on the GPU, natively (no interpreter), bf16 included, and the
+#      CUDA-graph step against the eager step (tests/train/test_graphs.py)
 #   2. bench/kernels.py at SR-DiT-B/1 shapes, batch 32 and 256
-#   3. bench/throughput.py, sr-dit-b1-256: five variants at batch 32, eager and kernels at 256
+#   3. bench/throughput.py, sr-dit-b1-256 at the target's batch 256: eager, kernels, graphs,
+#      cached-teacher, best (kernels + compile + graphs + cached teacher); eager, kernels and
+#      graphs again at batch 32
 #   4. bench/data.py: the loaders alone (synthetic shards; no DALI on the device image)
 #   5. bench/sample.py: samples/s per NFE, decode and metric costs, a 50K-evaluation projection
 # Usage: bash bench/gpu_check.sh OUTDIR   (on the device machine: bash bench/gpu_check.sh "$OUT")
 # Writes OUTDIR/log.txt (everything printed), tests.xml and one JSON per benchmark: 7 files,
 # within the device tool's 8-file limit. The step timeouts add up to under 10 minutes (one device
-# call's limit); expect about 6 on an H100. Compiled variants (inductor) dominate the throughput
-# step, so kernels+compile is left to a longer run.
+# call's limit). Compiling (inductor) dominates the throughput step, so kernels+compile and
+# compile alone are left to a longer run.
 set -uo pipefail
 OUT="${1:?usage: bench/gpu_check.sh OUTDIR}"
 mkdir -p "$OUT"
@@ -28,16 +31,17 @@ run() {  # run NAME SECONDS CMD...: append its output to the log, keep going on 
     [ $rc -eq 0 ] || { echo "=== $name FAILED (exit $rc)" | tee -a "$LOG"; status=1; }
 }
 
-run env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
+run env 20 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
     python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", torch.version.cuda)";
     git rev-parse --short=12 HEAD'
-run tests 110 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/model/test_model.py --junitxml="$OUT/tests.xml"
-run kernels 80 python3 bench/kernels.py --batch 32 256 --json "$OUT/kernels.json"
-run throughput-b32 180 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 32 --steps 15 \
-    --variants eager kernels compile cached-teacher best --json "$OUT/throughput_b32.json"
-run throughput-b256 60 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 --variants eager kernels \
-    --json "$OUT/throughput_b256.json"
-run data 50 python3 bench/data.py --json "$OUT/data.json"
-run sample 80 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json"
+run tests 130 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/model/test_model.py tests/train/test_graphs.py \
+    --junitxml="$OUT/tests.xml"
+run kernels 60 python3 bench/kernels.py --batch 32 256 --json "$OUT/kernels.json"
+run throughput-b256 220 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 \
+    --variants eager kernels graphs cached-teacher best --json "$OUT/throughput_b256.json"
+run throughput-b32 50 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 32 --steps 15 \
+    --variants eager kernels graphs --json "$OUT/throughput_b32.json"
+run data 40 python3 bench/data.py --json "$OUT/data.json"
+run sample 60 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json"
 tail -60 "$LOG"
 exit $status

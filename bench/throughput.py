@@ -10,8 +10,9 @@ Variants, all in one run on one device (ratios are the result):
   kernels         kernels=triton and batched_adaln (every fused op)
   compile         torch.compile of the model
   kernels+compile both
+  graphs          the whole step replayed as CUDA graphs (srdit.train.graphs; GPU only)
   cached-teacher  eager, teacher targets given instead of images
-  best            kernels + compile + cached teacher
+  best            kernels + compile + graphs + cached teacher
 FLOPs per image are analytic (srdit.model.flops; checked against torch's flop counter in the
 tests); MFU is against the bf16 matmul rate measured in the same run, reported twice: counting
 the student only, and student + online teacher (when the variant runs the teacher).
@@ -27,17 +28,19 @@ from srdit.config import apply_overrides, preset
 from srdit.model import build_model
 from srdit.model.flops import model_flops, teacher_flops
 from srdit.train.loss import draw_step_noise
+from srdit.train.graphs import GraphedStep
 from srdit.train.optim import EMA, Optimizers
 from srdit.train.step import StepRunner
 
 # "kernels" means the fused ops: Triton kernels and the batched adaLN GEMM
 VARIANTS = {
-    "eager": dict(kernels="eager", compile=False, cached=False),
-    "kernels": dict(kernels="triton", compile=False, cached=False),
-    "compile": dict(kernels="eager", compile=True, cached=False),
-    "kernels+compile": dict(kernels="triton", compile=True, cached=False),
-    "cached-teacher": dict(kernels="eager", compile=False, cached=True),
-    "best": dict(kernels="triton", compile=True, cached=True),
+    "eager": dict(kernels="eager", compile=False, cached=False, graphs=False),
+    "kernels": dict(kernels="triton", compile=False, cached=False, graphs=False),
+    "compile": dict(kernels="eager", compile=True, cached=False, graphs=False),
+    "kernels+compile": dict(kernels="triton", compile=True, cached=False, graphs=False),
+    "graphs": dict(kernels="eager", compile=False, cached=False, graphs=True),
+    "cached-teacher": dict(kernels="eager", compile=False, cached=True, graphs=False),
+    "best": dict(kernels="triton", compile=True, cached=True, graphs=True),
 }
 
 
@@ -60,13 +63,17 @@ def synthetic_batch(cfg, batch, device, cached):
     return out
 
 
-def build_variant(preset_name, variant, batch, device, compile_backend="inductor"):
+def build_variant(preset_name, variant, batch, device, compile_backend="inductor", graph_type=None):
     """(cfg, step): `step()` runs one full training step of `variant` on fixed synthetic data.
-    compile_backend: torch.compile's backend for the compiled variants (tests use "aot_eager")."""
+    compile_backend: torch.compile's backend for the compiled variants (tests use "aot_eager");
+    graph_type: what captures the graph variants (None: CUDA graphs; tests pass EagerReplay).
+    A graph variant's first step captures its graphs (srdit.train.graphs: warm-up, capture, state
+    restored), so its steps compute what the others' do, from the same start."""
     spec = VARIANTS[variant]
     fused = spec["kernels"] == "triton"
     cfg = apply_overrides(preset(preset_name), [f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}",
-                                                f"train.global_batch={batch}", f"data.cached_teacher={spec['cached']}"])
+                                                f"train.global_batch={batch}", f"data.cached_teacher={spec['cached']}",
+                                                f"train.cuda_graphs={spec['graphs']}"])
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     train_model = torch.compile(model, backend=compile_backend) if spec["compile"] else model
@@ -75,6 +82,8 @@ def build_variant(preset_name, variant, batch, device, compile_backend="inductor
         teacher = torch.compile(teacher, backend=compile_backend)
     runner = StepRunner(cfg, model, train_model, teacher, Optimizers(model, cfg.train, device),
                         EMA(model, cfg.train.ema_decay), rank=0, world=1, device=device)
+    if spec["graphs"]:
+        runner = GraphedStep(runner, graph_type=graph_type)
     data = synthetic_batch(cfg, batch, device, spec["cached"])
     gen = torch.Generator(device).manual_seed(0)
     host = torch.Generator().manual_seed(1)

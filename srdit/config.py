@@ -27,6 +27,7 @@ KERNELS = ("eager", "triton")
 ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "fa3", "fa4", "eager")
 PREDICTIONS = ("v", "x0")
 OPTIMIZERS = ("adamw", "muon", "prodigy")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 SAMPLERS = ("sde", "euler", "heun")
 GUIDANCES = ("none", "cfg", "pdg")
 
@@ -185,8 +186,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 10
     compile: bool = False
-    # torch.compile mode when train.compile: "reduce-overhead" captures CUDA graphs on a GPU
+    # torch.compile mode when train.compile: "reduce-overhead" and "max-autotune" capture CUDA
+    # graphs of the model on a GPU
     compile_mode: str = "default"
+    # the whole step (forward, backward, optimizer, EMA) replayed as CUDA graphs: one GPU, AdamW
+    # (srdit/train/graphs.py)
+    cuda_graphs: bool = False
     precision: str = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
     wandb_mode: str = "disabled"  # online | offline | disabled
     wandb_project: str = "srdit"
@@ -197,7 +202,13 @@ class TrainConfig:
         _one_of("train.prediction", self.prediction, PREDICTIONS)
         _one_of("train.precision", self.precision, ("bf16", "fp32"))
         _one_of("train.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
-        _one_of("train.compile_mode", self.compile_mode, ("default", "reduce-overhead", "max-autotune"))
+        _one_of("train.compile_mode", self.compile_mode, COMPILE_MODES)
+        if self.cuda_graphs and self.optimizer != "adamw":
+            raise ConfigError(f"train.cuda_graphs needs train.optimizer=adamw (not {self.optimizer!r}): the other "
+                              "optimizers read the non-finite-step flag on the host")
+        if self.cuda_graphs and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(f"train.cuda_graphs already captures the step; train.compile_mode={self.compile_mode} "
+                              "captures graphs of its own: use default or max-autotune-no-cudagraphs with it")
         if self.global_batch < 1 or self.grad_accum < 1 or self.max_steps < 0:
             raise ConfigError("train.global_batch and train.grad_accum must be >= 1, train.max_steps >= 0")
         if self.eval_every < 0 or self.eval_samples < 1:

@@ -26,6 +26,7 @@ from srdit import distributed
 from srdit.train.loss import draw_step_noise
 from srdit.train.optim import EMA, Optimizers
 from srdit.train.runlog import RunLog, code_version, device_name, plot_loss_curve
+from srdit.train.graphs import GraphedStep
 from srdit.train.step import DeviceMetrics, StepRunner
 
 # Keys that may change when a run is resumed: cadences and bookkeeping, and how the same math is
@@ -34,7 +35,7 @@ RESUMABLE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.sa
              "train.eval_samples", "eval.reference", "eval.inception", "eval.kdd_teacher", "eval.batch",
              "train.keep_checkpoints", "train.max_bad_steps", "train.wandb_mode", "train.wandb_project",
              "train.wandb_name", "data.num_workers", "data.path", "model.kernels", "model.attention_backend",
-             "model.batched_adaln", "train.compile", "train.compile_mode"}
+             "model.batched_adaln", "train.compile", "train.compile_mode", "train.cuda_graphs"}
 
 
 class TrainingError(RuntimeError):
@@ -229,7 +230,8 @@ def run_training(args, dist, stop: GracefulStop) -> int:
     log.header([
         f"srdit.train  code {code_version()}  torch {torch.__version__}  python {sys.version.split()[0]}",
         f"device {device_name(device)} x {dist.world} process(es)  precision "
-        f"{'bf16 autocast' if device.type == 'cuda' and t.precision == 'bf16' else 'fp32'}",
+        f"{'bf16 autocast' if device.type == 'cuda' and t.precision == 'bf16' else 'fp32'}"
+        f"{'  compiled' if t.compile else ''}{'  whole step as CUDA graphs' if t.cuda_graphs else ''}",
         f"preset {args.preset}  model {count_params(model):,} trainable parameters  "
         f"{flops.train / 1e9:.2f} GFLOP per training image (fwd+bwd)",
         f"teacher: {teacher_note}",
@@ -245,6 +247,8 @@ def run_training(args, dist, stop: GracefulStop) -> int:
                            seed=t.seed, start_step=step, device=device, workers=cfg.data.num_workers)
     runner = StepRunner(cfg, model, train_model, teacher, optimizers, ema, rank=dist.rank, world=dist.world,
                         device=device)
+    if t.cuda_graphs:  # same arguments and results as the runner; steps become graph replays
+        runner = GraphedStep(runner)
     metrics = DeviceMetrics(device)
     sample_labels, sample_gen = sample_batch(cfg, device)
 

@@ -34,7 +34,11 @@ class Optimizers:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device):
         params = [p for p in model.parameters() if p.requires_grad]
-        adam_kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        # capturable: fused AdamW's math is the same either way; torch only refuses graph capture
+        # without it (and warns when a capturable optimizer steps outside a graph)
+        self.capturable = cfg.cuda_graphs
+        adam_kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                       capturable=self.capturable)
         if cfg.optimizer == "adamw":
             self.optimizers = [torch.optim.AdamW(params, **adam_kw, fused=True)]
         elif cfg.optimizer == "muon":
@@ -73,6 +77,9 @@ class Optimizers:
     def load_state_dict(self, states: list) -> None:
         for opt, state in zip(self.optimizers, states, strict=True):
             opt.load_state_dict(state)
+            for group in opt.param_groups:  # a checkpoint's own setting would win: this run's must
+                if "capturable" in group:
+                    group["capturable"] = self.capturable
 
 
 class EMA:

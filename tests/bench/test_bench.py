@@ -94,9 +94,11 @@ def test_best_variant_computes_the_eager_losses():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from throughput import build_variant
 
+    from srdit.train.graphs import EagerReplay
+
     device = torch.device("cpu")
     _, eager = build_variant("quickstart", "cached-teacher", 8, device)
-    _, best = build_variant("quickstart", "best", 8, device, compile_backend="aot_eager")
+    _, best = build_variant("quickstart", "best", 8, device, compile_backend="aot_eager", graph_type=EagerReplay)
     for step in range(3):
         a, b = eager(), best()
         for name in ("loss", "vel", "repa", "cls", "cfm", "grad_norm"):

@@ -11,53 +11,24 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from runners import build_runner, step_noise, synthetic_batch
 
-from srdit.config import apply_overrides, preset
-from srdit.train.loss import draw_step_noise
-from srdit.train.optim import EMA
-from srdit.train.step import DeviceMetrics, StepRunner
+from srdit.train.step import DeviceMetrics
 
 META = torch.device("meta")
 
 
-def _runner(kernels: str, cached: bool):
-    from srdit.model import build_model
-    from srdit.model.dinov2 import build_dinov2
-
-    cfg = apply_overrides(preset("quickstart"), [f"model.kernels={kernels}", f"model.batched_adaln={kernels == 'triton'}",
-                                                 f"data.cached_teacher={cached}"])
-    model = build_model(cfg).to(META)
-    teacher = None if cached else build_dinov2(cfg.data.teacher_arch, cfg.data.teacher_resolution,
-                                               cfg.data.teacher_pos_interp).freeze().to(META)
-    flags = []
-    optimizers = SimpleNamespace(step=flags.append)
-    runner = StepRunner(cfg, model, model, teacher, optimizers, EMA(model, cfg.train.ema_decay), rank=0, world=1,
-                        device=META)
-    return cfg, runner, flags
-
-
-def _batch(cfg, batch: int, cached: bool) -> dict:
-    m = cfg.model
-    out = {"latent": torch.randn(batch, m.in_channels, m.input_size, m.input_size, device=META),
-           "label": torch.randint(0, m.num_classes, (batch,), device=META)}
-    if cached:
-        out["teacher"] = torch.randn(batch, m.num_tokens, m.teacher_dim, device=META, dtype=torch.float16)
-    else:
-        r = cfg.data.resolution
-        out["image"] = torch.randint(0, 256, (batch, 3, r, r), device=META, dtype=torch.uint8)
-    return out
-
-
 @pytest.mark.parametrize("kernels,cached", [("eager", False), ("eager", True), ("triton", True)])
 def test_a_training_step_reads_nothing_on_the_host(kernels, cached):
-    cfg, runner, flags = _runner(kernels, cached)
+    flags = []  # the skip flag each step hands to the optimizer
+    cfg, runner = build_runner(META, f"model.kernels={kernels}", f"model.batched_adaln={kernels == 'triton'}",
+                               teacher=not cached, optimizers=SimpleNamespace(step=flags.append))
     micro, accum = 2, 2
-    batches = [_batch(cfg, micro, cached) for _ in range(accum)]
+    batches = [synthetic_batch(cfg, micro, META, images=not cached) for _ in range(accum)]
     host = torch.Generator().manual_seed(0)
     metrics = DeviceMetrics(META)
     for path_drop in (False, True):  # both graphs a path-drop run captures
-        noise = draw_step_noise(micro * accum, batches[0]["latent"].shape[1:], cfg.model, cfg.train,
-                                host_generator=host, device=META)
+        noise = step_noise(cfg, micro * accum, META, host_generator=host)
         noise.path_drop = path_drop
         values = runner.run(batches, noise)
         metrics.add(values)

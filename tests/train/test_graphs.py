@@ -1,0 +1,133 @@
+"""The whole step as CUDA graphs (srdit.train.graphs) computes the eager step's trajectory.
+
+On the CPU, EagerReplay stands in for the CUDA graph: what surrounds capture (static input
+buffers, the branch choice, warm-up, restoring the training state after priming) is checked
+bit for bit against the plain StepRunner. The capture itself is checked on a GPU only
+(test_cuda_graph_step_matches_eager, run by bench/gpu_check.sh).
+"""
+import pytest
+import torch
+from runners import build_runner, step_noise, synthetic_batch
+
+from srdit.config import ConfigError, apply_overrides, preset
+from srdit.train import graphs
+from srdit.train.graphs import EagerReplay, GraphedStep
+
+TINY = ["model.hidden=32", "model.heads=2", "model.depth=5", "model.projector_dim=32", "train.path_drop_prob=0.5"]
+CPU = torch.device("cpu")
+
+
+def trajectory(step_fn, cfg, device, steps, micro, accum, *, images=False):
+    """Per-step loss values (cloned: graph outputs are overwritten by the next replay) and the
+    path-drop coins, on data and noise that depend only on the seeds."""
+    data_gen = torch.Generator(device).manual_seed(5)
+    noise_gen, host_gen = torch.Generator(device).manual_seed(6), torch.Generator().manual_seed(7)
+    values, coins = [], []
+    for _ in range(steps):
+        batches = [synthetic_batch(cfg, micro, device, images=images, generator=data_gen) for _ in range(accum)]
+        noise = step_noise(cfg, micro * accum, device, generator=noise_gen, host_generator=host_gen)
+        coins.append(noise.path_drop)
+        values.append({k: v.clone() for k, v in step_fn(batches, noise).items()})
+    return values, coins
+
+
+def training_state(runner) -> list[torch.Tensor]:
+    opt = runner.optimizers.optimizers[0]
+    return [*runner.model.parameters(), *runner.ema.model.parameters(),
+            *(v for p in opt.param_groups[0]["params"] for v in opt.state[p].values())]
+
+
+def test_graphed_step_follows_the_eager_trajectory_bit_for_bit():
+    overrides = [*TINY, "train.cuda_graphs=true"]
+    cfg, eager = build_runner(CPU, *overrides)
+    _, graphed_runner = build_runner(CPU, *overrides)
+    graphed = GraphedStep(graphed_runner, graph_type=EagerReplay)
+    a, coins = trajectory(eager.run, cfg, CPU, steps=8, micro=3, accum=2)
+    b, _ = trajectory(graphed.run, cfg, CPU, steps=8, micro=3, accum=2)
+    assert set(coins) == {False, True} and set(graphed.graphs) == {False, True}
+    for step, (x, y) in enumerate(zip(a, b)):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), (step, k)
+    for x, y in zip(training_state(eager), training_state(graphed_runner), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_a_replay_returns_its_graphs_static_outputs():
+    cfg, runner = build_runner(CPU, *TINY)
+    graphed = GraphedStep(runner, graph_type=EagerReplay)
+    batches = [synthetic_batch(cfg, 2, CPU)]
+    noise = step_noise(cfg, 2, CPU, host_generator=torch.Generator().manual_seed(0))
+    first = graphed.run(batches, noise)
+    second = graphed.run(batches, noise)
+    assert first is second is graphed.graphs[noise.path_drop].outputs  # the same tensors, rewritten
+
+
+def test_without_sprint_one_graph_serves_both_coins():
+    cfg, runner = build_runner(CPU, *TINY, "model.sprint=false")
+    graphed = GraphedStep(runner, graph_type=EagerReplay)
+    batches = [synthetic_batch(cfg, 2, CPU)]
+    noise = step_noise(cfg, 2, CPU, host_generator=torch.Generator().manual_seed(0))
+    for coin in (True, False):
+        noise.path_drop = coin
+        graphed.run(batches, noise)
+    assert set(graphed.graphs) == {False}
+
+
+def test_a_replay_refuses_inputs_of_another_shape_naming_them():
+    cfg, runner = build_runner(CPU, *TINY)
+    graphed = GraphedStep(runner, graph_type=EagerReplay)
+    host = torch.Generator().manual_seed(0)
+    graphed.run([synthetic_batch(cfg, 2, CPU)], step_noise(cfg, 2, CPU, host_generator=host))
+    with pytest.raises(ValueError, match=r"micro-batch 0 'latent' is \(3, .* captured step takes \(2, "):
+        graphed.run([synthetic_batch(cfg, 3, CPU)], step_noise(cfg, 3, CPU, host_generator=host))
+    with pytest.raises(ValueError, match="micro-batch 0 has"):
+        graphed.run([synthetic_batch(cfg, 2, CPU, images=True)], step_noise(cfg, 2, CPU, host_generator=host))
+    with pytest.raises(ValueError, match="2 micro-batches, captured with 1"):
+        graphed.run([synthetic_batch(cfg, 1, CPU)] * 2, step_noise(cfg, 2, CPU, host_generator=host))
+
+
+def test_graphs_need_cuda_one_process_adamw_and_no_graphs_of_compiles_own():
+    _, runner = build_runner(CPU, *TINY)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        GraphedStep(runner)
+    runner.world = 2
+    with pytest.raises(ValueError, match="one process"):
+        GraphedStep(runner, graph_type=EagerReplay)
+    with pytest.raises(ConfigError, match="adamw"):
+        apply_overrides(preset("quickstart"), ["train.cuda_graphs=true", "train.optimizer=muon"])
+    with pytest.raises(ConfigError, match="reduce-overhead"):
+        apply_overrides(preset("quickstart"), ["train.cuda_graphs=true", "train.compile=true",
+                                               "train.compile_mode=reduce-overhead"])
+
+
+def test_training_with_graphs_logs_the_losses_of_training_without(tmp_path, monkeypatch):
+    from test_train import losses, run
+
+    monkeypatch.setattr(graphs, "default_graph_type", lambda device: EagerReplay)
+    assert run(tmp_path / "plain", "train.max_steps=6", "train.path_drop_prob=0.5") == 0
+    assert run(tmp_path / "graphs", "train.max_steps=6", "train.path_drop_prob=0.5", "train.cuda_graphs=true") == 0
+    assert losses(tmp_path / "graphs") == losses(tmp_path / "plain")
+    a = torch.load(tmp_path / "plain" / "checkpoints" / "step_000000006.pt", weights_only=True)
+    b = torch.load(tmp_path / "graphs" / "checkpoints" / "step_000000006.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kernels", ["eager", "triton"])
+def test_cuda_graph_step_matches_eager(kernels):
+    """Real capture: bf16 autocast, online teacher, both path-drop branches, two micro-batches."""
+    cuda = torch.device("cuda")
+    overrides = ["train.path_drop_prob=0.5", "train.cuda_graphs=true", f"model.kernels={kernels}",
+                 f"model.batched_adaln={kernels == 'triton'}"]
+    cfg, eager = build_runner(cuda, *overrides, teacher=True)
+    _, graphed_runner = build_runner(cuda, *overrides, teacher=True)
+    graphed = GraphedStep(graphed_runner)
+    a, coins = trajectory(eager.run, cfg, cuda, steps=8, micro=4, accum=2, images=True)
+    b, _ = trajectory(graphed.run, cfg, cuda, steps=8, micro=4, accum=2, images=True)
+    assert set(coins) == {False, True} and set(graphed.graphs) == {False, True}
+    for step, (x, y) in enumerate(zip(a, b)):
+        for k in ("loss", "vel", "repa", "cls", "cfm", "grad_norm"):
+            assert torch.isfinite(y[k]) and abs(x[k].item() - y[k].item()) <= 2e-3 * max(1.0, abs(x[k].item())), \
+                (step, k, x[k].item(), y[k].item())
