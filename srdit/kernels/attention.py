@@ -104,18 +104,19 @@ _AUTO: dict[tuple, str] = {}
 
 
 def _measure(fn, q, k, v, iters: int = 20) -> float:
-    """Median ms of forward + backward of `fn` on copies of q, k, v (CUDA events)."""
+    """Median ms of forward + backward of `fn` on copies of q, k, v (CUDA events). Grad mode is
+    forced: the first use may come under no_grad (sampling), and backward is what training pays."""
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    for _ in range(3):
-        fn(q, k, v).sum().backward()
     times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(q, k, v).sum().backward()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    with torch.enable_grad():
+        for i in range(3 + iters):  # 3 untimed warm-up runs
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(q, k, v).sum().backward()
+            end.record()
+            end.synchronize()
+            if i >= 3:
+                times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
 
 
@@ -131,6 +132,8 @@ def resolve_auto(q, k, v) -> str:
                 timings[name] = _measure(backend_fn(name), q, k, v)
             except Exception:  # not installed or not supported for this shape/dtype: not a candidate
                 continue
+        if not timings:
+            raise RuntimeError(f"attention_backend=auto: no backend ran for q {tuple(q.shape)} {q.dtype}; name one")
         _AUTO[key] = min(timings, key=timings.get)
     return _AUTO[key]
 
