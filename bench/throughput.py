@@ -16,6 +16,9 @@ Variants, all in one run on one device (ratios are the result):
 FLOPs per image are analytic (srdit.model.flops; checked against torch's flop counter in the
 tests); MFU is against the bf16 matmul rate measured in the same run, reported twice: counting
 the student only, and student + online teacher (when the variant runs the teacher).
+Every variant takes the same number of steps from the same start on the same inputs, so the last
+step's loss is comparable: loss_rel_diff is its distance to the eager variant with the same
+teacher (the GPU check that the fast step computes the same thing, up to bf16 rounding).
 """
 from __future__ import annotations
 
@@ -140,12 +143,17 @@ def main(argv=None) -> None:
         row["mfu"] = row["model_tflops"] / peak
         row["mfu_with_teacher"] = row["images_per_s"] * (row["model_flops_per_image"] + row["teacher_flops_per_image"]) / 1e12 / peak
         rows.append(row)
-    base = next((r["images_per_s"] for r in rows if r.get("variant") == "eager" and "images_per_s" in r), None)
-    for r in rows:
-        if base and "images_per_s" in r:
-            r["speedup"] = r["images_per_s"] / base
+    done = {r["variant"]: r for r in rows if "images_per_s" in r}
+    for r in done.values():
+        if "eager" in done:
+            r["speedup"] = r["images_per_s"] / done["eager"]["images_per_s"]
+        # the math must not change: after the same steps from the same start, the loss equals
+        # that of the eager variant with the same teacher (online: eager; cached: cached-teacher)
+        reference = done.get("cached-teacher" if VARIANTS[r["variant"]]["cached"] else "eager")
+        if reference is not None:
+            r["loss_rel_diff"] = abs(r["loss"] - reference["loss"]) / max(abs(reference["loss"]), 1e-12)
     print(table(rows, ["variant", "batch", "step_ms", "iqr_ms", "images_per_s", "model_tflops", "mfu",
-                       "mfu_with_teacher", "peak_mem_gb", "speedup", "loss", "error"]))
+                       "mfu_with_teacher", "peak_mem_gb", "speedup", "loss", "loss_rel_diff", "error"]))
     write_json(args.json, {**env, "preset": args.preset, "batch": batch, "steps": args.steps, "matmul_tflops": peak,
                            "rows": rows})
 
