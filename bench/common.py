@@ -76,12 +76,14 @@ def matmul_tflops(device: torch.device, n: int = 8192) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def write_json(path: str | None, payload: dict) -> None:
+def write_json(path: str | None, payload: dict, quiet: bool = False) -> None:
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             json.dump(payload, f, indent=1)
-        print(f"wrote {path}")
+        os.replace(path + ".tmp", path)  # a reader (or a kill) never sees half a file
+        if not quiet:
+            print(f"wrote {path}")
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -2,10 +2,10 @@
 # One short GPU check, prepared to run as it is (device lease: ~15 minutes in all):
 #   1. the kernel and model tests on the GPU, natively (no interpreter), bf16 included, and the
 #      CUDA-graph step against the eager step (tests/train/test_graphs.py)
-#   2. bench/kernels.py at SR-DiT-B/1 shapes, batch 32 and 256
-#   3. bench/throughput.py, sr-dit-b1-256 at the target's batch 256: eager, kernels, graphs,
-#      cached-teacher, best (kernels + compile + graphs + cached teacher); eager, kernels and
-#      graphs again at batch 32
+#   2. bench/throughput.py, sr-dit-b1-256 at the target's batch 256: eager, kernels, graphs,
+#      cached-teacher, best (kernels + compile + graphs + cached teacher), written row by row
+#   3. bench/kernels.py at SR-DiT-B/1 shapes, batch 32 and 256; throughput again at batch 32
+#      (eager, kernels, graphs)
 #   4. bench/data.py: the loaders alone (synthetic shards; no DALI on the device image)
 #   5. bench/sample.py: samples/s per NFE, decode and metric costs, a 50K-evaluation projection
 # Usage: bash bench/gpu_check.sh OUTDIR   (on the device machine: bash bench/gpu_check.sh "$OUT")
@@ -34,11 +34,11 @@ run() {  # run NAME SECONDS CMD...: append its output to the log, keep going on 
 run env 20 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
     python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", torch.version.cuda)";
     git rev-parse --short=12 HEAD'
-run tests 130 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/model/test_model.py tests/train/test_graphs.py \
+run tests 130 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_model.py tests/train/test_graphs.py \
     --junitxml="$OUT/tests.xml"
-run kernels 60 python3 bench/kernels.py --batch 32 256 --json "$OUT/kernels.json"
 run throughput-b256 220 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 \
     --variants eager kernels graphs cached-teacher best --json "$OUT/throughput_b256.json"
+run kernels 60 python3 bench/kernels.py --batch 32 256 --json "$OUT/kernels.json"
 run throughput-b32 50 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 32 --steps 15 \
     --variants eager kernels graphs --json "$OUT/throughput_b32.json"
 run data 40 python3 bench/data.py --json "$OUT/data.json"

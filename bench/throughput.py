@@ -133,18 +133,43 @@ def main(argv=None) -> None:
     print(f"{env['device_name']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  "
           f"preset {args.preset}  batch {batch}  measured matmul {peak:.1f} TFLOP/s")
     rows = []
+    columns = ["variant", "batch", "step_ms", "iqr_ms", "images_per_s", "model_tflops", "mfu", "mfu_with_teacher",
+               "peak_mem_gb", "speedup", "loss", "loss_rel_diff", "error"]
     for variant in variants:
         try:
             row = run_variant(args.preset, variant, batch, args.steps, device)
         except Exception as error:  # a variant that cannot run here is reported, the rest still run
-            rows.append({"variant": variant, "error": f"{type(error).__name__}: {error}"[:300]})
-            continue
-        row["model_tflops"] = row["images_per_s"] * row["model_flops_per_image"] / 1e12
-        row["mfu"] = row["model_tflops"] / peak
-        row["mfu_with_teacher"] = row["images_per_s"] * (row["model_flops_per_image"] + row["teacher_flops_per_image"]) / 1e12 / peak
+            row = {"variant": variant, "error": f"{type(error).__name__}: {error}"[:300]}
+        release_memory(device)
         rows.append(row)
+        compare(rows, peak)
+        print(table([row], columns).splitlines()[-1], flush=True)
+        # after every variant: a run cut short by a time limit keeps what it measured
+        write_json(args.json, {**env, "preset": args.preset, "batch": batch, "steps": args.steps,
+                               "matmul_tflops": peak, "rows": rows}, quiet=True)
+    print(table(rows, columns))
+    if args.json:
+        print(f"wrote {args.json}")
+
+
+def release_memory(device) -> None:
+    """Let the next variant start from an empty card: the last one's model, optimizer, graphs
+    (their memory pool goes with them) and compiled code are dropped."""
+    import gc
+
+    torch._dynamo.reset()  # compiled code holds its model's tensors
+    gc.collect()  # closures and graphs form cycles
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def compare(rows: list[dict], peak: float) -> None:
+    """The derived columns: TFLOP/s and MFU both ways, speed-up over eager, and the loss check."""
     done = {r["variant"]: r for r in rows if "images_per_s" in r}
     for r in done.values():
+        r["model_tflops"] = r["images_per_s"] * r["model_flops_per_image"] / 1e12
+        r["mfu"] = r["model_tflops"] / peak
+        r["mfu_with_teacher"] = r["images_per_s"] * (r["model_flops_per_image"] + r["teacher_flops_per_image"]) / 1e12 / peak
         if "eager" in done:
             r["speedup"] = r["images_per_s"] / done["eager"]["images_per_s"]
         # the math must not change: after the same steps from the same start, the loss equals
@@ -152,10 +177,6 @@ def main(argv=None) -> None:
         reference = done.get("cached-teacher" if VARIANTS[r["variant"]]["cached"] else "eager")
         if reference is not None:
             r["loss_rel_diff"] = abs(r["loss"] - reference["loss"]) / max(abs(reference["loss"]), 1e-12)
-    print(table(rows, ["variant", "batch", "step_ms", "iqr_ms", "images_per_s", "model_tflops", "mfu",
-                       "mfu_with_teacher", "peak_mem_gb", "speedup", "loss", "loss_rel_diff", "error"]))
-    write_json(args.json, {**env, "preset": args.preset, "batch": batch, "steps": args.steps, "matmul_tflops": peak,
-                           "rows": rows})
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ and EMA replayed with one launch per step (`train.cuda_graphs=true`).
 A step can be captured because nothing in it reads the GPU on the host (tests/train/
 test_host_sync.py) and no shape changes: SPRINT keeps a fixed K tokens per sample. The path-drop
 coin, drawn on the host, picks one of two graphs (routed blocks run or skipped); they share one
-memory pool, which is safe because every temporary of a graph is written before it is read and
-replays never overlap.
+memory pool, which is safe because replays never overlap and every temporary of a graph is
+written before it is read. (One graph's outputs may lie in the other's temporaries: they are
+valid until the next step, whichever graph it replays.)
 
 Capture follows PyTorch's whole-network recipe. On its first call, GraphedStep runs `warmup`
 ordinary steps of each branch on a side stream, so that everything that must not happen during
@@ -14,7 +15,8 @@ state, cuBLAS workspaces), captures both graphs, then puts the model, the EMA an
 state back as they were: the run's trajectory is the one without graphs, from its first step.
 Inputs (the batch and the step's noise) are copied into static buffers before each replay; the
 values returned are the graph's static outputs, overwritten by the next step, so read or
-accumulate them before then (DeviceMetrics does).
+accumulate them before then (DeviceMetrics does). The eager steps and the replays compute the
+same thing in the same order; only launch overhead goes.
 
 One process only, with AdamW: DDP's all-reduce in a graph needs NCCL capture settings not wired
 here, and Muon/Prodigy read the skip flag on the host.
@@ -94,7 +96,6 @@ class GraphedStep:
     """StepRunner.run as CUDA graphs, one per path-drop branch; same arguments, same results."""
 
     def __init__(self, runner, *, warmup: int = WARMUP_STEPS, graph_type=None):
-        cuda = runner.device.type == "cuda"
         graph_type = graph_type or default_graph_type(runner.device)
         if runner.world > 1:
             raise ValueError("train.cuda_graphs runs in one process; with several GPUs leave it off (DDP's "
@@ -102,12 +103,11 @@ class GraphedStep:
         if not runner.optimizers.device_skip:
             raise ValueError("train.cuda_graphs needs train.optimizer=adamw: the other optimizers read the "
                              "non-finite-step flag on the host, which a graph cannot")
-        self.runner, self.warmup = runner, warmup
-        self.graph_type = graph_type
-        self.pool = torch.cuda.graph_pool_handle() if graph_type is CudaGraph else None
-        self.side_stream = torch.cuda.Stream(runner.device) if cuda else None
-        if self.graph_type is CudaGraph and not runner.optimizers.capturable:
+        if graph_type is CudaGraph and not runner.optimizers.capturable:
             raise ValueError("the optimizers were built without train.cuda_graphs=true (AdamW capturable)")
+        self.runner, self.warmup, self.graph_type = runner, warmup, graph_type
+        self.pool = torch.cuda.graph_pool_handle() if graph_type is CudaGraph else None
+        self.side_stream = torch.cuda.Stream(runner.device) if runner.device.type == "cuda" else None
         # without SPRINT path drop changes nothing, so one graph serves both coins
         cfg = runner.cfg
         self.branches = (False, True) if cfg.model.sprint and cfg.train.path_drop_prob > 0 else (False,)
@@ -119,7 +119,7 @@ class GraphedStep:
         if not self.graphs:
             self.prime(micro_batches, noise)
         self._load(micro_batches, noise)
-        graph = self.graphs[noise.path_drop and self.branches[-1]]
+        graph = self.graphs[noise.path_drop and len(self.branches) == 2]
         graph.replay()
         return graph.outputs
 
