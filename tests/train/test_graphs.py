@@ -101,12 +101,14 @@ def test_graphs_need_cuda_one_process_adamw_and_no_graphs_of_compiles_own():
                                                "train.compile_mode=reduce-overhead"])
 
 
-def test_training_with_graphs_logs_the_losses_of_training_without(tmp_path, monkeypatch):
+def test_training_with_graphs_logs_the_losses_of_training_without_also_across_a_resume(tmp_path, monkeypatch):
     from test_train import losses, run
 
     monkeypatch.setattr(graphs, "default_graph_type", lambda device: EagerReplay)
     assert run(tmp_path / "plain", "train.max_steps=6", "train.path_drop_prob=0.5") == 0
-    assert run(tmp_path / "graphs", "train.max_steps=6", "train.path_drop_prob=0.5", "train.cuda_graphs=true") == 0
+    for steps in (3, 6):  # stop after 3 steps, resume with fresh graphs for the rest
+        assert run(tmp_path / "graphs", f"train.max_steps={steps}", "train.path_drop_prob=0.5",
+                   "train.cuda_graphs=true") == 0
     assert losses(tmp_path / "graphs") == losses(tmp_path / "plain")
     a = torch.load(tmp_path / "plain" / "checkpoints" / "step_000000006.pt", weights_only=True)
     b = torch.load(tmp_path / "graphs" / "checkpoints" / "step_000000006.pt", weights_only=True)
@@ -131,3 +133,21 @@ def test_cuda_graph_step_matches_eager(kernels):
         for k in ("loss", "vel", "repa", "cls", "cfm", "grad_norm"):
             assert torch.isfinite(y[k]) and abs(x[k].item() - y[k].item()) <= 2e-3 * max(1.0, abs(x[k].item())), \
                 (step, k, x[k].item(), y[k].item())
+
+
+def test_a_resumed_optimizer_keeps_this_runs_capturable_setting():
+    """Optimizer.load_state_dict would bring back the checkpoint's flag, and capture refuses an
+    AdamW that is not capturable; a capturable one warns on every uncaptured step."""
+    from srdit.train.optim import Optimizers
+
+    cfg, runner = build_runner(CPU, *TINY)
+    for p in runner.model.parameters():
+        p.grad = torch.randn_like(p)
+    runner.optimizers.step(torch.zeros(()))
+    state = runner.optimizers.state_dict()
+    for graphs_on in (True, False):
+        cfg = apply_overrides(cfg, [f"train.cuda_graphs={graphs_on}"])
+        resumed = Optimizers(runner.model, cfg.train, CPU)
+        resumed.load_state_dict(state)
+        assert all(g["capturable"] is graphs_on for o in resumed.optimizers for g in o.param_groups)
+        state = resumed.state_dict()
