@@ -54,15 +54,17 @@ def build_teacher(cfg, device):
     return build_dinov2(cfg.data.teacher_arch, cfg.data.teacher_resolution, cfg.data.teacher_pos_interp).freeze().to(device)
 
 
-def synthetic_batch(cfg, batch, device, cached):
+def synthetic_batch(cfg, batch, device, cached, generator=None):
+    """A loader's batch: latents, labels, and fp16 teacher targets (cached) or uint8 images."""
     m = cfg.model
-    out = {"latent": torch.randn(batch, m.in_channels, m.input_size, m.input_size, device=device),
-           "label": torch.randint(0, m.num_classes, (batch,), device=device)}
+    kw = dict(device=device, generator=generator)
+    out = {"latent": torch.randn(batch, m.in_channels, m.input_size, m.input_size, **kw),
+           "label": torch.randint(0, m.num_classes, (batch,), **kw)}
     if cached:
-        out["teacher"] = torch.randn(batch, m.num_tokens, m.teacher_dim, device=device, dtype=torch.float16)
+        out["teacher"] = torch.randn(batch, m.num_tokens, m.teacher_dim, dtype=torch.float16, **kw)
     else:
         r = cfg.data.resolution
-        out["image"] = torch.randint(0, 256, (batch, 3, r, r), device=device, dtype=torch.uint8)
+        out["image"] = torch.randint(0, 256, (batch, 3, r, r), dtype=torch.uint8, **kw)
     return out
 
 

@@ -17,14 +17,14 @@ TINY = ["model.hidden=32", "model.heads=2", "model.depth=5", "model.projector_di
 CPU = torch.device("cpu")
 
 
-def trajectory(step_fn, cfg, device, steps, micro, accum, *, images=False):
+def trajectory(step_fn, cfg, device, steps, micro, accum, *, cached=True):
     """Per-step loss values (cloned: graph outputs are overwritten by the next replay) and the
     path-drop coins, on data and noise that depend only on the seeds."""
     data_gen = torch.Generator(device).manual_seed(5)
     noise_gen, host_gen = torch.Generator(device).manual_seed(6), torch.Generator().manual_seed(7)
     values, coins = [], []
     for _ in range(steps):
-        batches = [synthetic_batch(cfg, micro, device, images=images, generator=data_gen) for _ in range(accum)]
+        batches = [synthetic_batch(cfg, micro, device, cached, generator=data_gen) for _ in range(accum)]
         noise = step_noise(cfg, micro * accum, device, generator=noise_gen, host_generator=host_gen)
         coins.append(noise.path_drop)
         values.append({k: v.clone() for k, v in step_fn(batches, noise).items()})
@@ -56,7 +56,7 @@ def test_graphed_step_follows_the_eager_trajectory_bit_for_bit():
 def test_a_replay_returns_its_graphs_static_outputs():
     cfg, runner = build_runner(CPU, *TINY)
     graphed = GraphedStep(runner, graph_type=EagerReplay)
-    batches = [synthetic_batch(cfg, 2, CPU)]
+    batches = [synthetic_batch(cfg, 2, CPU, cached=True)]
     noise = step_noise(cfg, 2, CPU, host_generator=torch.Generator().manual_seed(0))
     first = graphed.run(batches, noise)
     second = graphed.run(batches, noise)
@@ -66,7 +66,7 @@ def test_a_replay_returns_its_graphs_static_outputs():
 def test_without_sprint_one_graph_serves_both_coins():
     cfg, runner = build_runner(CPU, *TINY, "model.sprint=false")
     graphed = GraphedStep(runner, graph_type=EagerReplay)
-    batches = [synthetic_batch(cfg, 2, CPU)]
+    batches = [synthetic_batch(cfg, 2, CPU, cached=True)]
     noise = step_noise(cfg, 2, CPU, host_generator=torch.Generator().manual_seed(0))
     for coin in (True, False):
         noise.path_drop = coin
@@ -78,13 +78,13 @@ def test_a_replay_refuses_inputs_of_another_shape_naming_them():
     cfg, runner = build_runner(CPU, *TINY)
     graphed = GraphedStep(runner, graph_type=EagerReplay)
     host = torch.Generator().manual_seed(0)
-    graphed.run([synthetic_batch(cfg, 2, CPU)], step_noise(cfg, 2, CPU, host_generator=host))
+    graphed.run([synthetic_batch(cfg, 2, CPU, cached=True)], step_noise(cfg, 2, CPU, host_generator=host))
     with pytest.raises(ValueError, match=r"micro-batch 0 'latent' is \(3, .* captured step takes \(2, "):
-        graphed.run([synthetic_batch(cfg, 3, CPU)], step_noise(cfg, 3, CPU, host_generator=host))
+        graphed.run([synthetic_batch(cfg, 3, CPU, cached=True)], step_noise(cfg, 3, CPU, host_generator=host))
     with pytest.raises(ValueError, match="micro-batch 0 has"):
-        graphed.run([synthetic_batch(cfg, 2, CPU, images=True)], step_noise(cfg, 2, CPU, host_generator=host))
+        graphed.run([synthetic_batch(cfg, 2, CPU, cached=False)], step_noise(cfg, 2, CPU, host_generator=host))
     with pytest.raises(ValueError, match="2 micro-batches, captured with 1"):
-        graphed.run([synthetic_batch(cfg, 1, CPU)] * 2, step_noise(cfg, 2, CPU, host_generator=host))
+        graphed.run([synthetic_batch(cfg, 1, CPU, cached=True)] * 2, step_noise(cfg, 2, CPU, host_generator=host))
 
 
 def test_graphs_need_cuda_one_process_adamw_and_no_graphs_of_compiles_own():
@@ -126,8 +126,8 @@ def test_cuda_graph_step_matches_eager(kernels):
     cfg, eager = build_runner(cuda, *overrides, teacher=True)
     _, graphed_runner = build_runner(cuda, *overrides, teacher=True)
     graphed = GraphedStep(graphed_runner)
-    a, coins = trajectory(eager.run, cfg, cuda, steps=8, micro=4, accum=2, images=True)
-    b, _ = trajectory(graphed.run, cfg, cuda, steps=8, micro=4, accum=2, images=True)
+    a, coins = trajectory(eager.run, cfg, cuda, steps=8, micro=4, accum=2, cached=False)
+    b, _ = trajectory(graphed.run, cfg, cuda, steps=8, micro=4, accum=2, cached=False)
     assert set(coins) == {False, True} and set(graphed.graphs) == {False, True}
     for step, (x, y) in enumerate(zip(a, b)):
         for k in ("loss", "vel", "repa", "cls", "cfm", "grad_norm"):

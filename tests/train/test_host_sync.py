@@ -24,7 +24,7 @@ def test_a_training_step_reads_nothing_on_the_host(kernels, cached):
     cfg, runner = build_runner(META, f"model.kernels={kernels}", f"model.batched_adaln={kernels == 'triton'}",
                                teacher=not cached, optimizers=SimpleNamespace(step=flags.append))
     micro, accum = 2, 2
-    batches = [synthetic_batch(cfg, micro, META, images=not cached) for _ in range(accum)]
+    batches = [synthetic_batch(cfg, micro, META, cached=cached) for _ in range(accum)]
     host = torch.Generator().manual_seed(0)
     metrics = DeviceMetrics(META)
     for path_drop in (False, True):  # both graphs a path-drop run captures
