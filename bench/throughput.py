@@ -171,7 +171,8 @@ def compare(rows: list[dict], peak: float) -> None:
     for r in done.values():
         r["model_tflops"] = r["images_per_s"] * r["model_flops_per_image"] / 1e12
         r["mfu"] = r["model_tflops"] / peak
-        r["mfu_with_teacher"] = r["images_per_s"] * (r["model_flops_per_image"] + r["teacher_flops_per_image"]) / 1e12 / peak
+        flops = r["model_flops_per_image"] + r["teacher_flops_per_image"]
+        r["mfu_with_teacher"] = r["images_per_s"] * flops / 1e12 / peak
         if "eager" in done:
             r["speedup"] = r["images_per_s"] / done["eager"]["images_per_s"]
         # the math must not change: after the same steps from the same start, the loss equals

@@ -169,7 +169,8 @@ class GraphedStep:
             raise ValueError(f"CUDA-graph step: {len(micro_batches)} micro-batches, captured with {len(self.batches)}")
         for i, (static, batch) in enumerate(zip(self.batches, micro_batches)):
             if static.keys() != batch.keys():
-                raise ValueError(f"CUDA-graph step: micro-batch {i} has {sorted(batch)}, captured with {sorted(static)}")
+                raise ValueError(f"CUDA-graph step: micro-batch {i} has {sorted(batch)}, "
+                                 f"captured with {sorted(static)}")
             for k in static:
                 _copy_into(static[k], batch[k], f"micro-batch {i} {k!r}")
         for f in NOISE_FIELDS:

@@ -39,7 +39,8 @@ def test_a_training_step_reads_nothing_on_the_host(kernels, cached):
 def test_the_detector_catches_a_host_read():
     """The premise of the tests above: reading a meta tensor on the host raises."""
     x = torch.ones((), device=META)
-    for read in (lambda: x.item(), lambda: bool(x > 0), lambda: torch.ones(3, device=META)[torch.ones(3, device=META) > 0],
+    mask = torch.ones(3, device=META) > 0
+    for read in (lambda: x.item(), lambda: bool(x > 0), lambda: torch.ones(3, device=META)[mask],
                  lambda: torch._foreach_lerp_([torch.ones(2, device=META)], [torch.ones(2, device=META)], x)):
         with pytest.raises((RuntimeError, NotImplementedError)):
             read()
