@@ -12,6 +12,7 @@ import functools
 import os
 import signal
 import sys
+import time
 
 import torch
 import yaml
@@ -290,6 +291,12 @@ def run_training(args, dist, stop: GracefulStop) -> int:
         micro = batches.next_step()
         noise = draw_step_noise(t.global_batch, micro[0]["latent"].shape[1:], cfg.model, t, generator=step_gen,
                                 host_generator=host_gen, device=device)
+        if t.cuda_graphs and not runner.graphs:  # warm-up and capture leave no trace in the run: untimed
+            with log.untimed():
+                began = time.perf_counter()
+                runner.prime(micro, noise)
+                log.print(f"captured {len(runner.graphs)} CUDA graph(s) of the whole step in "
+                          f"{time.perf_counter() - began:.1f} s")
         metrics.add(runner.run(micro, noise))
         step += 1
         log.step()

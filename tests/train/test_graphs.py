@@ -101,7 +101,8 @@ def test_graphs_need_cuda_one_process_adamw_and_no_graphs_of_compiles_own():
                                                "train.compile_mode=reduce-overhead"])
 
 
-def test_training_with_graphs_logs_the_losses_of_training_without_also_across_a_resume(tmp_path, monkeypatch):
+def test_training_with_graphs_logs_the_losses_of_training_without_also_across_a_resume(tmp_path, monkeypatch,
+                                                                                       capsys):
     from test_train import losses, run
 
     monkeypatch.setattr(graphs, "default_graph_type", lambda device: EagerReplay)
@@ -109,6 +110,7 @@ def test_training_with_graphs_logs_the_losses_of_training_without_also_across_a_
     for steps in (3, 6):  # stop after 3 steps, resume with fresh graphs for the rest
         assert run(tmp_path / "graphs", f"train.max_steps={steps}", "train.path_drop_prob=0.5",
                    "train.cuda_graphs=true") == 0
+        assert "captured 2 CUDA graph(s) of the whole step" in capsys.readouterr().out
     assert losses(tmp_path / "graphs") == losses(tmp_path / "plain")
     a = torch.load(tmp_path / "plain" / "checkpoints" / "step_000000006.pt", weights_only=True)
     b = torch.load(tmp_path / "graphs" / "checkpoints" / "step_000000006.pt", weights_only=True)
