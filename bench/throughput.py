@@ -23,6 +23,7 @@ teacher (the GPU check that the fast step computes the same thing, up to bf16 ro
 from __future__ import annotations
 
 import argparse
+import traceback
 
 import torch
 
@@ -141,6 +142,7 @@ def main(argv=None) -> None:
         try:
             row = run_variant(args.preset, variant, batch, args.steps, device)
         except Exception as error:  # a variant that cannot run here is reported, the rest still run
+            traceback.print_exc()  # the whole story for the log; the table and JSON get one line
             row = {"variant": variant, "error": f"{type(error).__name__}: {error}"[:300]}
         release_memory(device)
         rows.append(row)

@@ -135,7 +135,12 @@ class GraphedStep:
                 self._eager(micro_batches, dataclasses.replace(noise, path_drop=branch))
             graph = self.graph_type(self.pool)
             static_noise = dataclasses.replace(self.noise, path_drop=branch)
-            graph.capture(lambda noise=static_noise: self.runner.run(self.batches, noise))
+            try:
+                graph.capture(lambda noise=static_noise: self.runner.run(self.batches, noise))
+            except Exception as error:
+                raise RuntimeError(f"capturing the training step (path_drop={branch}) as a CUDA graph failed: "
+                                   f"{type(error).__name__}: {error}. Train without train.cuda_graphs, and "
+                                   "please report it with this traceback") from error
             self.graphs[branch] = graph
         with torch.no_grad():
             for t in self._training_state():  # in place: the graphs hold these addresses

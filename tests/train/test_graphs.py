@@ -153,3 +153,16 @@ def test_a_resumed_optimizer_keeps_this_runs_capturable_setting():
         resumed.load_state_dict(state)
         assert all(g["capturable"] is graphs_on for o in resumed.optimizers for g in o.param_groups)
         state = resumed.state_dict()
+
+
+def test_a_failed_capture_says_what_to_do():
+    class Refuses(EagerReplay):
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    cfg, runner = build_runner(CPU, *TINY)
+    graphed = GraphedStep(runner, graph_type=Refuses)
+    with pytest.raises(RuntimeError, match="as a CUDA graph failed: RuntimeError: operation not permitted.*without "
+                                           "train.cuda_graphs"):
+        graphed.run([synthetic_batch(cfg, 2, CPU, cached=True)],
+                    step_noise(cfg, 2, CPU, host_generator=torch.Generator().manual_seed(0)))
