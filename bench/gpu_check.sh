@@ -10,9 +10,11 @@
 #   5. bench/sample.py: samples/s per NFE, decode and metric costs, a 50K-evaluation projection
 # Usage: bash bench/gpu_check.sh OUTDIR   (on the device machine: bash bench/gpu_check.sh "$OUT")
 # Writes OUTDIR/log.txt (everything printed), tests.xml and one JSON per benchmark: 7 files,
-# within the device tool's 8-file limit. The step timeouts add up to under 10 minutes (one device
-# call's limit). Compiling (inductor) dominates the throughput step, so kernels+compile and
-# compile alone are left to a longer run.
+# within the device tool's 8-file limit. The step timeouts add up to 500 s: under one device
+# call's 10 minutes, and a lease's 15 leave room for the machine's start and a partial rerun
+# (run one step's command alone). A step cut short keeps what it wrote: throughput.py writes its
+# JSON after every variant. Compiling (inductor) dominates the throughput step, so
+# kernels+compile and compile alone are left to a longer run.
 set -uo pipefail
 OUT="${1:?usage: bench/gpu_check.sh OUTDIR}"
 mkdir -p "$OUT"
@@ -34,14 +36,14 @@ run() {  # run NAME SECONDS CMD...: append its output to the log, keep going on 
 run env 20 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
     python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", torch.version.cuda)";
     git rev-parse --short=12 HEAD'
-run tests 130 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_model.py tests/train/test_graphs.py \
+run tests 120 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_model.py tests/train/test_graphs.py \
     --junitxml="$OUT/tests.xml"
-run throughput-b256 220 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 \
+run throughput-b256 200 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 \
     --variants eager kernels graphs cached-teacher best --json "$OUT/throughput_b256.json"
-run kernels 60 python3 bench/kernels.py --batch 32 256 --json "$OUT/kernels.json"
-run throughput-b32 50 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 32 --steps 15 \
+run kernels 50 python3 bench/kernels.py --batch 32 256 --json "$OUT/kernels.json"
+run throughput-b32 40 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 32 --steps 15 \
     --variants eager kernels graphs --json "$OUT/throughput_b32.json"
-run data 40 python3 bench/data.py --json "$OUT/data.json"
-run sample 60 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json"
+run data 30 python3 bench/data.py --json "$OUT/data.json"
+run sample 40 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json"
 tail -60 "$LOG"
 exit $status
