@@ -9,6 +9,7 @@
 #   4. bench/data.py: the loaders alone (synthetic shards; no DALI on the device image)
 #   5. bench/sample.py: samples/s per NFE, decode and metric costs, a 50K-evaluation projection
 # Usage: bash bench/gpu_check.sh OUTDIR   (on the device machine: bash bench/gpu_check.sh "$OUT")
+# Then, back here: python bench/record.py FETCHED_OUTDIR adds the rows to bench/RESULTS.md.
 # Writes OUTDIR/log.txt (everything printed), tests.xml and one JSON per benchmark: 7 files,
 # within the device tool's 8-file limit. The step timeouts add up to 500 s: under one device
 # call's 10 minutes, and a lease's 15 leave room for the machine's start and a partial rerun
