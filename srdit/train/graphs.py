@@ -31,7 +31,6 @@ import torch
 from srdit.train.loss import StepNoise
 
 WARMUP_STEPS = 3  # eager steps per branch before its capture
-NOISE_FIELDS = ("t", "eps", "eps_cls", "drop_label", "keep_ids")  # StepNoise's tensors
 
 
 class CudaGraph:
@@ -128,8 +127,7 @@ class GraphedStep:
         restore the training state: no step has happened as far as the run is concerned."""
         saved = {id(t): (t, t.clone()) for t in self._training_state()}
         self.batches = [{k: torch.empty_like(v) for k, v in b.items()} for b in micro_batches]
-        self.noise = StepNoise(*(None if getattr(noise, f) is None else torch.empty_like(getattr(noise, f))
-                                 for f in NOISE_FIELDS), path_drop=False, null_label=noise.null_label)
+        self.noise = noise.map_tensors(torch.empty_like)
         for branch in self.branches:
             for _ in range(self.warmup):
                 self._eager(micro_batches, dataclasses.replace(noise, path_drop=branch))
@@ -178,5 +176,5 @@ class GraphedStep:
                                  f"captured with {sorted(static)}")
             for k in static:
                 _copy_into(static[k], batch[k], f"micro-batch {i} {k!r}")
-        for f in NOISE_FIELDS:
+        for f in StepNoise.TENSORS:
             _copy_into(getattr(self.noise, f), getattr(noise, f), f"noise.{f}")

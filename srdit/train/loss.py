@@ -12,8 +12,10 @@ fixed: no broadcast, no device-to-host read); everything else is drawn on the de
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +39,15 @@ class StepNoise:
     path_drop: bool  # the whole batch takes the path-dropped branch
     null_label: int = NULL_CLASS  # the label index meaning "no class" (model.num_classes)
 
+    TENSORS: ClassVar[tuple[str, ...]] = ("t", "eps", "eps_cls", "drop_label", "keep_ids")
+
+    def map_tensors(self, fn) -> "StepNoise":
+        """The same draws with fn applied to every tensor (absent ones stay None)."""
+        return dataclasses.replace(self, **{f: None if getattr(self, f) is None else fn(getattr(self, f))
+                                            for f in self.TENSORS})
+
     def rows(self, start: int, stop: int) -> "StepNoise":
-        pick = lambda v: None if v is None else v[start:stop]  # noqa: E731
-        return StepNoise(pick(self.t), pick(self.eps), pick(self.eps_cls), pick(self.drop_label),
-                         pick(self.keep_ids), self.path_drop, self.null_label)
+        return self.map_tensors(lambda v: v[start:stop])
 
 
 def sample_time(batch: int, shift: float, *, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
