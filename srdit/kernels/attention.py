@@ -138,13 +138,11 @@ def resolve_auto(q, k, v) -> str:
     return _AUTO[key]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    if backend == "auto":
-        backend = resolve_auto(q, k, v)
-    return backend_fn(backend)(q, k, v)
+def _auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return backend_fn(resolve_auto(q, k, v))(q, k, v)
 
 
-def check_backend(name: str) -> None:
-    """Fail at build time, not at the first step, when a requested backend is unavailable."""
-    if name != "auto":
-        backend_fn(name)
+def attention_fn(backend: str = "sdpa"):
+    """`attention(q, k, v)` of a backend, checked now: an unavailable one is a ConfigError here.
+    "auto" picks per shape on first use (resolve_auto)."""
+    return _auto_attention if backend == "auto" else backend_fn(backend)

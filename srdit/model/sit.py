@@ -4,7 +4,8 @@ release state dict loads as it is (see checkpoint.py).
 
 Reads top to bottom: fixed tables, embedders, attention, MLP, block, final layer, the model,
 `initialize_weights`. Normalisation, RoPE, QK-norm, value residual and the SPRINT gather/fuse
-run through `ops` (srdit.kernels.get_ops(cfg.kernels)); the model never imports Triton.
+run through `ops` (srdit.kernels.get_ops(cfg.kernels, cfg.attention_backend)); the model never
+imports Triton.
 
 Shapes: B batch, C latent channels, S grid side, P = S*S patches, T = P (+1 with the REG
 token) tokens, K kept tokens in routed blocks, D width, H heads, Dh head dim.
@@ -21,7 +22,6 @@ import torch.nn.functional as F
 
 from srdit.config import ModelConfig
 from srdit.kernels import get_ops
-from srdit.kernels.attention import attention, check_backend
 
 
 class ModelOutput(NamedTuple):
@@ -135,8 +135,7 @@ class NormWeight(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, ops, value_residual: bool):
         super().__init__()
-        self.ops, self.heads, self.backend = ops, cfg.heads, cfg.attention_backend
-        check_backend(cfg.attention_backend)
+        self.ops, self.heads = ops, cfg.heads
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.q_norm = NormWeight(cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = NormWeight(cfg.head_dim) if cfg.qk_norm else None
@@ -157,7 +156,7 @@ class Attention(nn.Module):
             v0_ids,
             self.v1_lambda,
         )  # q, k, v [B, H, N, Dh]; v_raw [B, N, H, Dh]
-        out = attention(q, k, v, self.backend).transpose(1, 2).reshape(B, N, D)  # [B, N, D]
+        out = self.ops.attention(q, k, v).transpose(1, 2).reshape(B, N, D)  # [B, N, D]
         return self.proj(out), v_raw
 
 
@@ -321,7 +320,7 @@ class SRDiT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        ops = get_ops(cfg.kernels)
+        ops = get_ops(cfg.kernels, cfg.attention_backend)
         self.ops = ops
         D = cfg.hidden
         if cfg.sprint:
