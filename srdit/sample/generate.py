@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from srdit.config import Config
+from srdit.flow import velocity_from_x0
 from srdit.model.invae import to_uint8
 from srdit.sample.samplers import euler_maruyama, guided, ode
-from srdit.train.loss import velocity_from_x0
 
 
 def model_call(model, cfg: Config):

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from srdit.config import NULL_CLASS
+from srdit.flow import ode_grid, sde_grid
 
 State = Union[Tensor, tuple[Tensor, ...]]
 ModelFn = Callable[[State, Tensor], State]
@@ -50,12 +51,6 @@ GUIDANCE_KINDS = ("none", "cfg", "pdg")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def time_shift(t, s: float):
-    """Resolution time shift t -> s t / (1 + (s - 1) t); s = 1 is the identity, s > 1 spends
-    more of the grid at high noise. Works on floats and tensors; keeps 0 -> 0 and 1 -> 1."""
-    return s * t / (1 + (s - 1) * t)
 
 
 def _leaves(state: State) -> tuple[Tensor, ...]:
@@ -79,31 +74,6 @@ def _noise(state: State, generator: torch.Generator | None) -> State:
     return _map(
         lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), state
     )
-
-
-# ----------------------------------------------------------------------------- grids
-
-
-def sde_grid(num_steps: int, t_min: float = 0.04, shift: float = 1.0) -> Tensor:
-    """[num_steps + 1] float64 times: linspace(1, t_min, num_steps), then 0, time-shifted.
-
-    The first num_steps - 1 intervals are stochastic steps, the last one (shifted t_min -> 0)
-    is the deterministic final step; one model call per interval (NFE = num_steps)."""
-    if num_steps < 2:
-        raise ValueError(f"sde_grid needs num_steps >= 2 (got {num_steps}): one stochastic step "
-                         "and the final step")
-    if not 0.0 < t_min < 1.0:
-        raise ValueError(f"t_min must be in (0, 1), got {t_min}")
-    t = torch.linspace(1.0, t_min, num_steps, dtype=torch.float64)
-    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
-    return time_shift(t, shift)
-
-
-def ode_grid(num_steps: int, shift: float = 1.0) -> Tensor:
-    """[num_steps + 1] float64 times: linspace(1, 0, num_steps + 1), time-shifted."""
-    if num_steps < 1:
-        raise ValueError(f"ode_grid needs num_steps >= 1, got {num_steps}")
-    return time_shift(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift)
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -266,5 +236,5 @@ def balanced_labels(
 
 
 __all__: Sequence[str] = (
-    "time_shift", "sde_grid", "ode_grid", "euler_maruyama", "ode", "guided", "balanced_labels",
+    "euler_maruyama", "ode", "guided", "balanced_labels",
 )

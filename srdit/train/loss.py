@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from srdit.config import NULL_CLASS, ModelConfig, TrainConfig
+from srdit.flow import interpolate, sample_time, velocity_from_x0
 from srdit.model.sit import select_tokens
-from srdit.sample.samplers import time_shift
 
 
 @dataclass
@@ -48,14 +48,6 @@ class StepNoise:
 
     def rows(self, start: int, stop: int) -> "StepNoise":
         return self.map_tensors(lambda v: v[start:stop])
-
-
-def sample_time(batch: int, shift: float, *, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """t ~ U(0, 1), then t' = s t / (1 + (s - 1) t), clamped to [0, 1] as the release does."""
-    t = torch.rand(batch, generator=generator, device=device, dtype=dtype)
-    if shift != 1.0:
-        t = time_shift(t, shift).clamp(0.0, 1.0)
-    return t
 
 
 def draw_step_noise(global_batch: int, sample_shape, model_cfg: ModelConfig, cfg: TrainConfig, *,
@@ -86,12 +78,6 @@ def drop_labels(y: torch.Tensor, drop: torch.Tensor, null_label: int = NULL_CLAS
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
-def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor):
-    """x_t = (1 - t) x + t eps and the velocity target eps - x, t [B] broadcast over x."""
-    tb = t.reshape(-1, *([1] * (x.dim() - 1)))
-    return (1 - tb) * x + tb * eps, eps - x
-
-
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dim but the batch: [B, ...] -> [B]."""
     return x.mean(dim=tuple(range(1, x.dim())))
@@ -118,13 +104,6 @@ def dispersive_loss(h: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
     # exact differences, not the |a|^2 + |b|^2 - 2ab expansion whose rounding breaks d(i, i) = 0
     sq_dist = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist").square() / z.shape[1]  # [B, B]
     return torch.logsumexp(-sq_dist.flatten() / tau, dim=0) - math.log(sq_dist.numel())
-
-
-def velocity_from_x0(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_min: float) -> torch.Tensor:
-    """An x0-prediction as a velocity: x_t = (1 - t) x0 + t eps  =>  v = (x_t - x0) / t, with t
-    clamped below at t_min so the division stays bounded near the data end."""
-    tb = t.clamp(min=t_min).reshape(-1, *([1] * (x0.dim() - 1)))
-    return (x_t - x0) / tb
 
 
 def diffusion_loss(model, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None,

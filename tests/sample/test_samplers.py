@@ -25,15 +25,8 @@ import pytest
 import torch
 
 from srdit.config import NULL_CLASS
-from srdit.sample.samplers import (
-    balanced_labels,
-    euler_maruyama,
-    guided,
-    ode,
-    ode_grid,
-    sde_grid,
-    time_shift,
-)
+from srdit.flow import ode_grid, sde_grid, time_shift
+from srdit.sample.samplers import balanced_labels, euler_maruyama, guided, ode
 
 N_SAMPLES = 20_000
 SHIFTS = (1.0, math.sqrt(2.0))

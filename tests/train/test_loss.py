@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from srdit import flow
 from srdit.config import NULL_CLASS, apply_overrides, preset
 from srdit.model import build_model
 from srdit.train import loss as L
@@ -12,7 +13,7 @@ from srdit.train import loss as L
 def test_interpolant_and_target():
     x, eps = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     t = torch.tensor([0.0, 0.25, 1.0])
-    x_t, v = L.interpolate(x, eps, t)
+    x_t, v = flow.interpolate(x, eps, t)
     for i, ti in enumerate(t.tolist()):
         assert torch.allclose(x_t[i], (1 - ti) * x[i] + ti * eps[i])
     assert torch.equal(v, eps - x)
@@ -20,13 +21,13 @@ def test_interpolant_and_target():
 
 def test_time_shift_matches_formula_and_clamps():
     g = torch.Generator().manual_seed(0)
-    t = L.sample_time(10_000, math.sqrt(2), generator=g)
+    t = flow.sample_time(10_000, math.sqrt(2), generator=g)
     u = torch.rand(10_000, generator=torch.Generator().manual_seed(0))
     s = math.sqrt(2)
     assert torch.allclose(t, s * u / (1 + (s - 1) * u))
     assert t.min() >= 0 and t.max() <= 1
     assert t.mean() > u.mean()  # s > 1 moves mass toward noise
-    assert torch.equal(L.sample_time(5, 1.0, generator=torch.Generator().manual_seed(3)),
+    assert torch.equal(flow.sample_time(5, 1.0, generator=torch.Generator().manual_seed(3)),
                        torch.rand(5, generator=torch.Generator().manual_seed(3)))
 
 
@@ -72,8 +73,8 @@ def test_dispersive_loss_against_double_loop():
 def test_x0_prediction_as_velocity():
     x0, eps = torch.randn(3, 2, 2, 2, dtype=torch.float64), torch.randn(3, 2, 2, 2, dtype=torch.float64)
     t = torch.tensor([0.5, 0.9, 0.01], dtype=torch.float64)
-    x_t, v = L.interpolate(x0, eps, t)
-    recovered = L.velocity_from_x0(x0, x_t, t, t_min=0.05)
+    x_t, v = flow.interpolate(x0, eps, t)
+    recovered = flow.velocity_from_x0(x0, x_t, t, t_min=0.05)
     assert torch.allclose(recovered[:2], v[:2], atol=1e-12)  # exact where t >= t_min
     assert torch.allclose(recovered[2], (x_t[2] - x0[2]) / 0.05)
 
