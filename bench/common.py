@@ -1,5 +1,6 @@
-"""What every benchmark shares (STYLE 13): the environment record, a timer, the card's measured
-copy bandwidth and bf16 matmul rate, and the JSON writer.
+"""What every benchmark shares (STYLE 13), besides srdit.runinfo.environment (the record each
+JSON starts with): a timer, the card's measured copy bandwidth and bf16 matmul rate, the JSON
+writer and the table printer.
 
 Timing: warm-up untimed, then the median (and the interquartile range) of repeated runs, with
 CUDA events on a GPU and perf_counter on the CPU.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 
@@ -17,19 +17,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-
-
-def environment(device: torch.device) -> dict:
-    from srdit.train.runlog import code_version, device_name  # the training log's own record
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"device_name": device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "commit": code_version(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
 def sync(device: torch.device) -> None:

@@ -31,11 +31,12 @@ import time
 import numpy as np
 import torch
 
-from common import environment, sync, table, write_json
+from common import sync, table, write_json
 from srdit.data import ShardDataset, TorchBatches, dali_available, make_batches
 from srdit.data.prepare import ShardBuffer, finalize
 from srdit.data.shards import FORMAT, PARTS, VERSION
 from srdit.data.sources import encode_image
+from srdit.runinfo import environment
 
 IMAGENET = 1_281_167
 TARGETS = {"cached": 10_000, "images": 5_000}

@@ -16,8 +16,9 @@ from typing import Callable
 
 import torch
 
-from common import copy_bandwidth_gbps, environment, matmul_tflops, table, time_ms, write_json
+from common import copy_bandwidth_gbps, matmul_tflops, table, time_ms, write_json
 from srdit.kernels import get_ops
+from srdit.runinfo import environment
 
 D, T, K, H, DH = 768, 257, 64, 12, 64
 

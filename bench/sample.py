@@ -26,10 +26,11 @@ import argparse
 import numpy as np
 import torch
 
-from common import environment, table, time_ms, write_json
+from common import table, time_ms, write_json
 from srdit.config import apply_overrides, preset
 from srdit.model import build_model
 from srdit.model.flops import _block_forward, model_flops
+from srdit.runinfo import environment
 from srdit.sample.generate import generate
 
 EVAL_SAMPLES = 50_000

@@ -27,12 +27,13 @@ import traceback
 
 import torch
 
-from common import environment, matmul_tflops, sync, table, time_ms, write_json
+from common import matmul_tflops, sync, table, time_ms, write_json
 from srdit.config import apply_overrides, preset
 from srdit.model import build_model
 from srdit.model.flops import model_flops, teacher_flops
-from srdit.train.loss import draw_step_noise
+from srdit.runinfo import environment
 from srdit.train.graphs import GraphedStep
+from srdit.train.loss import draw_step_noise
 from srdit.train.optim import EMA, Optimizers
 from srdit.train.step import StepRunner
 

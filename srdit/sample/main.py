@@ -33,12 +33,12 @@ from tqdm import tqdm
 from srdit.config import ConfigError, apply_overrides, from_dict, preset
 from srdit.model import build_model, load_release_weights
 from srdit.model.weights import describe_mismatch
+from srdit.runinfo import code_version, device_name
 from srdit.sample.batches import num_batches, sample_batch
 from srdit.sample.generate import save_grid
 from srdit.sample.npz import NpzRows, NpzWriter
 from srdit.train import checkpoint as train_ckpt
 from srdit import distributed
-from srdit.train.runlog import code_version, device_name
 
 SAMPLES_FORMAT = "srdit-samples-v1"
 GRID_SAMPLES = 100

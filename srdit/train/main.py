@@ -21,13 +21,14 @@ from srdit.config import Config, ConfigError, apply_overrides, from_dict, preset
 from srdit.data import make_batches
 from srdit.model import build_model, count_params
 from srdit.model.flops import model_flops
+from srdit.runinfo import code_version, device_name
 from srdit.sample.generate import decode_uint8, generate, save_grid
 from srdit.train import checkpoint as ckpt
 from srdit import distributed
 from srdit.train.graphs import GraphedStep
 from srdit.train.loss import draw_step_noise
 from srdit.train.optim import EMA, Optimizers
-from srdit.train.runlog import RunLog, code_version, device_name, plot_loss_curve
+from srdit.train.runlog import RunLog, plot_loss_curve
 from srdit.train.step import DeviceMetrics, StepRunner
 
 # Keys that may change when a run is resumed: cadences and bookkeeping, and how the same math is

@@ -6,47 +6,14 @@ Only rank 0 writes. Every method is cheap unless it is called at a log step.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
 import torch
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for the MFU estimate in
-# logs only; bench/throughput.py measures the card's real matmul rate instead.
-BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
-
-
-def _git(*args: str) -> str:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def code_version() -> str:
-    """Commit, plus a hash of the uncommitted diff when the tree is dirty."""
-    commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
-    diff = _git("diff", "HEAD")
-    return f"{commit}+dirty.{hashlib.sha1(diff.encode()).hexdigest()[:8]}" if diff else commit
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
+from srdit.runinfo import peak_flops
 
 
 class GpuTelemetry:
