@@ -7,7 +7,6 @@ CUDA events on a GPU and perf_counter on the CPU.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -17,6 +16,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import srdit.io  # noqa: E402  (after the path is set)
 
 
 def sync(device: torch.device) -> None:
@@ -66,9 +67,7 @@ def matmul_tflops(device: torch.device, n: int = 8192) -> float:
 def write_json(path: str | None, payload: dict, quiet: bool = False) -> None:
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(path + ".tmp", path)  # a reader (or a kill) never sees half a file
+        srdit.io.write_json(path, payload)  # a reader (or a kill) never sees half a file
         if not quiet:
             print(f"wrote {path}")
 

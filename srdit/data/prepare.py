@@ -38,13 +38,12 @@ from srdit.data.shards import (
     VERIFIED,
     VERSION,
     ShardError,
-    sha256_file,
     shard_name,
-    write_json_atomic,
     write_shard,
 )
 from srdit.data.sources import JPEG_QUALITY, Source, SourceError, SourceSamples, as_list, list_source
 from srdit.distributed import teardown
+from srdit.io import TEMP_MARK, check_same_settings, sha256_file, write_json, write_text
 
 SETTINGS = "prepare.json"
 SKIPPED = "skipped.txt"
@@ -175,18 +174,10 @@ def check_or_write_settings(out: str, settings: dict) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if differ:
-            details = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(settings.get(k))}" for k in differ)
-            raise PrepareError(f"{out} holds a preparation with other settings ({details}); use a new --out or the "
-                               f"same arguments")
+        check_same_settings(old, settings, what=f"{out} holds a preparation with other settings",
+                            fix="use a new --out or the same arguments", error=PrepareError)
     else:
-        write_json_atomic(path, settings)
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+        write_json(path, settings)
 
 
 # ------------------------------------------------------------------------------------------
@@ -239,7 +230,7 @@ class ShardBuffer:
         part = {"file": shard_name(self.k), "samples": len(arrays["label"]), "bytes": nbytes, "sha256": digest,
                 "mtime_ns": os.stat(path).st_mtime_ns, "source_range": self.source_range,
                 "skipped": sorted(self.skipped), "seconds": round(time.time() - self.t0, 3)}
-        write_json_atomic(part_path(out, self.k), part)
+        write_json(part_path(out, self.k), part)
         return part
 
 
@@ -273,7 +264,7 @@ def prepare(args) -> int:
     mine = range(rank * n_shards // world, (rank + 1) * n_shards // world)
     leftovers = {shard_name(k) for k in mine}  # temporary files of an interrupted run
     for name in os.listdir(out):
-        if ".tmp-" in name and name.split(".tmp-")[0] in leftovers:
+        if TEMP_MARK in name and name.split(TEMP_MARK)[0] in leftovers:
             os.remove(os.path.join(out, name))
     pending = [k for k in mine if load_part(out, k) is None]
     batches = [list(range(lo, min(lo + args.batch, hi)))
@@ -377,10 +368,8 @@ def finalize(out: str, settings: dict, n_shards: int, written: int, todo: int, s
         raise PrepareError(f"{len(missing)} shard(s) are unfinished ({', '.join(missing[:3])}...): a rank failed? "
                            f"rerun the same command to finish them")
     skipped = sorted(s for p in parts for s in p["skipped"])
-    with open(os.path.join(out, SKIPPED) + ".tmp", "w") as f:
-        f.write("# source_index\tpath\terror\n")
-        f.writelines(f"{i}\t{path}\t{error}\n" for i, path, error in skipped)
-    os.replace(os.path.join(out, SKIPPED) + ".tmp", os.path.join(out, SKIPPED))
+    write_text(os.path.join(out, SKIPPED), "# source_index\tpath\terror\n"
+               + "".join(f"{i}\t{path}\t{error}\n" for i, path, error in skipped))
     shards = [{k: p[k] for k in ("file", "samples", "bytes", "sha256", "source_range")} for p in parts]
     total = sum(s["samples"] for s in shards)
     index = {**settings, "samples": total, "skipped": len(skipped), "skipped_log": SKIPPED, "shards": shards,
@@ -390,8 +379,8 @@ def finalize(out: str, settings: dict, n_shards: int, written: int, todo: int, s
         st = os.stat(os.path.join(out, p["file"]))
         if (st.st_size, st.st_mtime_ns) == (p["bytes"], p["mtime_ns"]):
             stamp[p["file"]] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": p["sha256"]}
-    write_json_atomic(os.path.join(out, VERIFIED), stamp)
-    write_json_atomic(os.path.join(out, INDEX), index)
+    write_json(os.path.join(out, VERIFIED), stamp)
+    write_json(os.path.join(out, INDEX), index)
     rate = todo / seconds if seconds > 0 else 0.0
     print(f"srdit.data.prepare: {total:,} samples in {n_shards} shards ({index['bytes'] / 1e9:.3f} GB, "
           f"{index['bytes'] / max(1, total):,.0f} B/sample) in {out}; {len(skipped)} unreadable image(s) skipped"

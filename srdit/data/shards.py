@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from srdit.config import LATENT_SCALE
+from srdit.io import atomic_write, sha256_file, write_json
 
 FORMAT = "srdit-shards"
 VERSION = 1
@@ -72,24 +73,6 @@ def shard_name(k: int) -> str:
 # ------------------------------------------------------------------------------------------
 # files
 # ------------------------------------------------------------------------------------------
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def sha256_file(path: str, chunk: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)  # releases the GIL: threads hash files in parallel
-    return digest.hexdigest()
-
-
 def write_shard(path: str, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> tuple[int, str]:
     """Write `arrays` (in the given order) as one safetensors file: to a temporary name, fsynced,
     then renamed. Returns (bytes, sha256 of the file)."""
@@ -103,14 +86,10 @@ def write_shard(path: str, arrays: dict[str, np.ndarray], metadata: dict[str, st
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned
     digest = hashlib.sha256()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         for block in (struct.pack("<Q", len(text)), text, *(np.ascontiguousarray(a).data for a in arrays.values())):
             digest.update(block)
             f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return 8 + len(text) + offset, digest.hexdigest()
 
 
@@ -209,7 +188,7 @@ def verify_checksums(root: str, index: dict, mode: str = "auto", threads: int = 
                              f"and rerun prepare to recreate it")
     if todo:
         try:  # best effort: a read-only directory just hashes again next time
-            write_json_atomic(cache_path, {**cache, **{s["file"]: stats[s["file"]] for s in todo}})
+            write_json(cache_path, {**cache, **{s["file"]: stats[s["file"]] for s in todo}})
         except OSError:
             pass
     return len(todo)

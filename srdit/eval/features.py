@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from srdit.eval import inception as inception_module
+from srdit.io import atomic_write, sha256_file
 from srdit.sample.npz import NpzRows
 
 KDD_ARCH = "vitl14"
@@ -152,11 +153,7 @@ def file_sha256(path: str) -> str:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        _FILE_HASHES[key] = h.hexdigest()
+        _FILE_HASHES[key] = sha256_file(path)
     return _FILE_HASHES[key]
 
 
@@ -194,10 +191,8 @@ def cached(cache_dir: str | None, name: str, key_parts: list[str], compute):
             return {k: f[k] for k in f.files}
     value = compute()
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, **value)
-    os.replace(tmp, path)
     return value
 
 

@@ -38,6 +38,7 @@ from srdit.eval.features import (
     strict_fp32,
 )
 from srdit.eval.inception import load_inception
+from srdit.io import write_json
 
 FID_METHODS = ("sqrtm", "eigh")
 
@@ -158,7 +159,6 @@ def main(argv=None) -> int:
         print(line)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0

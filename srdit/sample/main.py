@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from srdit.config import ConfigError, apply_overrides, from_dict, preset
+from srdit.io import atomic_write, check_same_settings, write_json
 from srdit.model import build_model, load_release_weights
 from srdit.model.weights import describe_mismatch
 from srdit.runinfo import code_version, device_name
@@ -164,17 +165,6 @@ def describe(settings: dict) -> list[str]:
     ]
 
 
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
 def read_settings(path: str) -> dict:
     """The settings stored in a samples npz ({} when it has none)."""
     with np.load(path) as f:
@@ -197,12 +187,8 @@ class Parts:
         return os.path.exists(self.path(b))
 
     def write(self, b: int, images: np.ndarray, labels: np.ndarray) -> None:
-        tmp = f"{self.path(b)}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
+        with atomic_write(self.path(b)) as f:
             np.savez(f, images=images, labels=labels)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path(b))
 
     def read(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         with np.load(self.path(b)) as f:
@@ -215,15 +201,11 @@ class Parts:
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
-            changed = _diff(old, settings)
-            if changed:
-                raise SamplingError(
-                    f"{self.dir} holds batches of an interrupted run with other settings ({'; '.join(changed[:6])}); "
-                    f"rerun with the same settings to resume, or delete {self.dir} to start over")
+            check_same_settings(old, settings, what=f"{self.dir} holds batches of an interrupted run with other settings",
+                                fix=f"rerun with the same settings to resume, or delete {self.dir} to start over",
+                                error=SamplingError)
             return
-        with open(path + ".tmp", "w") as f:
-            json.dump(settings, f, indent=1, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        write_json(path, settings)
 
 
 def assemble(out: str, parts: Parts, settings: dict) -> None:
@@ -233,9 +215,8 @@ def assemble(out: str, parts: Parts, settings: dict) -> None:
     if missing:
         raise SamplingError(f"batches {missing[:10]} are missing in {parts.dir}; rerun the command to finish them")
     first, _ = parts.read(0)
-    tmp = f"{out}.tmp.{os.getpid()}"
     labels = []
-    with NpzWriter(tmp) as writer:
+    with atomic_write(out) as f, NpzWriter(f) as writer:
         images = writer.member("arr_0", (n, *first.shape[1:]), np.uint8)
         for b in range(num_batches(n, batch)):
             rows, lab = parts.read(b)
@@ -248,9 +229,6 @@ def assemble(out: str, parts: Parts, settings: dict) -> None:
         images.close()
         writer.add("arr_1", np.concatenate(labels).astype(np.int64))
         writer.add("settings", np.array(json.dumps(settings, sort_keys=True)))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
 
 
 def write_grid(out: str, grid: str) -> None:
@@ -274,10 +252,8 @@ def _status(out: str, parts: Parts, settings: dict) -> str:
             old = read_settings(out)
         except Exception as error:
             raise SamplingError(f"{out} exists and is not a readable samples file ({error}); remove it") from error
-        changed = _diff(old, settings)
-        if changed:
-            raise SamplingError(f"{out} exists with other settings ({'; '.join(changed[:6])}); "
-                                "choose another --out or remove it")
+        check_same_settings(old, settings, what=f"{out} exists with other settings",
+                            fix="choose another --out or remove it", error=SamplingError)
         return "complete"
     parts.check_settings(settings)
     return "todo"

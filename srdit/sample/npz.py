@@ -49,8 +49,8 @@ class NpzWriter:
     """`with NpzWriter(path) as w:` then `m = w.member("arr_0", shape, dtype)`, `m.write(rows)`
     repeatedly, `m.close()`; or `w.add("arr_1", array)` for a whole array. One member at a time."""
 
-    def __init__(self, path: str):
-        self.zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+    def __init__(self, path_or_file):
+        self.zip = zipfile.ZipFile(path_or_file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
 
     def member(self, name: str, shape, dtype) -> _MemberWriter:
         info = zipfile.ZipInfo(f"{name}.npy", date_time=_EPOCH)

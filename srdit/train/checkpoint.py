@@ -16,6 +16,8 @@ import re
 import numpy as np
 import torch
 
+from srdit.io import atomic_write
+
 FORMAT = "srdit-train-v1"
 _NAME = re.compile(r"step_(\d{9})\.pt$")
 
@@ -54,19 +56,9 @@ def restore_rng(state: dict) -> None:
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_write(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power cut
-    finally:
-        os.close(fd)
 
 
 def rotate(directory: str, keep: int) -> None:

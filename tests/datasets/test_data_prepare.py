@@ -15,7 +15,8 @@ from PIL import Image
 from srdit.config import LATENT_SCALE
 from srdit.data import ShardDataset, center_crop_dhariwal
 from srdit.data.prepare import image_seed
-from srdit.data.shards import open_shard, sha256_file
+from srdit.data.shards import open_shard
+from srdit.io import sha256_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -136,11 +137,11 @@ def test_resume_skips_finished_shards_and_redoes_a_missing_one(prepared, imagene
     assert code == 0 and "this run: 0 shard(s)" in text and "4 shard(s) were done before" in text
     os.remove(out / "shard-000002.safetensors")
     os.remove(out / "parts" / "shard-000002.json")
-    (out / "shard-000001.safetensors.tmp-999").write_bytes(b"half-written")  # an interrupted run's leftover
+    (out / "shard-000001.safetensors.tmp.999").write_bytes(b"half-written")  # an interrupted run's leftover
     code, text = run_prepare(*args)
     assert code == 0 and "this run: 1 shard(s), 4 images" in text, text
     assert index_of(out)["shards"] == before  # the same bytes again
-    assert not (out / "shard-000001.safetensors.tmp-999").exists()
+    assert not (out / "shard-000001.safetensors.tmp.999").exists()
     code, text = run_prepare(*args[:-6], "--seed", 1, "--shard-size", 4, "--workers", 0)
     assert code == 2 and "other settings (seed: 0 -> 1)" in text
 
