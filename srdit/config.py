@@ -20,6 +20,13 @@ from dataclasses import dataclass, field
 LATENT_SCALE = 0.3099  # INVAE latents are multiplied by this for training (SPEC 1), no shift
 NULL_CLASS = 1000  # index of the null label in the 1001-row label table (SPEC 2)
 TIME_SHIFT_BASE = 4096  # s = sqrt(C*H*W / 4096) of the latent (SPEC 3)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the teachers' input normalisation (DINOv2, KDD's DINOv2-L)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TEACHER_PATCH = {"vitb14": 14, "vitl14": 14, "tiny": 2}  # patch side of each DINOv2 teacher arch
+# A setting left at AUTO follows the model, also after `model.*` overrides (Config.__post_init__):
+# train.time_shift and sample.time_shift = sqrt(C*H*W / 4096) of the latent, and
+# data.teacher_resolution = the model's grid x the teacher's patch (16 x 14 = 224 at 256 px).
+AUTO = 0
 
 NORMS = ("rmsnorm", "layernorm")
 MLP_ACTS = ("gelu_tanh", "swiglu", "relu2", "xielu", "lopsided_relu2")
@@ -34,6 +41,13 @@ GUIDANCES = ("none", "cfg", "pdg")
 # hidden, depth, heads of the SiT sizes (SiT/DiT naming); `model.size=L` on the command line
 # sets all three.
 MODEL_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+
+
+# Field metadata of the settings a resumed run may change: cadences and bookkeeping, where the
+# data and the evaluation files live, and how the same math is run (kernels, attention backend,
+# compile, graphs: equal up to rounding, so a bit-exact resume then ends). Every other field
+# must equal the stored config.yaml (srdit.train).
+RESUMABLE = {"resumable": True}
 
 
 class ConfigError(ValueError):
@@ -78,9 +92,9 @@ class ModelConfig:
     quirk_rotate_routed_cls: bool = True  # Q1: a kept class token is rotated as grid (0, 0)
     quirk_cls_may_drop: bool = True  # Q2: the class token competes with patches to be kept
     # how it runs (results do not depend on these beyond rounding)
-    kernels: str = "eager"
-    attention_backend: str = "sdpa"
-    batched_adaln: bool = False  # all adaLN modulations of a forward in one GEMM (the fast step)
+    kernels: str = field(default="eager", metadata=RESUMABLE)
+    attention_backend: str = field(default="sdpa", metadata=RESUMABLE)
+    batched_adaln: bool = field(default=False, metadata=RESUMABLE)  # every adaLN modulation in one GEMM
 
     def __post_init__(self):
         _one_of("model.norm", self.norm, NORMS)
@@ -132,7 +146,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     resolution: int = 256
-    path: str = ""  # prepared shards (srdit.data.prepare); empty = the embedded quickstart data
+    # prepared shards (srdit.data.prepare); empty = the embedded quickstart data
+    path: str = field(default="", metadata=RESUMABLE)
     latent_scale: float = LATENT_SCALE
     invae: str = ""  # e2e-invae-400k.pt, for decoding samples
     teacher: str = ""  # dinov2_vitb14_pretrain.pth; empty = random init (quickstart only)
@@ -141,19 +156,19 @@ class DataConfig:
     # bicubic) is what the release's REPA teacher does (utils.load_encoders), so it produced
     # the published targets; "dinov2" is the hub model's own interpolation (+0.1 offset).
     teacher_pos_interp: str = "timm"
-    teacher_resolution: int = 224  # 224 -> 16x16 patch tokens (448 at 512 px)
+    teacher_resolution: int = AUTO  # the teacher's input side; AUTO: grid x patch (224 at 256 px, 448 at 512)
     cached_teacher: bool = False
-    num_workers: int = 4
+    num_workers: int = field(default=4, metadata=RESUMABLE)
 
     def __post_init__(self):
         _one_of("data.resolution", self.resolution, (16, 256, 512))
-        _one_of("data.teacher_arch", self.teacher_arch, ("vitb14", "vitl14", "tiny"))
+        _one_of("data.teacher_arch", self.teacher_arch, tuple(TEACHER_PATCH))
         _one_of("data.teacher_pos_interp", self.teacher_pos_interp, ("timm", "dinov2"))
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 400_000
+    max_steps: int = field(default=400_000, metadata=RESUMABLE)
     global_batch: int = 256
     grad_accum: int = 1
     optimizer: str = "adamw"
@@ -175,27 +190,28 @@ class TrainConfig:
     cfm_time_weighted: bool = False  # appendix: CFM term times t (used with weight 0.10)
     dispersive_weight: float = 0.0  # appendix: dispersive loss on the REPA-tap hidden state
     dispersive_tau: float = 0.5
-    time_shift: float = 1.0  # s of t' = s t / (1 + (s - 1) t); 1 = no shift
+    time_shift: float = 1.0  # s of t' = s t / (1 + (s - 1) t); 1 = no shift; AUTO (0): from the latent size
     # cadence and bookkeeping
     seed: int = 0
-    log_every: int = 100
-    ckpt_every: int = 10_000
-    sample_every: int = 2_000
-    eval_every: int = 0  # quick FID-10K + KDD of the EMA model (srdit.eval.quick) every N steps; 0 = off
-    eval_samples: int = 10_000
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 10
-    compile: bool = False
+    log_every: int = field(default=100, metadata=RESUMABLE)
+    ckpt_every: int = field(default=10_000, metadata=RESUMABLE)
+    sample_every: int = field(default=2_000, metadata=RESUMABLE)
+    # quick FID-10K + KDD of the EMA model (srdit.eval.quick) every N steps; 0 = off
+    eval_every: int = field(default=0, metadata=RESUMABLE)
+    eval_samples: int = field(default=10_000, metadata=RESUMABLE)
+    keep_checkpoints: int = field(default=3, metadata=RESUMABLE)
+    max_bad_steps: int = field(default=10, metadata=RESUMABLE)
+    compile: bool = field(default=False, metadata=RESUMABLE)
     # torch.compile mode when train.compile: "reduce-overhead" and "max-autotune" capture CUDA
     # graphs of the model on a GPU
-    compile_mode: str = "default"
+    compile_mode: str = field(default="default", metadata=RESUMABLE)
     # the whole step (forward, backward, optimizer, EMA) replayed as CUDA graphs: one GPU, AdamW
     # (srdit/train/graphs.py)
-    cuda_graphs: bool = False
+    cuda_graphs: bool = field(default=False, metadata=RESUMABLE)
     precision: str = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
-    wandb_mode: str = "disabled"  # online | offline | disabled
-    wandb_project: str = "srdit"
-    wandb_name: str = ""
+    wandb_mode: str = field(default="disabled", metadata=RESUMABLE)  # online | offline | disabled
+    wandb_project: str = field(default="srdit", metadata=RESUMABLE)
+    wandb_name: str = field(default="", metadata=RESUMABLE)
 
     def __post_init__(self):
         _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -216,8 +232,8 @@ class TrainConfig:
         for name in ("log_every", "ckpt_every", "sample_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
-        if self.time_shift <= 0:
-            raise ConfigError(f"train.time_shift={self.time_shift} must be > 0")
+        if self.time_shift < 0:
+            raise ConfigError(f"train.time_shift={self.time_shift} must be > 0 (or 0: from the latent size)")
         for name in ("label_dropout", "path_drop_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must lie in [0, 1)")
@@ -228,7 +244,7 @@ class SampleConfig:
     sampler: str = "sde"
     num_steps: int = 250
     t_min: float = 0.04
-    time_shift: float = 1.0
+    time_shift: float = 1.0  # as train.time_shift: 1 = no shift; AUTO (0): from the latent size
     guidance: str = "none"
     guidance_scale: float = 1.0
     guidance_low: float = 0.0
@@ -243,14 +259,16 @@ class SampleConfig:
         _one_of("sample.sampler", self.sampler, SAMPLERS)
         _one_of("sample.guidance", self.guidance, GUIDANCES)
         _one_of("sample.precision", self.precision, ("bf16", "fp32"))
+        if self.time_shift < 0:
+            raise ConfigError(f"sample.time_shift={self.time_shift} must be > 0 (or 0: from the latent size)")
 
 
 @dataclass
 class EvalConfig:
-    reference: str = ""  # VIRTUAL_imagenet256_labeled.npz
-    inception: str = ""  # pt_inception-2015-12-05-6726825d.pth
-    kdd_teacher: str = ""  # dinov2_vitl14_pretrain.pth
-    batch: int = 250
+    reference: str = field(default="", metadata=RESUMABLE)  # VIRTUAL_imagenet256_labeled.npz
+    inception: str = field(default="", metadata=RESUMABLE)  # pt_inception-2015-12-05-6726825d.pth
+    kdd_teacher: str = field(default="", metadata=RESUMABLE)  # dinov2_vitl14_pretrain.pth
+    batch: int = field(default=250, metadata=RESUMABLE)
 
 
 @dataclass
@@ -261,8 +279,25 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self):
+        # Settings left at AUTO are filled in from the model; `derived` remembers which, so that
+        # a later override of the model (`_derive`) derives them again instead of keeping stale numbers.
+        derived = set()
+        for key, value in _derived_values(self).items():
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) == AUTO:
+                setattr(self, section, dataclasses.replace(getattr(self, section), **{name: value}))
+                derived.add(key)
+        self.derived = frozenset(derived)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def resumable_keys() -> frozenset[str]:
+    """`section.field` of every setting marked RESUMABLE."""
+    return frozenset(f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
+                     for f in dataclasses.fields(typing.get_type_hints(Config)[s.name]) if f.metadata.get("resumable"))
 
 
 def auto_time_shift(model: ModelConfig) -> float:
@@ -270,8 +305,20 @@ def auto_time_shift(model: ModelConfig) -> float:
     return math.sqrt(model.in_channels * model.input_size**2 / TIME_SHIFT_BASE)
 
 
+def _derived_values(cfg: Config) -> dict[str, float]:
+    """What the AUTO settings become for cfg's model (see AUTO)."""
+    shift = auto_time_shift(cfg.model)
+    return {"train.time_shift": shift, "sample.time_shift": shift,
+            "data.teacher_resolution": cfg.model.grid * TEACHER_PATCH[cfg.data.teacher_arch]}
+
+
 def _derive(base: Config, **sections) -> Config:
-    """A copy of `base` with some fields of some sections replaced: `model=dict(rope=True)`."""
+    """A copy of `base` with some fields of some sections replaced: `model=dict(rope=True)`.
+    Settings base derived (AUTO) and not set here are derived again for the new model."""
+    sections = {name: dict(changes) for name, changes in sections.items()}
+    for key in base.derived:
+        section, name = key.split(".")
+        sections.setdefault(section, {}).setdefault(name, AUTO)
     replaced = {name: dataclasses.replace(getattr(base, name), **changes) for name, changes in sections.items()}
     return dataclasses.replace(base, **replaced)
 
@@ -292,18 +339,10 @@ def _build_presets() -> dict[str, Config]:
     p["qknorm-b1-256"] = _derive(p["rope-b1-256"], model=dict(qk_norm=True))
     p["valres-b1-256"] = _derive(p["qknorm-b1-256"], model=dict(value_residual=True))
     p["cfm-b1-256"] = _derive(p["valres-b1-256"], train=dict(cfm_weight=0.05))
-    shift256 = auto_time_shift(p["cfm-b1-256"].model)
-    p["timeshift-b1-256"] = _derive(p["cfm-b1-256"], train=dict(time_shift=shift256), sample=dict(time_shift=shift256))
+    # s = sqrt(C*H*W / 4096) from here on: sqrt 2 at 256 px, sqrt 8 at 512 px (AUTO follows the model)
+    p["timeshift-b1-256"] = _derive(p["cfm-b1-256"], train=dict(time_shift=AUTO), sample=dict(time_shift=AUTO))
     p["sr-dit-b1-256"] = _derive(p["timeshift-b1-256"], sample=dict(balanced_labels=True))
-    m512 = dataclasses.replace(p["sr-dit-b1-256"].model, input_size=32)
-    shift512 = auto_time_shift(m512)
-    p["sr-dit-b1-512"] = _derive(
-        p["sr-dit-b1-256"],
-        model=dict(input_size=32),
-        data=dict(resolution=512, teacher_resolution=448),
-        train=dict(time_shift=shift512),
-        sample=dict(time_shift=shift512),
-    )
+    p["sr-dit-b1-512"] = _derive(p["sr-dit-b1-256"], model=dict(input_size=32), data=dict(resolution=512))
     # A small SR-DiT with every part of the recipe, for CPUs: 1 x 16 x 16 pixel-space digits
     # (identity tokenizer), patch 2 -> 64 patches + REG token = 65 tokens, 16 kept when routed;
     # a tiny ViT teacher of the DINOv2 code path (width 64).
@@ -314,10 +353,10 @@ def _build_presets() -> dict[str, Config]:
     p["quickstart"] = _derive(
         p["sr-dit-b1-256"],
         model=quick_model,
-        data=dict(resolution=16, teacher_arch="tiny", teacher_resolution=16, latent_scale=1.0, num_workers=0),
+        data=dict(resolution=16, teacher_arch="tiny", latent_scale=1.0, num_workers=0),
         train=dict(max_steps=1500, global_batch=64, lr=1e-3, ema_decay=0.99, log_every=50, ckpt_every=500,
-                   sample_every=500, time_shift=auto_time_shift(ModelConfig(**quick_model))),
-        sample=dict(num_steps=50, num_samples=100, batch=100, time_shift=auto_time_shift(ModelConfig(**quick_model))),
+                   sample_every=500),
+        sample=dict(num_steps=50, num_samples=100, batch=100),
     )
     return p
 

@@ -73,3 +73,18 @@ def test_dict_round_trip():
     bad["train"]["nonsense"] = 1
     with pytest.raises(ConfigError, match="train.nonsense"):
         from_dict(bad)
+
+
+def test_derived_settings_follow_the_model_unless_set():
+    base = preset("sr-dit-b1-256")
+    assert math.isclose(base.train.time_shift, math.sqrt(2)) and base.data.teacher_resolution == 224
+    big = apply_overrides(base, ["model.input_size=32"])  # 512 px latents: every derived number follows
+    assert math.isclose(big.train.time_shift, math.sqrt(8)) and math.isclose(big.sample.time_shift, math.sqrt(8))
+    assert big.data.teacher_resolution == 448
+    assert apply_overrides(big, ["model.input_size=16"]).to_dict() == base.to_dict()
+    pinned = apply_overrides(base, ["train.time_shift=1.5", "data.teacher_resolution=112", "model.input_size=32"])
+    assert pinned.train.time_shift == 1.5 and pinned.data.teacher_resolution == 112  # set: kept
+    assert math.isclose(pinned.sample.time_shift, math.sqrt(8))  # not set: derived
+    auto = apply_overrides(preset("cfm-b1-256"), ["train.time_shift=0"])  # 0 (AUTO) asks for the derived value
+    assert math.isclose(auto.train.time_shift, math.sqrt(2)) and auto.sample.time_shift == 1.0
+    assert from_dict(big.to_dict()).to_dict() == big.to_dict()  # config.yaml stores the numbers

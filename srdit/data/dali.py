@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from srdit.config import IMAGENET_MEAN, IMAGENET_STD
 from srdit.data.loader import GlobalBatches
 
 
@@ -59,8 +60,6 @@ class DaliBatches:
                  teacher_input: int | None = None):
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-        from srdit.model.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 
         self.plan = GlobalBatches(dataset, global_batch, rank=rank, world=world, accum=accum, seed=seed,
                                   start_step=start_step)

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from srdit.config import IMAGENET_MEAN, IMAGENET_STD
 from srdit.eval import inception as inception_module
 from srdit.io import atomic_write, sha256_file
 from srdit.sample.npz import NpzRows
@@ -86,8 +87,6 @@ def inception_features(model, batches, device=None) -> dict[str, np.ndarray]:
 def kdd_inputs(images, size: int = KDD_SIZE, threads: int = 8) -> torch.Tensor:
     """uint8 images -> float32 [B, 3, size, size]: PIL bicubic resize, / 255, ImageNet mean/std."""
     from PIL import Image
-
-    from srdit.model.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 
     images = _nhwc_numpy(images)
     if images.shape[1:3] != (size, size):

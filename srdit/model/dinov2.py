@@ -49,10 +49,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from srdit.config import IMAGENET_MEAN, IMAGENET_STD, TEACHER_PATCH
 from srdit.model.weights import describe_mismatch, load_state_file
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 POS_INTERPS = ("dinov2", "timm")
 
 
@@ -67,10 +66,10 @@ class DINOv2Arch:
 
 
 ARCHS = {
-    "vitb14": DINOv2Arch(768, 12, 12, 14, 37, "dinov2_vitb14_pretrain.pth"),
-    "vitl14": DINOv2Arch(1024, 24, 16, 14, 37, "dinov2_vitl14_pretrain.pth"),
+    "vitb14": DINOv2Arch(768, 12, 12, TEACHER_PATCH["vitb14"], 37, "dinov2_vitb14_pretrain.pth"),
+    "vitl14": DINOv2Arch(1024, 24, 16, TEACHER_PATCH["vitl14"], 37, "dinov2_vitl14_pretrain.pth"),
     # CPU quickstart teacher: same code path, random init, stored grid 8x8 (img_size 16).
-    "tiny": DINOv2Arch(64, 2, 2, 2, 8, None),
+    "tiny": DINOv2Arch(64, 2, 2, TEACHER_PATCH["tiny"], 8, None),
 }
 
 
