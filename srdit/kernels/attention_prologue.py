@@ -62,8 +62,9 @@ import triton
 import triton.language as tl
 
 from srdit.kernels.reference import default_rms_eps
-from srdit.kernels.rope import _head_rows, _load_tables, _rotate_pairs, compute_dtype
-from srdit.kernels.triton_utils import interpreting, row_launch
+from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, head_rows, interpreting,
+                                        load_rope_tables, rms_normalize, rms_normalize_bwd, rotate_pairs, row_launch,
+                                        tl_compute_dtype, unit_last_stride)
 
 GPU_TILE = 2048  # elements per program on a GPU: q, k, v, tables and grads are live at once
 
@@ -72,25 +73,23 @@ GPU_TILE = 2048  # elements per program on a GPU: q, k, v, tables and grads are 
 
 
 @triton.jit
-def _rms_norm_fwd(x, w_ptr, d, d_mask, Dh, eps, HAS_W: tl.constexpr):
-    """x [ROWS, BLOCK_D] -> x * rsqrt(mean(x^2) + eps) * w (padded lanes hold 0 and stay 0)."""
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / Dh + eps)
-    y = x * rstd[:, None]
+def _qk_norm_fwd(x, w_ptr, d, d_mask, Dh, eps, HAS_W: tl.constexpr):
+    """QK-norm of rows x [ROWS, BLOCK_D]: rms_normalize(x) * w (padded lanes hold 0 and stay 0)."""
+    y, _ = rms_normalize(x, Dh, eps)
     if HAS_W:
         y = y * tl.load(w_ptr + d, mask=d_mask, other=0.0).to(x.dtype)[None, :]
     return y
 
 
 @triton.jit
-def _rms_norm_bwd(x, g, w_ptr, d, d_mask, Dh, eps, HAS_W: tl.constexpr):
-    """RMSNorm backward of rows x [ROWS, BLOCK_D] given dL/dy g: returns (dx, dw partial [BLOCK_D])."""
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / Dh + eps)
-    xh = x * rstd[:, None]
+def _qk_norm_bwd(x, g, w_ptr, d, d_mask, Dh, eps, HAS_W: tl.constexpr):
+    """QK-norm backward of rows x [ROWS, BLOCK_D] given dL/dy g: returns (dx, dw partial [BLOCK_D]);
+    rstd is recomputed from x."""
+    xh, rstd = rms_normalize(x, Dh, eps)
     dw = tl.sum(g * xh, axis=0)
     if HAS_W:
         g = g * tl.load(w_ptr + d, mask=d_mask, other=0.0).to(x.dtype)[None, :]
-    dx = rstd[:, None] * (g - xh * (tl.sum(g * xh, axis=1) / Dh)[:, None])
-    return dx, dw
+    return rms_normalize_bwd(g, xh, rstd, Dh), dw
 
 
 @triton.jit
@@ -117,7 +116,7 @@ def _attention_prologue_fwd_kernel(
     HAS_V0: tl.constexpr, HAS_V0_IDS: tl.constexpr,
     COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    r, d, row_mask, d_mask, mask, b, n, h = _head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
+    r, d, row_mask, d_mask, mask, b, n, h = head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
     D = H * Dh
     x_offs = (b * stride_xb + n * stride_xn + h * Dh)[:, None] + d[None, :]  # q part of qkv
     out_offs = r[:, None] * Dh + d[None, :]  # contiguous [B,N,H,Dh]
@@ -126,13 +125,13 @@ def _attention_prologue_fwd_kernel(
     q = tl.load(qkv_ptr + x_offs, mask=mask, other=0.0).to(COMPUTE)
     k = tl.load(qkv_ptr + x_offs + D, mask=mask, other=0.0).to(COMPUTE)
     if HAS_NORM:
-        q = _rms_norm_fwd(q, qw_ptr, d, d_mask, Dh, eps, HAS_QW)
-        k = _rms_norm_fwd(k, kw_ptr, d, d_mask, Dh, eps, HAS_KW)
+        q = _qk_norm_fwd(q, qw_ptr, d, d_mask, Dh, eps, HAS_QW)
+        k = _qk_norm_fwd(k, kw_ptr, d, d_mask, Dh, eps, HAS_KW)
     if HAS_ROPE:
-        c, s = _load_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
+        c, s = load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
                             COMPUTE)
-        q = _rotate_pairs(q, c, s, ROWS, BLOCK_D, False)
-        k = _rotate_pairs(k, c, s, ROWS, BLOCK_D, False)
+        q = rotate_pairs(q, c, s, ROWS, BLOCK_D, False)
+        k = rotate_pairs(k, c, s, ROWS, BLOCK_D, False)
     tl.store(q_ptr + out_offs, q.to(out_ty), mask=mask)
     tl.store(k_ptr + out_offs, k.to(out_ty), mask=mask)
 
@@ -157,7 +156,7 @@ def _attention_prologue_bwd_kernel(
     COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    r, d, row_mask, d_mask, mask, b, n, h = _head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
+    r, d, row_mask, d_mask, mask, b, n, h = head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
     token = b * N + n
     D = H * Dh
     x_offs = (b * stride_xb + n * stride_xn + h * Dh)[:, None] + d[None, :]
@@ -169,15 +168,15 @@ def _attention_prologue_bwd_kernel(
     gk = tl.load(dk_ptr + (b * stride_kb + n * stride_kn + h * stride_kh)[:, None] + d[None, :],
                  mask=mask, other=0.0).to(COMPUTE)
     if HAS_ROPE:
-        c, s = _load_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
+        c, s = load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
                             COMPUTE)
-        gq = _rotate_pairs(gq, c, s, ROWS, BLOCK_D, True)
-        gk = _rotate_pairs(gk, c, s, ROWS, BLOCK_D, True)
+        gq = rotate_pairs(gq, c, s, ROWS, BLOCK_D, True)
+        gk = rotate_pairs(gk, c, s, ROWS, BLOCK_D, True)
     if HAS_NORM:
         xq = tl.load(qkv_ptr + x_offs, mask=mask, other=0.0).to(COMPUTE)
-        gq, dqw = _rms_norm_bwd(xq, gq, qw_ptr, d, d_mask, Dh, eps, HAS_QW)
+        gq, dqw = _qk_norm_bwd(xq, gq, qw_ptr, d, d_mask, Dh, eps, HAS_QW)
         xk = tl.load(qkv_ptr + x_offs + D, mask=mask, other=0.0).to(COMPUTE)
-        gk, dkw = _rms_norm_bwd(xk, gk, kw_ptr, d, d_mask, Dh, eps, HAS_KW)
+        gk, dkw = _qk_norm_bwd(xk, gk, kw_ptr, d, d_mask, Dh, eps, HAS_KW)
         if HAS_QW:
             tl.store(dqw_ptr + pid * Dh + d, dqw, mask=d_mask)
         if HAS_KW:
@@ -202,16 +201,6 @@ def _attention_prologue_bwd_kernel(
 # --------------------------------------------------------------------------- host launchers
 
 
-def _absent(like: torch.Tensor) -> torch.Tensor:
-    """Placeholder for a gradient whose input is absent (custom ops return no None; outputs
-    must not alias each other, so each placeholder is its own tensor)."""
-    return like.new_empty(0)
-
-
-def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
 def _launch_settings(n_rows: int, head_dim: int):
     max_rows = None if interpreting() else max(1, GPU_TILE // triton.next_power_of_2(head_dim))
     return row_launch(n_rows, head_dim, max_rows=max_rows)
@@ -232,13 +221,13 @@ def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
 
 
 def _launch_fwd(qkv, heads, q_weight=None, k_weight=None, cos=None, sin=None, rope_ids=None, v0=None,
-                v0_ids=None, lam=None, out=None):
-    """q, k, v as contiguous [B,N,H,Dh] tensors in qkv's dtype; `out` = preallocated (q, k, v)."""
+                v0_ids=None, lam=None, alloc=empty_output):
+    """q, k, v as contiguous [B,N,H,Dh] tensors in qkv's dtype, each made by `alloc` (shape, dtype,
+    device) and written whole."""
     B, N, three_d = qkv.shape
     Dh = three_d // 3 // heads
-    qkv, v0, q_weight, k_weight = (_unit_last(t) for t in (qkv, v0, q_weight, k_weight))
-    if out is None:
-        out = tuple(torch.empty((B, N, heads, Dh), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    qkv, v0, q_weight, k_weight = (unit_last_stride(t) for t in (qkv, v0, q_weight, k_weight))
+    out = tuple(alloc((B, N, heads, Dh), qkv.dtype, qkv.device) for _ in range(3))
     n_rows = B * N * heads
     if n_rows == 0:
         return out
@@ -252,37 +241,39 @@ def _launch_fwd(qkv, heads, q_weight=None, k_weight=None, cos=None, sin=None, ro
         qkv.stride(0), qkv.stride(1), *_strides2(rope_ids), cos.stride(0) if cos is not None else 0,
         *_strides3(v0), *_strides2(v0_ids),
         **_flags(q_weight, k_weight, cos, v0, v0_ids),
-        COMPUTE=compute_dtype(qkv.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+        COMPUTE=tl_compute_dtype(qkv.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
     )
     return out
 
 
 def _launch_bwd(dq, dk, dv, qkv, heads, q_weight=None, k_weight=None, cos=None, sin=None, rope_ids=None,
-                v0=None, v0_ids=None, lam=None, out=None):
+                v0=None, v0_ids=None, lam=None, alloc=empty_output):
     """Gradients (d qkv, d q_weight, d k_weight, d v0, d lam) from dq, dk, dv [B,N,H,Dh].
 
-    Absent inputs get an empty placeholder (custom ops cannot return None). `out` = preallocated
-    (d qkv [B,N,3D] contiguous, d v0 [B,T,H,Dh] contiguous in v0's dtype, or None), for the
-    poisoning tests; with v0_ids a preallocated d v0 is zeroed first."""
+    Absent inputs get absent_grad (custom ops cannot return None). d qkv [B,N,3D], d v0
+    [B,T,H,Dh] (contiguous, in v0's dtype; zeroed first with v0_ids) and the partial-sum buffers
+    are made by `alloc` (shape, dtype, device)."""
     B, N, three_d = qkv.shape
     Dh = three_d // 3 // heads
-    qkv, v0, q_weight, k_weight = (_unit_last(t) for t in (qkv, v0, q_weight, k_weight))
-    dq, dk, dv = (_unit_last(g) for g in (dq, dk, dv))  # any layout: SDPA's, or autograd's sums
+    qkv, v0, q_weight, k_weight = (unit_last_stride(t) for t in (qkv, v0, q_weight, k_weight))
+    dq, dk, dv = (unit_last_stride(g) for g in (dq, dk, dv))  # any layout: SDPA's, or autograd's sums
     flags = _flags(q_weight, k_weight, cos, v0, v0_ids)
-    accum = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    accum = compute_dtype(qkv.dtype)
     n_rows = B * N * heads
     launch = _launch_settings(max(n_rows, 1), Dh)
     programs = launch.grid[0]
-    out_dqkv, out_dv0 = (None, None) if out is None else out
-    dqkv = torch.empty((B, N, three_d), dtype=qkv.dtype, device=qkv.device) if out_dqkv is None else out_dqkv
-    partial = torch.empty if n_rows > 0 else torch.zeros  # every program writes its partials
-    dqw = partial((programs, Dh), dtype=accum, device=qkv.device) if flags["HAS_QW"] else _absent(qkv)
-    dkw = partial((programs, Dh), dtype=accum, device=qkv.device) if flags["HAS_KW"] else _absent(qkv)
-    dlam = partial(programs, dtype=accum, device=qkv.device) if flags["HAS_V0"] else _absent(qkv)
+    dqkv = alloc((B, N, three_d), qkv.dtype, qkv.device)
+
+    def partial(shape):  # every program writes its partials; with no rows there is no program
+        return alloc(shape, accum, qkv.device) if n_rows > 0 else torch.zeros(shape, dtype=accum, device=qkv.device)
+
+    dqw = partial((programs, Dh)) if flags["HAS_QW"] else absent_grad(qkv)
+    dkw = partial((programs, Dh)) if flags["HAS_KW"] else absent_grad(qkv)
+    dlam = partial((programs,)) if flags["HAS_V0"] else absent_grad(qkv)
     if not flags["HAS_V0"]:
-        dv0 = _absent(qkv)
+        dv0 = absent_grad(qkv)
     else:  # routed: tokens not kept get no gradient, so zero first; dense: every element written
-        dv0 = torch.empty(v0.shape, dtype=v0.dtype, device=v0.device) if out_dv0 is None else out_dv0
+        dv0 = alloc(v0.shape, v0.dtype, v0.device)
         if flags["HAS_V0_IDS"]:
             dv0.zero_()
     if n_rows > 0:
@@ -296,7 +287,7 @@ def _launch_bwd(dq, dk, dv, qkv, heads, q_weight=None, k_weight=None, cos=None, 
             cos.stride(0) if cos is not None else 0,
             *_strides3(v0), *_strides2(v0_ids), *_strides3(dv0 if flags["HAS_V0"] else None),
             **flags,
-            COMPUTE=compute_dtype(qkv.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+            COMPUTE=tl_compute_dtype(qkv.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
         )
     if flags["HAS_QW"]:
         dqw = dqw.sum(0).to(q_weight.dtype)
@@ -340,11 +331,11 @@ def _attention_prologue_bwd_op(
 def _(dq, dk, dv, qkv, heads, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam):
     flags = _flags(q_weight, k_weight, cos, v0, v0_ids)
     return (
-        torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device),
-        torch.empty(q_weight.shape, dtype=q_weight.dtype, device=q_weight.device) if flags["HAS_QW"] else _absent(qkv),
-        torch.empty(k_weight.shape, dtype=k_weight.dtype, device=k_weight.device) if flags["HAS_KW"] else _absent(qkv),
-        torch.empty(v0.shape, dtype=v0.dtype, device=v0.device) if flags["HAS_V0"] else _absent(qkv),
-        torch.empty(lam.shape, dtype=lam.dtype, device=lam.device) if flags["HAS_V0"] else _absent(qkv),
+        qkv.new_empty(qkv.shape),
+        q_weight.new_empty(q_weight.shape) if flags["HAS_QW"] else absent_grad(qkv),
+        k_weight.new_empty(k_weight.shape) if flags["HAS_KW"] else absent_grad(qkv),
+        v0.new_empty(v0.shape) if flags["HAS_V0"] else absent_grad(qkv),
+        lam.new_empty(lam.shape) if flags["HAS_V0"] else absent_grad(qkv),
     )
 
 

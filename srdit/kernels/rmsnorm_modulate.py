@@ -50,7 +50,8 @@ import triton
 import triton.language as tl
 
 from srdit.kernels.reference import default_rms_eps
-from srdit.kernels.triton_utils import row_launch, split_launch
+from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, rms_normalize, rms_normalize_bwd,
+                                        row_launch, split_launch, unit_last_stride)
 
 Tensor = torch.Tensor
 
@@ -78,9 +79,8 @@ def _rmsnorm_modulate_fwd_kernel(
         x_new = (x + gate * f).to(XN.dtype.element_ty)  # the residual stream, as stored
         tl.store(XN + offs, x_new, mask=mask)
         x = x_new.to(cdt)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [BLOCK_R]
+    y, rstd = rms_normalize(x, D, eps)  # [BLOCK_R, BLOCK_D], [BLOCK_R]
     tl.store(RSTD + rows, rstd, mask=row_mask)
-    y = x * rstd[:, None]
     if HAS_W:
         y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(cdt)[None, :]
     if HAS_MOD:
@@ -133,8 +133,7 @@ def _rmsnorm_modulate_bwd_kernel(
         if HAS_W:
             gw = g * w[None, :]
             xw = xhat * w[None, :]
-        c = tl.sum(gw * xhat, axis=1) / D  # [BLOCK_R]
-        dx = (gw - xhat * c[:, None]) * rstd[:, None]
+        dx = rms_normalize_bwd(gw, xhat, rstd, D)
         if RESIDUAL:
             if HAS_DXN:
                 dx += tl.load(DXN + offs, mask=mask, other=0.0).to(cdt)
@@ -160,10 +159,6 @@ def _rmsnorm_modulate_bwd_kernel(
 # --------------------------------------------------------------------------- host launchers
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check(x, shift, scale, weight, gate=None, f=None) -> None:
     """Shapes the kernels assume; called by the launchers and the fake (so compile checks too)."""
     D = x.shape[-1]
@@ -181,12 +176,7 @@ def _check(x, shift, scale, weight, gate=None, f=None) -> None:
         raise ValueError(f"residual_rmsnorm_modulate: f must have x's shape {tuple(x.shape)}, got {tuple(f.shape)}")
 
 
-def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
-    """A [B,D] operand with unit column stride (chunks of the adaLN output stay views)."""
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
-def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, alloc=torch.empty):
+def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, alloc=empty_output):
     """Runs the forward kernel; returns (x_new or None, y, rstd). `alloc` makes every output
     (the tests pass one that fills them with NaN, so an unwritten element fails)."""
     _check(x, shift, scale, weight, gate, f)
@@ -195,12 +185,12 @@ def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, alloc=torch.
     x = x.contiguous()
     R = x.numel() // D
     N = x.shape[1] if x.dim() == 3 else 1
-    shift, scale, gate = _rows(shift), _rows(scale), _rows(gate)
+    shift, scale, gate = (unit_last_stride(t) for t in (shift, scale, gate))
     weight = weight.contiguous() if weight is not None else None
     f = f.contiguous() if residual else None
-    y = alloc(x.shape, dtype=x.dtype, device=x.device)
-    x_new = alloc(x.shape, dtype=x.dtype, device=x.device) if residual else None
-    rstd = alloc((R,), dtype=_compute_dtype(x.dtype), device=x.device)
+    y = alloc(x.shape, x.dtype, x.device)
+    x_new = alloc(x.shape, x.dtype, x.device) if residual else None
+    rstd = alloc((R,), compute_dtype(x.dtype), x.device)
     if R == 0:
         return x_new, y, rstd
     launch = row_launch(R, D)
@@ -217,7 +207,7 @@ def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, alloc=torch.
     return x_new, y, rstd
 
 
-def _launch_bwd(dy, x, rstd, scale, weight, dx_new=None, f=None, gate=None, *, alloc=torch.empty, programs=None):
+def _launch_bwd(dy, x, rstd, scale, weight, dx_new=None, f=None, gate=None, *, alloc=empty_output, programs=None):
     """Runs the backward kernel; returns (dx, df, dgate, dshift, dscale, dweight), None where
     absent. x is the normalised input (x_new for the residual variant); dshift and dscale come
     back in scale's dtype, dweight in weight's, dgate in gate's, dx in x's, df in f's.
@@ -228,13 +218,13 @@ def _launch_bwd(dy, x, rstd, scale, weight, dx_new=None, f=None, gate=None, *, a
     R = x.numel() // D
     per_batch = scale is not None or residual
     G = x.shape[0] if per_batch else 1  # groups whose rows are summed separately
-    scale, gate = _rows(scale), _rows(gate)
+    scale, gate = unit_last_stride(scale), unit_last_stride(gate)
     weight = weight.contiguous() if weight is not None else None
     f = f.contiguous() if residual else None
     dx_new = dx_new.contiguous() if dx_new is not None else None
     cdt = rstd.dtype
-    dx = alloc(x.shape, dtype=x.dtype, device=x.device)
-    df = alloc(x.shape, dtype=f.dtype, device=x.device) if residual else None
+    dx = alloc(x.shape, x.dtype, x.device)
+    df = alloc(x.shape, f.dtype, x.device) if residual else None
     if R == 0:
         def zeros(t):
             return None if t is None else torch.zeros(t.shape, dtype=t.dtype, device=t.device)
@@ -245,7 +235,7 @@ def _launch_bwd(dy, x, rstd, scale, weight, dx_new=None, f=None, gate=None, *, a
     split = split_launch(G, triton.cdiv(rows_per_group, launch.rows), x.device, programs=programs)
 
     def partial(wanted):
-        return alloc((G, split.splits, D), dtype=cdt, device=x.device) if wanted else None
+        return alloc((G, split.splits, D), cdt, x.device) if wanted else None
 
     pshift, pscale = partial(scale is not None), partial(scale is not None)
     pw, pgate = partial(weight is not None), partial(residual)
@@ -268,18 +258,16 @@ def _launch_bwd(dy, x, rstd, scale, weight, dx_new=None, f=None, gate=None, *, a
 
 
 # --------------------------------------------------------------------------- custom ops + autograd
-# Optional outputs are not allowed in a custom op schema: absent gradients come back as empty
-# tensors and the autograd backward turns them into None.
 
 
-def _empty(t: Optional[Tensor], ref: Tensor) -> Tensor:
-    """t, or an empty tensor standing for None."""
-    return ref.new_empty((0,)) if t is None else t
+def _grad_or_absent(t: Optional[Tensor], ref: Tensor) -> Tensor:
+    """t, or absent_grad(ref) standing for None (a custom op returns no None)."""
+    return absent_grad(ref) if t is None else t
 
 
 def _fake_like(t: Optional[Tensor], ref: Tensor) -> Tensor:
     """A new tensor shaped like t (the gradient of t), or the empty stand-in for None."""
-    t = _empty(t, ref)
+    t = _grad_or_absent(t, ref)
     return t.new_empty(t.shape)
 
 
@@ -294,14 +282,14 @@ def _rmsnorm_modulate_op(x: Tensor, shift: Optional[Tensor], scale: Optional[Ten
 def _(x, shift, scale, weight, eps):
     _check(x, shift, scale, weight)
     rows = x.numel() // x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty((rows,), dtype=_compute_dtype(x.dtype))
+    return x.new_empty(x.shape), x.new_empty((rows,), dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("srdit::rmsnorm_modulate_bwd", mutates_args=())
 def _rmsnorm_modulate_bwd_op(dy: Tensor, x: Tensor, rstd: Tensor, scale: Optional[Tensor],
                              weight: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dx, _, _, dshift, dscale, dweight = _launch_bwd(dy, x, rstd, scale, weight)
-    return dx, _empty(dshift, x), _empty(dscale, x), _empty(dweight, x)
+    return dx, _grad_or_absent(dshift, x), _grad_or_absent(dscale, x), _grad_or_absent(dweight, x)
 
 
 @_rmsnorm_modulate_bwd_op.register_fake
@@ -338,7 +326,7 @@ def _residual_rmsnorm_modulate_op(x: Tensor, gate: Tensor, f: Tensor, shift: Opt
 def _(x, gate, f, shift, scale, weight, eps):
     _check(x, shift, scale, weight, gate, f)
     rows = x.numel() // x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((rows,), dtype=_compute_dtype(x.dtype))
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((rows,), dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("srdit::residual_rmsnorm_modulate_bwd", mutates_args=())
@@ -346,7 +334,8 @@ def _residual_rmsnorm_modulate_bwd_op(dx_new: Optional[Tensor], dy: Tensor, x_ne
                                       rstd: Tensor, scale: Optional[Tensor], weight: Optional[Tensor]
                                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx, df, dgate, dshift, dscale, dweight = _launch_bwd(dy, x_new, rstd, scale, weight, dx_new, f, gate)
-    return dx, dgate, df, _empty(dshift, x_new), _empty(dscale, x_new), _empty(dweight, x_new)
+    return (dx, dgate, df, _grad_or_absent(dshift, x_new), _grad_or_absent(dscale, x_new),
+            _grad_or_absent(dweight, x_new))
 
 
 @_residual_rmsnorm_modulate_bwd_op.register_fake

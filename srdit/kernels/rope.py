@@ -33,65 +33,20 @@ import torch
 import triton
 import triton.language as tl
 
-from srdit.kernels.triton_utils import row_launch
-
-
-def compute_dtype(dtype: torch.dtype):
-    """Triton compute dtype for a tensor dtype: fp64 stays fp64, everything else computes in fp32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-@triton.jit
-def _rotate_pairs(x, c, s, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """Rotate adjacent pairs of every row of x [ROWS, BLOCK_D] by the tables c, s [ROWS, BLOCK_D].
-
-    TRANSPOSE=False is RoPE itself; TRANSPOSE=True its transpose (the backward)."""
-    xe, xo = tl.split(tl.reshape(x, [ROWS, BLOCK_D // 2, 2]))
-    ce, co = tl.split(tl.reshape(c, [ROWS, BLOCK_D // 2, 2]))
-    se, so = tl.split(tl.reshape(s, [ROWS, BLOCK_D // 2, 2]))
-    if TRANSPOSE:
-        ye = xe * ce + xo * so
-        yo = xo * co - xe * se
-    else:
-        ye = xe * ce - xo * se
-        yo = xo * co + xe * so
-    return tl.reshape(tl.join(ye, yo), [ROWS, BLOCK_D])
-
-
-@triton.jit
-def _head_rows(n_rows, N, H, Dh, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's (token, head) rows of a [B, N, H, Dh] layout: row ids r, lanes d, the row,
-    lane and tile masks, and the coordinates b, n, h of each row."""
-    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    d = tl.arange(0, BLOCK_D)
-    row_mask = r < n_rows
-    d_mask = d < Dh
-    token = r // H
-    return r, d, row_mask, d_mask, row_mask[:, None] & d_mask[None, :], token // N, token % N, r % H
-
-
-@triton.jit
-def _load_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
-                 COMPUTE: tl.constexpr):
-    """cos/sin rows [ROWS, BLOCK_D] for tokens (b, n); rows with a negative id get c = 1, s = 0."""
-    pos = tl.load(ids_ptr + b * stride_ib + n * stride_in, mask=row_mask, other=-1)  # [ROWS]
-    mask = (row_mask & (pos >= 0))[:, None] & d_mask[None, :]
-    offs = pos[:, None] * stride_p + d[None, :]
-    c = tl.load(cos_ptr + offs, mask=mask, other=1.0).to(COMPUTE)
-    s = tl.load(sin_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    return c, s
+from srdit.kernels.triton_utils import (empty_output, head_rows, load_rope_tables, rotate_pairs, row_launch,
+                                        tl_compute_dtype, unit_last_stride)
 
 
 @triton.jit
 def _rope_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
                stride_xb, stride_xn, stride_xh, stride_ib, stride_in, stride_p,
                TRANSPOSE: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    r, d, row_mask, d_mask, mask, b, n, h = _head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
+    r, d, row_mask, d_mask, mask, b, n, h = head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
     x_offs = (b * stride_xb + n * stride_xn + h * stride_xh)[:, None] + d[None, :]
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(COMPUTE)
-    c, s = _load_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
+    c, s = load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
                         COMPUTE)
-    y = _rotate_pairs(x, c, s, ROWS, BLOCK_D, TRANSPOSE)
+    y = rotate_pairs(x, c, s, ROWS, BLOCK_D, TRANSPOSE)
     tl.store(out_ptr + r[:, None] * Dh + d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -125,13 +80,12 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_ids: torc
         raise ValueError(f"apply_rope: rope_ids must be [{B},{N}], got {tuple(rope_ids.shape)}")
 
 
-def _launch(kernel, x, cos, sin, rope_ids, out):
-    """Run `kernel` (forward or backward) over every (token, head) row of x into `out`."""
+def _launch(kernel, x, cos, sin, rope_ids, alloc):
+    """Run `kernel` (forward or backward) over every (token, head) row of x into a new
+    contiguous [B,N,H,Dh] tensor made by `alloc` (every element written)."""
     B, N, H, Dh = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if out is None:
-        out = torch.empty((B, N, H, Dh), dtype=x.dtype, device=x.device)
+    x = unit_last_stride(x)
+    out = alloc((B, N, H, Dh), x.dtype, x.device)
     n_rows = B * N * H
     if n_rows == 0:
         return out
@@ -140,19 +94,19 @@ def _launch(kernel, x, cos, sin, rope_ids, out):
     kernel[launch.grid](
         x, out, cos, sin, rope_ids, n_rows, N, H, Dh,
         x.stride(0), x.stride(1), x.stride(2), rope_ids.stride(0), rope_ids.stride(1), cos.stride(0),
-        COMPUTE=compute_dtype(x.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+        COMPUTE=tl_compute_dtype(x.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
     )
     return out
 
 
-def _launch_fwd(x, cos, sin, rope_ids, out=None):
-    """RoPE of x [B,N,H,Dh] into `out` (a preallocated contiguous [B,N,H,Dh] tensor, or a new one)."""
-    return _launch(_apply_rope_fwd_kernel, x, cos, sin, rope_ids, out)
+def _launch_fwd(x, cos, sin, rope_ids, alloc=empty_output):
+    """RoPE of x [B,N,H,Dh] -> a contiguous [B,N,H,Dh] tensor from `alloc` (shape, dtype, device)."""
+    return _launch(_apply_rope_fwd_kernel, x, cos, sin, rope_ids, alloc)
 
 
-def _launch_bwd(grad, cos, sin, rope_ids, out=None):
-    """Transposed RoPE of grad [B,N,H,Dh] (dL/dout -> dL/dx) into `out`."""
-    return _launch(_apply_rope_bwd_kernel, grad, cos, sin, rope_ids, out)
+def _launch_bwd(grad, cos, sin, rope_ids, alloc=empty_output):
+    """Transposed RoPE of grad [B,N,H,Dh] (dL/dout -> dL/dx), output as in _launch_fwd."""
+    return _launch(_apply_rope_bwd_kernel, grad, cos, sin, rope_ids, alloc)
 
 
 @torch.library.custom_op("srdit::apply_rope", mutates_args=())

@@ -86,7 +86,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from srdit.kernels.triton_utils import row_launch, split_launch
+from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, row_launch, split_launch,
+                                        tl_compute_dtype)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -183,20 +184,6 @@ def _sprint_fuse_bwd_kernel(dout_ptr, ids_ptr, dkept_ptr, part_ptr, n_rows, K, T
 # --------------------------------------------------------------------------- host launchers
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Default allocator of the launchers; tests pass one that fills with NaN (poison)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32, or fp64 for fp64 inputs (gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _debug_checks() -> bool:
     """SRDIT_CHECK_IDS=1: check that kept ids are unique per sample and in [0, T) (see top)."""
     return os.environ.get("SRDIT_CHECK_IDS", "0") == "1"
@@ -217,7 +204,7 @@ def _token_rows(x: torch.Tensor) -> torch.Tensor:
     return x3 if x3.stride(2) == 1 or x3.shape[2] == 1 else x3.contiguous()
 
 
-def _launch_gather_fwd(x: torch.Tensor, ids: torch.Tensor, alloc=_empty) -> torch.Tensor:
+def _launch_gather_fwd(x: torch.Tensor, ids: torch.Tensor, alloc=empty_output) -> torch.Tensor:
     """x [B,T,...], ids [B,K] -> out [B,K,...] (every element written)."""
     B, T = x.shape[:2]
     K = ids.shape[1]
@@ -233,7 +220,7 @@ def _launch_gather_fwd(x: torch.Tensor, ids: torch.Tensor, alloc=_empty) -> torc
     return out
 
 
-def _launch_gather_bwd(dout: torch.Tensor, ids: torch.Tensor, num_tokens: int, alloc=_empty) -> torch.Tensor:
+def _launch_gather_bwd(dout: torch.Tensor, ids: torch.Tensor, num_tokens: int, alloc=empty_output) -> torch.Tensor:
     """dout [B,K,...], ids [B,K] -> dx [B,T,...]: zeros except dx[b, ids[b,k]] = dout[b,k]."""
     B, K = ids.shape
     dx = alloc((B, num_tokens, *dout.shape[2:]), dout.dtype, dout.device).zero_()
@@ -257,10 +244,10 @@ def _launch_fuse_fwd_epilogue(out: torch.Tensor, gw2: torch.Tensor, mw2: torch.T
     launch = row_launch(B * K, D)
     _sprint_fuse_fwd_kernel[launch.grid](
         out, gw2.contiguous(), mw2.contiguous(), ids.contiguous(), B * K, K, T, D,
-        BLOCK_D=launch.block_d, ROWS=launch.rows, ACC=_tl_acc(out.dtype), num_warps=launch.num_warps)
+        BLOCK_D=launch.block_d, ROWS=launch.rows, ACC=tl_compute_dtype(out.dtype), num_warps=launch.num_warps)
 
 
-def _launch_fuse_bwd_reduce(dout: torch.Tensor, ids: torch.Tensor, alloc=_empty):
+def _launch_fuse_bwd_reduce(dout: torch.Tensor, ids: torch.Tensor, alloc=empty_output):
     """dout [B,T,D], ids [B,K] -> (dout at the kept rows [B,K,D], column sums of dout over all rows
     [D] and over the dropped rows [D], both in the accumulation dtype)."""
     B, T, D = dout.shape
@@ -269,16 +256,16 @@ def _launch_fuse_bwd_reduce(dout: torch.Tensor, ids: torch.Tensor, alloc=_empty)
     dkept = alloc((B, K, D), dout.dtype, dout.device)
     launch = row_launch(B * T, D)
     split = split_launch(1, launch.grid[0], dout.device)  # one group: the sums run over all rows
-    part = alloc((split.splits, 2, D), _acc_dtype(dout.dtype), dout.device)
+    part = alloc((split.splits, 2, D), compute_dtype(dout.dtype), dout.device)
     _sprint_fuse_bwd_kernel[split.grid](
         dout, ids.contiguous(), dkept, part, B * T, K, T, D, split.tiles_per_program,
         BLOCK_D=launch.block_d, BLOCK_K=triton.next_power_of_2(max(K, 1)), ROWS=launch.rows,
-        ACC=_tl_acc(dout.dtype), num_warps=launch.num_warps)
+        ACC=tl_compute_dtype(dout.dtype), num_warps=launch.num_warps)
     sums = part.sum(0)  # [2, D]
     return dkept, sums[0], sums[1]
 
 
-def _sprint_fuse_fwd(x_enc, g, ids, mask_token, weight, bias, alloc=_empty):
+def _sprint_fuse_fwd(x_enc, g, ids, mask_token, weight, bias, alloc=empty_output):
     """The forward of sprint_fuse (all inputs of one dtype) -> out [B,T,D], every element written."""
     B, T, D = x_enc.shape
     W1, W2 = weight[:, :D], weight[:, D:]  # [D, D] views (row stride 2D: cuBLAS takes it as is)
@@ -301,17 +288,17 @@ def _sprint_fuse_fwd(x_enc, g, ids, mask_token, weight, bias, alloc=_empty):
     return out
 
 
-def _sprint_fuse_bwd(dout, x_enc, g, ids, mask_token, weight, has_bias: bool, alloc=_empty):
+def _sprint_fuse_bwd(dout, x_enc, g, ids, mask_token, weight, has_bias: bool, alloc=empty_output):
     """-> (d x_enc, d g or [0], d mask_token or [0], d weight, d bias or [0]), in the inputs' dtypes."""
     B, T, D = x_enc.shape
     W1, W2 = weight[:, :D], weight[:, D:]
     d2 = dout.reshape(B * T, D)
     x2 = x_enc.reshape(B * T, D)
-    acc = _acc_dtype(dout.dtype)
+    acc = compute_dtype(dout.dtype)
     dweight = alloc((D, 2 * D), weight.dtype, weight.device)  # both halves written below
     dx = torch.mm(d2, W1).view(B, T, D)  # dout W1
     torch.mm(d2.t(), x2, out=dweight[:, :D])  # dout^T x_enc
-    dmask = dout.new_empty(0)  # (each absent gradient its own [0] tensor: op outputs must not alias)
+    dmask = absent_grad(dout)
     if g is not None and ids is None:  # no routing: m unused
         dg = torch.mm(d2, W2).view(B, T, D)  # dout W2
         torch.mm(d2.t(), g.reshape(B * T, D), out=dweight[:, D:])  # dout^T g
@@ -326,13 +313,13 @@ def _sprint_fuse_bwd(dout, x_enc, g, ids, mask_token, weight, has_bias: bool, al
         dmask = (s_drop @ W2.to(acc)).to(mask_token.dtype).view(1, 1, D)  # s W2, accumulated in acc
         outer = torch.outer(s_drop, m.to(acc)).to(weight.dtype)  # s^T m [D, D]
         if g is None:
-            dg = dout.new_empty(0)
+            dg = absent_grad(dout)
             dweight[:, D:].copy_(outer)
         else:
             k2 = dkept.view(-1, D)
             dg = torch.mm(k2, W2).view(g.shape)  # dout[kept] W2
             torch.addmm(outer, k2.t(), g.reshape(-1, D), out=dweight[:, D:])  # s^T m + dout[kept]^T g
-    dbias = db.to(dout.dtype) if has_bias else dout.new_empty(0)
+    dbias = db.to(dout.dtype) if has_bias else absent_grad(dout)
     return dx, dg, dmask, dweight, dbias
 
 
@@ -399,9 +386,9 @@ def _sprint_fuse_bwd_op(dout: torch.Tensor, x_enc: torch.Tensor, g: Optional[tor
 @_sprint_fuse_bwd_op.register_fake
 def _(dout, x_enc, g, ids, mask_token, weight, has_bias):
     D = x_enc.shape[2]
-    dg = dout.new_empty(0) if g is None else g.new_empty(g.shape)
-    dmask = dout.new_empty(0) if g is not None and ids is None else mask_token.new_empty((1, 1, D))
-    dbias = dout.new_empty((D,)) if has_bias else dout.new_empty(0)
+    dg = absent_grad(dout) if g is None else g.new_empty(g.shape)
+    dmask = absent_grad(dout) if g is not None and ids is None else mask_token.new_empty((1, 1, D))
+    dbias = dout.new_empty((D,)) if has_bias else absent_grad(dout)
     return dout.new_empty(x_enc.shape), dg, dmask, weight.new_empty(weight.shape), dbias
 
 

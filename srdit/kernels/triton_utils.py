@@ -1,9 +1,23 @@
-"""Launch settings for every Triton kernel in srdit, in one place (STYLE 5).
+"""What every Triton op file of srdit shares, in one place (STYLE 5): launch settings, dtypes,
+output allocation, and the @triton.jit pieces more than one kernel uses.
 
-Row-wise kernels (norms, RoPE, gathers) put one row of width D in one power-of-two block and
-several rows in one program. Large tiles matter twice: on a GPU they amortise the launch and
-the per-program setup; under TRITON_INTERPRET=1 the cost is per program, so a test with 64-row
-tiles runs ~40x faster than with one row per program (TOOLCHAIN.md).
+Host side
+    row_launch, split_launch    launch settings of row kernels and of row kernels that also sum
+                                over rows; both fail, naming the limit, outside their range
+    compute_dtype, tl_compute_dtype
+                                the dtype kernels compute and accumulate in: fp32, or fp64 for
+                                fp64 tensors (so gradcheck runs the same kernels)
+    empty_output                the default `alloc(shape, dtype, device)` of every launcher; the
+                                tests pass one that fills the buffer with NaN instead
+    absent_grad                 the empty tensor a custom op returns for a gradient that does not
+                                exist (a custom op cannot return None)
+    unit_last_stride            a tensor with unit last stride, copied only when it has none
+Device side (@triton.jit, inlined into the kernels that call them)
+    head_rows                   a program's (token, head) rows of a [B, N, H, Dh] layout
+    load_rope_tables            the cos/sin rows of those tokens (identity rows for a negative id)
+    rotate_pairs                RoPE's rotation of adjacent pairs, or its transpose
+    rms_normalize               x * rstd with rstd = 1 / sqrt(mean(x^2) + eps), per row
+    rms_normalize_bwd           the input gradient of rms_normalize
 """
 from __future__ import annotations
 
@@ -13,8 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 MAX_ROW_WIDTH = 16384  # one row must fit in registers/SRAM of one program
+
+
+# --------------------------------------------------------------------------- launch settings
 
 
 def interpreting() -> bool:
@@ -31,7 +49,8 @@ class RowLaunch:
 
 
 def row_launch(n_rows: int, width: int, *, max_rows: int | None = None) -> RowLaunch:
-    """Launch settings for a kernel over `n_rows` rows of `width` elements each.
+    """Launch settings for a kernel over `n_rows` rows of `width` elements each: one row in one
+    power-of-two block, ~4K elements per program on a GPU (~16K under the interpreter).
 
     Fails, naming the limit, outside the supported range instead of launching a wrong kernel.
     """
@@ -40,7 +59,6 @@ def row_launch(n_rows: int, width: int, *, max_rows: int | None = None) -> RowLa
     if width > MAX_ROW_WIDTH:
         raise ValueError(f"row width {width} exceeds {MAX_ROW_WIDTH}; this kernel keeps a row in one program")
     block_d = triton.next_power_of_2(width)
-    # ~4K-16K elements per program: enough work per program on a GPU, few programs on the CPU
     target = 16384 if interpreting() else 4096
     rows = max(1, min(target // block_d, triton.next_power_of_2(n_rows)))
     if max_rows is not None:
@@ -62,8 +80,7 @@ def split_launch(n_groups: int, tiles_per_group: int, device, *, programs: int |
     partial sum, so the partial buffer is [groups, splits, D] and the final sum is deterministic.
 
     `programs` is the total wanted (at least one per group, at most one per tile). None: ~4 per SM
-    on a GPU, enough to fill the card while keeping the partial buffer small; 4 on the CPU (the
-    interpreter's cost is per tile either way; a few programs with a loop run the GPU's code path).
+    on a GPU, 4 on the CPU.
     """
     if n_groups < 1 or tiles_per_group < 1:
         raise ValueError(f"split launch needs n_groups >= 1 and tiles_per_group >= 1, "
@@ -83,3 +100,98 @@ def _sm_count_of(index: int) -> int:
 def _sm_count(device) -> int:
     device = torch.device(device)
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# --------------------------------------------------------------------------- dtypes and buffers
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype kernels compute and accumulate in for tensors of `dtype`: fp64 stays fp64,
+    everything else (fp32, fp16, bf16) computes in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_compute_dtype(dtype: torch.dtype):
+    """compute_dtype as a Triton dtype, for a kernel's COMPUTE constexpr."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """The default `alloc` of the launchers: an uninitialised buffer for a kernel to fill. The
+    tests pass an allocator with the same signature that fills it with NaN, so an element a
+    kernel forgets to write fails the comparison."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def absent_grad(like: torch.Tensor) -> torch.Tensor:
+    """The stand-in for a gradient that does not exist (its input was None): a custom op returns
+    no None, and its outputs must not alias each other, so each stand-in is its own empty tensor
+    on `like`'s device; the autograd backward turns it back into None."""
+    return like.new_empty((0,))
+
+
+def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t itself when its last stride is 1 (views such as adaLN chunks or a slice of qkv stay
+    views), else a contiguous copy; None stays None."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def head_rows(n_rows, N, H, Dh, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (token, head) rows of a [B, N, H, Dh] layout: row ids r [ROWS] (int64),
+    lanes d [BLOCK_D], the row, lane and tile masks, and the coordinates b, n, h of each row."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    d = tl.arange(0, BLOCK_D)
+    row_mask = r < n_rows
+    d_mask = d < Dh
+    token = r // H
+    return r, d, row_mask, d_mask, row_mask[:, None] & d_mask[None, :], token // N, token % N, r % H
+
+
+@triton.jit
+def load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ids_b, stride_ids_n, stride_cos_p, d, row_mask, d_mask,
+                     COMPUTE: tl.constexpr):
+    """cos/sin rows [ROWS, BLOCK_D] in COMPUTE for tokens (b, n) at table row ids[b, n]; rows with
+    a negative id get c = 1, s = 0 (not rotated). sin has cos's layout (row stride stride_cos_p)."""
+    pos = tl.load(ids_ptr + b * stride_ids_b + n * stride_ids_n, mask=row_mask, other=-1)  # [ROWS]
+    mask = (row_mask & (pos >= 0))[:, None] & d_mask[None, :]
+    offs = pos[:, None] * stride_cos_p + d[None, :]
+    c = tl.load(cos_ptr + offs, mask=mask, other=1.0).to(COMPUTE)
+    s = tl.load(sin_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    return c, s
+
+
+@triton.jit
+def rotate_pairs(x, c, s, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Rotate adjacent pairs of every row of x [ROWS, BLOCK_D] by the tables c, s [ROWS, BLOCK_D].
+
+    TRANSPOSE=False is RoPE itself; TRANSPOSE=True its transpose (the backward)."""
+    xe, xo = tl.split(tl.reshape(x, [ROWS, BLOCK_D // 2, 2]))
+    ce, co = tl.split(tl.reshape(c, [ROWS, BLOCK_D // 2, 2]))
+    se, so = tl.split(tl.reshape(s, [ROWS, BLOCK_D // 2, 2]))
+    if TRANSPOSE:
+        ye = xe * ce + xo * so
+        yo = xo * co - xe * se
+    else:
+        ye = xe * ce - xo * se
+        yo = xo * co + xe * so
+    return tl.reshape(tl.join(ye, yo), [ROWS, BLOCK_D])
+
+
+@triton.jit
+def rms_normalize(x, D, eps):
+    """RMSNorm without its weight, per row of x [ROWS, BLOCK_D] (padded lanes hold 0) over the D
+    real lanes: returns (xhat = x * rstd [ROWS, BLOCK_D], rstd = 1 / sqrt(mean(x^2) + eps) [ROWS])."""
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    return x * rstd[:, None], rstd
+
+
+@triton.jit
+def rms_normalize_bwd(gw, xhat, rstd, D):
+    """Input gradient of rms_normalize per row: dx = rstd * (gw - xhat * mean(gw * xhat)), with gw
+    the gradient arriving on xhat (the output gradient times the weight, if any)."""
+    c = tl.sum(gw * xhat, axis=1) / D  # [ROWS]
+    return (gw - xhat * c[:, None]) * rstd[:, None]

@@ -8,7 +8,7 @@ import torch
 from srdit.kernels import reference
 from srdit.kernels.rope import _launch_bwd, _launch_fwd, apply_rope
 from srdit.model.sit import VisionRoPE
-from checks import DEVICE, DTYPES, assert_close, poison_
+from checks import DEVICE, DTYPES, assert_close, poisoned
 
 # (B, N, H, Dh, P): the SR-DiT head (H=2 of 12, Dh=64) on the routed length 65 and the full
 # 257-token sequence, one token, and an odd head count with a non-power-of-two head dim
@@ -55,8 +55,8 @@ def test_matches_reference(dtype, shape):
     assert_close(x.grad, ref_dx, dtype, "dx")
 
     # the launchers write every element of preallocated (poisoned) outputs
-    fwd = _launch_fwd(x.detach(), cos, sin, ids, out=poison_(torch.empty_like(out)))
-    bwd = _launch_bwd(grad, cos, sin, ids, out=poison_(torch.empty_like(out)))
+    fwd = _launch_fwd(x.detach(), cos, sin, ids, alloc=poisoned)
+    bwd = _launch_bwd(grad, cos, sin, ids, alloc=poisoned)
     assert_close(fwd, ref, dtype, "out (poisoned)")
     assert_close(bwd, ref_dx, dtype, "dx (poisoned)")
 
