@@ -93,15 +93,15 @@ def _qk_norm_bwd(x, g, w_ptr, d, d_mask, Dh, eps, HAS_W: tl.constexpr):
 
 
 @triton.jit
-def _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_jb, stride_jn, stride_v0b, stride_v0t,
-             stride_v0h, HAS_V0_IDS: tl.constexpr, COMPUTE: tl.constexpr):
+def _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_v0_ids_b, stride_v0_ids_n,
+             stride_v0_b, stride_v0_t, stride_v0_h, HAS_V0_IDS: tl.constexpr, COMPUTE: tl.constexpr):
     """lam, the v0 token index t of each row (v0_ids[b, n] when routed, else n) and v0 at it."""
     lam = tl.load(lam_ptr).to(COMPUTE)
     if HAS_V0_IDS:
-        t = tl.load(v0_ids_ptr + b * stride_jb + n * stride_jn, mask=row_mask, other=0)
+        t = tl.load(v0_ids_ptr + b * stride_v0_ids_b + n * stride_v0_ids_n, mask=row_mask, other=0)
     else:
         t = n
-    v0 = tl.load(v0_ptr + (b * stride_v0b + t * stride_v0t + h * stride_v0h)[:, None] + d[None, :],
+    v0 = tl.load(v0_ptr + (b * stride_v0_b + t * stride_v0_t + h * stride_v0_h)[:, None] + d[None, :],
                  mask=mask, other=0.0).to(COMPUTE)
     return lam, t, v0
 
@@ -110,15 +110,15 @@ def _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_jb,
 def _attention_prologue_fwd_kernel(
     qkv_ptr, q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, ids_ptr, v0_ptr, v0_ids_ptr, lam_ptr,
     n_rows, N, H, Dh, eps,
-    stride_xb, stride_xn, stride_ib, stride_in, stride_p,
-    stride_v0b, stride_v0t, stride_v0h, stride_jb, stride_jn,
+    stride_qkv_b, stride_qkv_n, stride_ids_b, stride_ids_n, stride_cos_p,
+    stride_v0_b, stride_v0_t, stride_v0_h, stride_v0_ids_b, stride_v0_ids_n,
     HAS_NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_ROPE: tl.constexpr,
     HAS_V0: tl.constexpr, HAS_V0_IDS: tl.constexpr,
     COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     r, d, row_mask, d_mask, mask, b, n, h = head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
     D = H * Dh
-    x_offs = (b * stride_xb + n * stride_xn + h * Dh)[:, None] + d[None, :]  # q part of qkv
+    x_offs = (b * stride_qkv_b + n * stride_qkv_n + h * Dh)[:, None] + d[None, :]  # q part of qkv
     out_offs = r[:, None] * Dh + d[None, :]  # contiguous [B,N,H,Dh]
     out_ty = q_ptr.dtype.element_ty
 
@@ -128,8 +128,8 @@ def _attention_prologue_fwd_kernel(
         q = _qk_norm_fwd(q, qw_ptr, d, d_mask, Dh, eps, HAS_QW)
         k = _qk_norm_fwd(k, kw_ptr, d, d_mask, Dh, eps, HAS_KW)
     if HAS_ROPE:
-        c, s = load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
-                            COMPUTE)
+        c, s = load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ids_b, stride_ids_n, stride_cos_p, d,
+                                row_mask, d_mask, COMPUTE)
         q = rotate_pairs(q, c, s, ROWS, BLOCK_D, False)
         k = rotate_pairs(k, c, s, ROWS, BLOCK_D, False)
     tl.store(q_ptr + out_offs, q.to(out_ty), mask=mask)
@@ -137,8 +137,8 @@ def _attention_prologue_fwd_kernel(
 
     v = tl.load(qkv_ptr + x_offs + 2 * D, mask=mask, other=0.0).to(COMPUTE)
     if HAS_V0:
-        lam, t, v0 = _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_jb, stride_jn,
-                              stride_v0b, stride_v0t, stride_v0h, HAS_V0_IDS, COMPUTE)
+        lam, t, v0 = _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_v0_ids_b,
+                              stride_v0_ids_n, stride_v0_b, stride_v0_t, stride_v0_h, HAS_V0_IDS, COMPUTE)
         v = lam * v0 + (1.0 - lam) * v
     tl.store(v_ptr + out_offs, v.to(out_ty), mask=mask)
 
@@ -146,11 +146,11 @@ def _attention_prologue_fwd_kernel(
 @triton.jit
 def _attention_prologue_bwd_kernel(
     dq_ptr, dk_ptr, dv_ptr, qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, ids_ptr, v0_ptr, v0_ids_ptr, lam_ptr,
-    dqkv_ptr, dqw_ptr, dkw_ptr, dv0_ptr, dlam_ptr,
+    dqkv_ptr, dqw_part_ptr, dkw_part_ptr, dv0_ptr, dlam_part_ptr,
     n_rows, N, H, Dh, eps,
-    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_xb, stride_xn, stride_ib, stride_in, stride_p,
-    stride_v0b, stride_v0t, stride_v0h, stride_jb, stride_jn, stride_d0b, stride_d0t, stride_d0h,
+    stride_dq_b, stride_dq_n, stride_dq_h, stride_dk_b, stride_dk_n, stride_dk_h, stride_dv_b, stride_dv_n, stride_dv_h,
+    stride_qkv_b, stride_qkv_n, stride_ids_b, stride_ids_n, stride_cos_p,
+    stride_v0_b, stride_v0_t, stride_v0_h, stride_v0_ids_b, stride_v0_ids_n, stride_dv0_b, stride_dv0_t, stride_dv0_h,
     HAS_NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_ROPE: tl.constexpr,
     HAS_V0: tl.constexpr, HAS_V0_IDS: tl.constexpr,
     COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -159,17 +159,17 @@ def _attention_prologue_bwd_kernel(
     r, d, row_mask, d_mask, mask, b, n, h = head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
     token = b * N + n
     D = H * Dh
-    x_offs = (b * stride_xb + n * stride_xn + h * Dh)[:, None] + d[None, :]
+    x_offs = (b * stride_qkv_b + n * stride_qkv_n + h * Dh)[:, None] + d[None, :]
     dx_offs = (token * 3 * D + h * Dh)[:, None] + d[None, :]  # contiguous [B,N,3D]
     dx_ty = dqkv_ptr.dtype.element_ty
 
-    gq = tl.load(dq_ptr + (b * stride_qb + n * stride_qn + h * stride_qh)[:, None] + d[None, :],
+    gq = tl.load(dq_ptr + (b * stride_dq_b + n * stride_dq_n + h * stride_dq_h)[:, None] + d[None, :],
                  mask=mask, other=0.0).to(COMPUTE)
-    gk = tl.load(dk_ptr + (b * stride_kb + n * stride_kn + h * stride_kh)[:, None] + d[None, :],
+    gk = tl.load(dk_ptr + (b * stride_dk_b + n * stride_dk_n + h * stride_dk_h)[:, None] + d[None, :],
                  mask=mask, other=0.0).to(COMPUTE)
     if HAS_ROPE:
-        c, s = load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
-                            COMPUTE)
+        c, s = load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ids_b, stride_ids_n, stride_cos_p, d,
+                                row_mask, d_mask, COMPUTE)
         gq = rotate_pairs(gq, c, s, ROWS, BLOCK_D, True)
         gk = rotate_pairs(gk, c, s, ROWS, BLOCK_D, True)
     if HAS_NORM:
@@ -178,22 +178,22 @@ def _attention_prologue_bwd_kernel(
         xk = tl.load(qkv_ptr + x_offs + D, mask=mask, other=0.0).to(COMPUTE)
         gk, dkw = _qk_norm_bwd(xk, gk, kw_ptr, d, d_mask, Dh, eps, HAS_KW)
         if HAS_QW:
-            tl.store(dqw_ptr + pid * Dh + d, dqw, mask=d_mask)
+            tl.store(dqw_part_ptr + pid * Dh + d, dqw, mask=d_mask)
         if HAS_KW:
-            tl.store(dkw_ptr + pid * Dh + d, dkw, mask=d_mask)
+            tl.store(dkw_part_ptr + pid * Dh + d, dkw, mask=d_mask)
     tl.store(dqkv_ptr + dx_offs, gq.to(dx_ty), mask=mask)
     tl.store(dqkv_ptr + dx_offs + D, gk.to(dx_ty), mask=mask)
 
-    gv = tl.load(dv_ptr + (b * stride_vb + n * stride_vn + h * stride_vh)[:, None] + d[None, :],
+    gv = tl.load(dv_ptr + (b * stride_dv_b + n * stride_dv_n + h * stride_dv_h)[:, None] + d[None, :],
                  mask=mask, other=0.0).to(COMPUTE)
     if HAS_V0:
-        lam, t, v0 = _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_jb, stride_jn,
-                              stride_v0b, stride_v0t, stride_v0h, HAS_V0_IDS, COMPUTE)
+        lam, t, v0 = _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_v0_ids_b,
+                              stride_v0_ids_n, stride_v0_b, stride_v0_t, stride_v0_h, HAS_V0_IDS, COMPUTE)
         v = tl.load(qkv_ptr + x_offs + 2 * D, mask=mask, other=0.0).to(COMPUTE)
-        tl.store(dlam_ptr + pid, tl.sum(tl.sum(gv * (v0 - v), axis=1), axis=0))
+        tl.store(dlam_part_ptr + pid, tl.sum(tl.sum(gv * (v0 - v), axis=1), axis=0))
         # one writer per element: v0_ids are unique within a sample (see the module docstring)
-        d0_offs = (b * stride_d0b + t * stride_d0t + h * stride_d0h)[:, None] + d[None, :]
-        tl.store(dv0_ptr + d0_offs, (lam * gv).to(dv0_ptr.dtype.element_ty), mask=mask)
+        dv0_offs = (b * stride_dv0_b + t * stride_dv0_t + h * stride_dv0_h)[:, None] + d[None, :]
+        tl.store(dv0_ptr + dv0_offs, (lam * gv).to(dv0_ptr.dtype.element_ty), mask=mask)
         gv = (1.0 - lam) * gv
     tl.store(dqkv_ptr + dx_offs + 2 * D, gv.to(dx_ty), mask=mask)
 

@@ -51,80 +51,81 @@ import triton.language as tl
 
 from srdit.kernels.reference import default_rms_eps
 from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, rms_normalize, rms_normalize_bwd,
-                                        row_launch, split_launch, unit_last_stride)
+                                        row_launch, split_launch, tl_compute_dtype, unit_last_stride)
 
 Tensor = torch.Tensor
 
 
 @triton.jit
 def _rmsnorm_modulate_fwd_kernel(
-    X, F, GATE, SHIFT, SCALE, W,  # inputs: x, f [R,D]; gate, shift, scale [B,D] (row stride given); w [D]
-    Y, XN, RSTD,  # outputs: y [R,D], x_new [R,D] (residual only), rstd [R] in the compute dtype
-    n_rows, N, D, stride_gate, stride_shift, stride_scale, eps,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, f_ptr, gate_ptr, shift_ptr, scale_ptr, w_ptr,  # inputs: x, f [R,D]; gate, shift, scale [B,D]; w [D]
+    y_ptr, x_new_ptr, rstd_ptr,  # outputs: y [R,D], x_new [R,D] (residual only), rstd [R] in COMPUTE
+    n_rows, N, D, stride_gate_b, stride_shift_b, stride_scale_b, eps,
     HAS_MOD: tl.constexpr, HAS_W: tl.constexpr, RESIDUAL: tl.constexpr,
+    COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    cdt = RSTD.dtype.element_ty  # compute dtype: fp32, or fp64 for fp64 inputs
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     row_mask = rows < n_rows
     col_mask = cols < D
     mask = row_mask[:, None] & col_mask[None, :]
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]  # [BLOCK_R, BLOCK_D]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]  # [ROWS, BLOCK_D]
     b = rows // N  # batch of each row: a tile may span batches
-    x = tl.load(X + offs, mask=mask, other=0.0).to(cdt)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     if RESIDUAL:
-        f = tl.load(F + offs, mask=mask, other=0.0).to(cdt)
-        gate = tl.load(GATE + b[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(cdt)
-        x_new = (x + gate * f).to(XN.dtype.element_ty)  # the residual stream, as stored
-        tl.store(XN + offs, x_new, mask=mask)
-        x = x_new.to(cdt)
-    y, rstd = rms_normalize(x, D, eps)  # [BLOCK_R, BLOCK_D], [BLOCK_R]
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        gate = tl.load(gate_ptr + b[:, None] * stride_gate_b + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        x_new = (x + gate * f).to(x_new_ptr.dtype.element_ty)  # the residual stream, as stored
+        tl.store(x_new_ptr + offs, x_new, mask=mask)
+        x = x_new.to(COMPUTE)
+    y, rstd = rms_normalize(x, D, eps)  # [ROWS, BLOCK_D], [ROWS]
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
     if HAS_W:
-        y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(cdt)[None, :]
+        y = y * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)[None, :]
     if HAS_MOD:
-        shift = tl.load(SHIFT + b[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(cdt)
-        scale = tl.load(SCALE + b[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(cdt)
+        shift = tl.load(shift_ptr + b[:, None] * stride_shift_b + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        scale = tl.load(scale_ptr + b[:, None] * stride_scale_b + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         y = y * (1.0 + scale) + shift
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rmsnorm_modulate_bwd_kernel(
-    DY, X, RSTD, SCALE, W, DXN, F, GATE,  # dy, x (x_new), dx_new, f [R,D]; rstd [R]; scale, gate [B,D]; w [D]
-    DX, DF, PSHIFT, PSCALE, PW, PGATE,  # dx, df [R,D]; partial sums [G, S, D] in the compute dtype
-    rows_per_group, D, stride_scale, stride_gate, tiles_per_program,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    # inputs: dy, x (x_new for the residual variant), dx_new, f [R,D]; rstd [R]; scale, gate [B,D]; w [D]
+    dy_ptr, x_ptr, rstd_ptr, scale_ptr, w_ptr, dx_new_ptr, f_ptr, gate_ptr,
+    # outputs: dx, df [R,D]; partial sums of dshift, dscale, dw, dgate [G, S, D] in COMPUTE
+    dx_ptr, df_ptr, dshift_part_ptr, dscale_part_ptr, dw_part_ptr, dgate_part_ptr,
+    rows_per_group, D, stride_scale_b, stride_gate_b, tiles_per_program,
     HAS_MOD: tl.constexpr, HAS_W: tl.constexpr, RESIDUAL: tl.constexpr, HAS_DXN: tl.constexpr,
+    COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    cdt = RSTD.dtype.element_ty
     group = tl.program_id(0)  # batch element (0 when nothing is per batch)
     split = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
     # per-group vectors, loaded once: every row of this program belongs to `group`
     if HAS_W:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(cdt)
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
     if HAS_MOD:
-        one_plus_scale = 1.0 + tl.load(SCALE + group * stride_scale + cols, mask=col_mask, other=0.0).to(cdt)
+        scale = tl.load(scale_ptr + group * stride_scale_b + cols, mask=col_mask, other=0.0).to(COMPUTE)
+        one_plus_scale = 1.0 + scale
     if RESIDUAL:
-        gate = tl.load(GATE + group * stride_gate + cols, mask=col_mask, other=0.0).to(cdt)
+        gate = tl.load(gate_ptr + group * stride_gate_b + cols, mask=col_mask, other=0.0).to(COMPUTE)
     # [BLOCK_D] accumulators (summed over the tile's rows each step: few registers per thread)
-    acc_shift = tl.zeros([BLOCK_D], dtype=cdt)
-    acc_scale = tl.zeros([BLOCK_D], dtype=cdt)
-    acc_w = tl.zeros([BLOCK_D], dtype=cdt)
-    acc_gate = tl.zeros([BLOCK_D], dtype=cdt)
+    acc_shift = tl.zeros([BLOCK_D], dtype=COMPUTE)
+    acc_scale = tl.zeros([BLOCK_D], dtype=COMPUTE)
+    acc_w = tl.zeros([BLOCK_D], dtype=COMPUTE)
+    acc_gate = tl.zeros([BLOCK_D], dtype=COMPUTE)
     first_tile = split * tiles_per_program
     for t in range(0, tiles_per_program):
-        n = (first_tile + t) * BLOCK_R + tl.arange(0, BLOCK_R)  # row within the group
+        n = (first_tile + t) * ROWS + tl.arange(0, ROWS)  # row within the group
         row_mask = n < rows_per_group
         rows = group.to(tl.int64) * rows_per_group + n
         mask = row_mask[:, None] & col_mask[None, :]
         offs = rows[:, None] * D + cols[None, :]
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(cdt)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(cdt)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0).to(cdt)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE)
         xhat = x * rstd[:, None]  # masked rows and columns are 0 from here on
         g = dy  # the modulated upstream gradient dy * (1 + scale)
         if HAS_MOD:
@@ -136,11 +137,11 @@ def _rmsnorm_modulate_bwd_kernel(
         dx = rms_normalize_bwd(gw, xhat, rstd, D)
         if RESIDUAL:
             if HAS_DXN:
-                dx += tl.load(DXN + offs, mask=mask, other=0.0).to(cdt)
-            f = tl.load(F + offs, mask=mask, other=0.0).to(cdt)
-            tl.store(DF + offs, (dx * gate[None, :]).to(DF.dtype.element_ty), mask=mask)
+                dx += tl.load(dx_new_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+            f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+            tl.store(df_ptr + offs, (dx * gate[None, :]).to(df_ptr.dtype.element_ty), mask=mask)
             acc_gate += tl.sum(dx * f, axis=0)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_MOD:
             acc_shift += tl.sum(dy, axis=0)
             acc_scale += tl.sum(dy * xw, axis=0)
@@ -148,12 +149,12 @@ def _rmsnorm_modulate_bwd_kernel(
             acc_w += tl.sum(g * xhat, axis=0)
     part = (group * tl.num_programs(1) + split).to(tl.int64) * D + cols  # row (group, split) of [G, S, D]
     if HAS_MOD:
-        tl.store(PSHIFT + part, acc_shift, mask=col_mask)
-        tl.store(PSCALE + part, acc_scale, mask=col_mask)
+        tl.store(dshift_part_ptr + part, acc_shift, mask=col_mask)
+        tl.store(dscale_part_ptr + part, acc_scale, mask=col_mask)
     if HAS_W:
-        tl.store(PW + part, acc_w, mask=col_mask)
+        tl.store(dw_part_ptr + part, acc_w, mask=col_mask)
     if RESIDUAL:
-        tl.store(PGATE + part, acc_gate, mask=col_mask)
+        tl.store(dgate_part_ptr + part, acc_gate, mask=col_mask)
 
 
 # --------------------------------------------------------------------------- host launchers
@@ -200,9 +201,8 @@ def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, alloc=empty_
         y, x_new if residual else y, rstd,
         R, N, D, gate.stride(0) if residual else 0, shift.stride(0) if shift is not None else 0,
         scale.stride(0) if scale is not None else 0, eps,
-        BLOCK_R=launch.rows, BLOCK_D=launch.block_d,
         HAS_MOD=shift is not None, HAS_W=weight is not None, RESIDUAL=residual,
-        num_warps=launch.num_warps,
+        COMPUTE=tl_compute_dtype(x.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
     )
     return x_new, y, rstd
 
@@ -246,9 +246,8 @@ def _launch_bwd(dy, x, rstd, scale, weight, dx_new=None, f=None, gate=None, *, a
         *(p if p is not None else rstd for p in (pshift, pscale, pw, pgate)),
         rows_per_group, D, scale.stride(0) if scale is not None else 0, gate.stride(0) if residual else 0,
         split.tiles_per_program,
-        BLOCK_R=launch.rows, BLOCK_D=launch.block_d,
         HAS_MOD=scale is not None, HAS_W=weight is not None, RESIDUAL=residual, HAS_DXN=dx_new is not None,
-        num_warps=launch.num_warps,
+        COMPUTE=tl_compute_dtype(x.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
     )
     dshift = pshift.sum(1).to(scale.dtype) if pshift is not None else None  # [B, D]
     dscale = pscale.sum(1).to(scale.dtype) if pscale is not None else None  # [B, D]

@@ -39,32 +39,33 @@ from srdit.kernels.triton_utils import (empty_output, head_rows, load_rope_table
 
 @triton.jit
 def _rope_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
-               stride_xb, stride_xn, stride_xh, stride_ib, stride_in, stride_p,
+               stride_x_b, stride_x_n, stride_x_h, stride_ids_b, stride_ids_n, stride_cos_p,
                TRANSPOSE: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = RoPE(x) (or its transpose) for this program's (token, head) rows; out contiguous."""
     r, d, row_mask, d_mask, mask, b, n, h = head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
-    x_offs = (b * stride_xb + n * stride_xn + h * stride_xh)[:, None] + d[None, :]
+    x_offs = (b * stride_x_b + n * stride_x_n + h * stride_x_h)[:, None] + d[None, :]
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(COMPUTE)
-    c, s = load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ib, stride_in, stride_p, d, row_mask, d_mask,
-                        COMPUTE)
+    c, s = load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ids_b, stride_ids_n, stride_cos_p, d, row_mask,
+                            d_mask, COMPUTE)
     y = rotate_pairs(x, c, s, ROWS, BLOCK_D, TRANSPOSE)
     tl.store(out_ptr + r[:, None] * Dh + d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _apply_rope_fwd_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
-                           stride_xb, stride_xn, stride_xh, stride_ib, stride_in, stride_p,
+                           stride_x_b, stride_x_n, stride_x_h, stride_ids_b, stride_ids_n, stride_cos_p,
                            COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     _rope_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
-               stride_xb, stride_xn, stride_xh, stride_ib, stride_in, stride_p,
+               stride_x_b, stride_x_n, stride_x_h, stride_ids_b, stride_ids_n, stride_cos_p,
                False, COMPUTE, ROWS, BLOCK_D)
 
 
 @triton.jit
-def _apply_rope_bwd_kernel(g_ptr, dx_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
-                           stride_gb, stride_gn, stride_gh, stride_ib, stride_in, stride_p,
+def _apply_rope_bwd_kernel(dout_ptr, dx_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
+                           stride_dout_b, stride_dout_n, stride_dout_h, stride_ids_b, stride_ids_n, stride_cos_p,
                            COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    _rope_rows(g_ptr, dx_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
-               stride_gb, stride_gn, stride_gh, stride_ib, stride_in, stride_p,
+    _rope_rows(dout_ptr, dx_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
+               stride_dout_b, stride_dout_n, stride_dout_h, stride_ids_b, stride_ids_n, stride_cos_p,
                True, COMPUTE, ROWS, BLOCK_D)
 
 

@@ -94,20 +94,20 @@ from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output
 
 
 @triton.jit
-def _gather_tokens_fwd_kernel(x_ptr, ids_ptr, out_ptr, n_rows, K, T, F, stride_xb, stride_xt,
+def _gather_tokens_fwd_kernel(x_ptr, ids_ptr, out_ptr, n_rows, K, T, F, stride_x_b, stride_x_t,
                               BLOCK_F: tl.constexpr, ROWS: tl.constexpr):
     """out[r] = x[r // K, ids[r]] for the ROWS kept rows r = b*K + k of this program."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [R]
     cols = tl.arange(0, BLOCK_F)  # [BF]
-    row_ok = rows < n_rows
-    col_ok = cols < F
-    src = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [R]
-    in_range = row_ok & (src >= 0) & (src < T)  # never read outside x, whatever the ids
+    row_mask = rows < n_rows
+    col_mask = cols < F
+    src = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # [R]
+    in_range = row_mask & (src >= 0) & (src < T)  # never read outside x, whatever the ids
     b = (rows // K).to(tl.int64)
-    src_off = b * stride_xb + src * stride_xt  # [R]
-    v = tl.load(x_ptr + src_off[:, None] + cols[None, :], mask=in_range[:, None] & col_ok[None, :], other=0.0)
+    src_off = b * stride_x_b + src * stride_x_t  # [R]
+    v = tl.load(x_ptr + src_off[:, None] + cols[None, :], mask=in_range[:, None] & col_mask[None, :], other=0.0)
     dst_off = rows.to(tl.int64) * F  # [R]
-    tl.store(out_ptr + dst_off[:, None] + cols[None, :], v, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out_ptr + dst_off[:, None] + cols[None, :], v, mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -116,69 +116,69 @@ def _gather_tokens_bwd_kernel(dout_ptr, ids_ptr, dx_ptr, n_rows, K, T, F,
     """dx[r // K, ids[r]] = dout[r] (dx zero-filled; ids unique within a sample)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [R]
     cols = tl.arange(0, BLOCK_F)
-    row_ok = rows < n_rows
-    col_ok = cols < F
-    dst = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [R]
-    in_range = row_ok & (dst >= 0) & (dst < T)
+    row_mask = rows < n_rows
+    col_mask = cols < F
+    dst = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # [R]
+    in_range = row_mask & (dst >= 0) & (dst < T)
     b = (rows // K).to(tl.int64)
-    d = tl.load(dout_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :], mask=row_ok[:, None] & col_ok[None, :])
-    tl.store(dx_ptr + ((b * T + dst) * F)[:, None] + cols[None, :], d, mask=in_range[:, None] & col_ok[None, :])
+    d = tl.load(dout_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :], mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(dx_ptr + ((b * T + dst) * F)[:, None] + cols[None, :], d, mask=in_range[:, None] & col_mask[None, :])
 
 
 @triton.jit
 def _sprint_fuse_fwd_kernel(out_ptr, gw2_ptr, mw2_ptr, ids_ptr, n_rows, K, T, D,
-                            BLOCK_D: tl.constexpr, ROWS: tl.constexpr, ACC: tl.constexpr):
+                            BLOCK_D: tl.constexpr, ROWS: tl.constexpr, COMPUTE: tl.constexpr):
     """In place on out [B*T, D] (= x_enc W1^T + b + mW2 everywhere): out[b*T + ids[r]] += gW2[r] - mW2
-    for the ROWS kept rows r = b*K + k of this program, in ACC (fp32; fp64 for fp64 inputs)."""
+    for the ROWS kept rows r = b*K + k of this program, in COMPUTE (fp32; fp64 for fp64 inputs)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [R]
     cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < n_rows
-    col_ok = cols < D
-    t = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [R]
-    ok = row_ok & (t >= 0) & (t < T)
+    row_mask = rows < n_rows
+    col_mask = cols < D
+    t = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # [R]
+    in_range = row_mask & (t >= 0) & (t < T)
     b = (rows // K).to(tl.int64)
-    mask = ok[:, None] & col_ok[None, :]
+    mask = in_range[:, None] & col_mask[None, :]
     dst = ((b * T + t) * D)[:, None] + cols[None, :]  # [R, BD]
-    base = tl.load(out_ptr + dst, mask=mask, other=0.0).to(ACC)
-    gw2 = tl.load(gw2_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-    mw2 = tl.load(mw2_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BD]
+    base = tl.load(out_ptr + dst, mask=mask, other=0.0).to(COMPUTE)
+    gw2 = tl.load(gw2_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+    mw2 = tl.load(mw2_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)  # [BD]
     tl.store(out_ptr + dst, (base + gw2 - mw2[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _sprint_fuse_bwd_kernel(dout_ptr, ids_ptr, dkept_ptr, part_ptr, n_rows, K, T, D, tiles_per_program,
-                            BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, ACC: tl.constexpr):
-    """One pass over dout [B*T, D]: dkept[b*K + k] = dout[b*T + ids[b, k]], and this program's ACC
-    column sums of dout over its rows (part[pid, 0]) and over its dropped rows (part[pid, 1]).
+def _sprint_fuse_bwd_kernel(dout_ptr, ids_ptr, dkept_ptr, sums_part_ptr, n_rows, K, T, D, tiles_per_program,
+                            BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COMPUTE: tl.constexpr):
+    """One pass over dout [B*T, D]: dkept[b*K + k] = dout[b*T + ids[b, k]], and this program's COMPUTE
+    column sums of dout over its rows (sums_part[pid, 0]) and over its dropped rows (sums_part[pid, 1]).
     Grid (1, programs) from split_launch: program pid loops over tiles_per_program row tiles."""
     pid = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    col_mask = cols < D
     kk = tl.arange(0, BLOCK_K)  # [BK]
-    k_ok = kk < K
-    acc_all = tl.zeros([ROWS, BLOCK_D], dtype=ACC)
-    acc_drop = tl.zeros([ROWS, BLOCK_D], dtype=ACC)
+    k_mask = kk < K
+    acc_all = tl.zeros([ROWS, BLOCK_D], dtype=COMPUTE)
+    acc_drop = tl.zeros([ROWS, BLOCK_D], dtype=COMPUTE)
     for i in range(tiles_per_program):
         rows = (pid * tiles_per_program + i) * ROWS + tl.arange(0, ROWS)  # [R]
-        row_ok = rows < n_rows
+        row_mask = rows < n_rows
         b = rows // T
         t = rows - b * T
         # is token t of sample b kept, and in which slot? compare with the K ids of the sample
         kept_ids = tl.load(ids_ptr + b.to(tl.int64)[:, None] * K + kk[None, :],
-                           mask=row_ok[:, None] & k_ok[None, :], other=-1)  # [R, BK]
+                           mask=row_mask[:, None] & k_mask[None, :], other=-1)  # [R, BK]
         hit = kept_ids == t[:, None]
         kept = tl.sum(hit.to(tl.int32), axis=1) > 0  # [R]
         slot = tl.sum(tl.where(hit, kk[None, :], 0), axis=1)  # [R], valid where kept
-        mask = row_ok[:, None] & col_ok[None, :]
+        mask = row_mask[:, None] & col_mask[None, :]
         d = tl.load(dout_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
-        da = d.to(ACC)
+        da = d.to(COMPUTE)
         acc_all += da
         acc_drop += tl.where(kept[:, None], 0.0, da)
         dst = (b.to(tl.int64) * K + slot) * D  # [R]
         tl.store(dkept_ptr + dst[:, None] + cols[None, :], d, mask=mask & kept[:, None])
-    part = part_ptr + pid * 2 * D + cols
-    tl.store(part, tl.sum(acc_all, axis=0), mask=col_ok)
-    tl.store(part + D, tl.sum(acc_drop, axis=0), mask=col_ok)
+    part = sums_part_ptr + pid * 2 * D + cols
+    tl.store(part, tl.sum(acc_all, axis=0), mask=col_mask)
+    tl.store(part + D, tl.sum(acc_drop, axis=0), mask=col_mask)
 
 
 # --------------------------------------------------------------------------- host launchers
@@ -244,7 +244,7 @@ def _launch_fuse_fwd_epilogue(out: torch.Tensor, gw2: torch.Tensor, mw2: torch.T
     launch = row_launch(B * K, D)
     _sprint_fuse_fwd_kernel[launch.grid](
         out, gw2.contiguous(), mw2.contiguous(), ids.contiguous(), B * K, K, T, D,
-        BLOCK_D=launch.block_d, ROWS=launch.rows, ACC=tl_compute_dtype(out.dtype), num_warps=launch.num_warps)
+        BLOCK_D=launch.block_d, ROWS=launch.rows, COMPUTE=tl_compute_dtype(out.dtype), num_warps=launch.num_warps)
 
 
 def _launch_fuse_bwd_reduce(dout: torch.Tensor, ids: torch.Tensor, alloc=empty_output):
@@ -260,7 +260,7 @@ def _launch_fuse_bwd_reduce(dout: torch.Tensor, ids: torch.Tensor, alloc=empty_o
     _sprint_fuse_bwd_kernel[split.grid](
         dout, ids.contiguous(), dkept, part, B * T, K, T, D, split.tiles_per_program,
         BLOCK_D=launch.block_d, BLOCK_K=triton.next_power_of_2(max(K, 1)), ROWS=launch.rows,
-        ACC=tl_compute_dtype(dout.dtype), num_warps=launch.num_warps)
+        COMPUTE=tl_compute_dtype(dout.dtype), num_warps=launch.num_warps)
     sums = part.sum(0)  # [2, D]
     return dkept, sums[0], sums[1]
 

@@ -18,6 +18,12 @@ Device side (@triton.jit, inlined into the kernels that call them)
     rotate_pairs                RoPE's rotation of adjacent pairs, or its transpose
     rms_normalize               x * rstd with rstd = 1 / sqrt(mean(x^2) + eps), per row
     rms_normalize_bwd           the input gradient of rms_normalize
+
+Naming in every kernel: a pointer argument is `<tensor>_ptr` (per-program partial sums of a
+gradient: `<grad>_part_ptr`); a stride is `stride_<tensor>_<dim>` (`stride_x_b`, `stride_v0_ids_n`),
+with <tensor> the pointer's name without `_ptr` and <dim> the letter of the shape in the
+docstring; the compute dtype is the constexpr COMPUTE; a program's rows are ROWS, the power-of-two
+block over a row's width is BLOCK_<width symbol>.
 """
 from __future__ import annotations
 
