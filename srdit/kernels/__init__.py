@@ -1,18 +1,50 @@
-"""Fused ops and their eager twins; `get_ops(cfg.model.kernels, cfg.model.attention_backend)`
-picks one set for the model.
+"""Fused ops and their eager twins.
+
+    srdit.kernels.rmsnorm_modulate(x, shift, scale, weight=None, eps=1e-6)
+    srdit.kernels.apply_rope(x, cos, sin, rope_ids)
+        the Triton versions (DESIGN.md "Contracts"), imported on first use: importing
+        srdit.kernels does not import triton, so the model with kernels="eager" runs without it.
+    srdit.kernels.reference
+        the eager twin of every op, same signatures (tests, benchmarks, kernels="eager").
+    get_ops(cfg.model.kernels, cfg.model.attention_backend)
+        one whole set for the model.
 
 The model calls only what `get_ops` returns (STYLE 7: the model does not know how it is run).
 Every set has the functions of OP_NAMES with the signatures of srdit/kernels/reference.py, and
-`attention(q, k, v)` of the chosen backend (srdit/kernels/attention.py).
+`attention(q, k, v)` of the chosen backend (srdit/kernels/attention.py). One file per Triton op
+(rmsnorm.py, rope.py, attention_prologue.py, sprint.py), shared pieces in triton_utils.py.
 """
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 from srdit.config import KERNELS, ConfigError
 
 OP_NAMES = ("rms_norm", "rmsnorm_modulate", "residual_rmsnorm_modulate", "layernorm_modulate", "apply_rope",
             "attention_prologue", "gather_tokens", "sprint_fuse")
+
+# The Triton functions of DESIGN.md's contract, by the file that defines them, looked up on first
+# access (a module __getattr__, PEP 562) so that `import srdit.kernels` never imports triton.
+_TRITON_FUNCTIONS = {"rmsnorm_modulate": "rmsnorm", "apply_rope": "rope"}
+
+
+def __getattr__(name: str):
+    module = _TRITON_FUNCTIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        fn = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    except ImportError as error:
+        raise ImportError(f"srdit.kernels.{name} is a Triton kernel and needs the triton package ({error}); "
+                          f"install triton >= 3.6, or use its eager twin srdit.kernels.reference.{name} "
+                          f"(model.kernels=eager)") from error
+    globals()[name] = fn  # later lookups find it directly
+    return fn
+
+
+def __dir__():
+    return sorted({*globals(), *_TRITON_FUNCTIONS})
 
 
 def get_ops(kind: str, attention_backend: str = "sdpa") -> SimpleNamespace:
@@ -32,15 +64,15 @@ def get_ops(kind: str, attention_backend: str = "sdpa") -> SimpleNamespace:
     if kind != "triton":
         raise ConfigError(f"model.kernels={kind!r} is not one of {', '.join(map(repr, KERNELS))}")
     try:
-        from srdit.kernels import attention_prologue, rmsnorm_modulate, rope, sprint
+        from srdit.kernels import attention_prologue, rmsnorm, rope, sprint
     except ImportError as error:
         raise ConfigError(f"model.kernels='triton' needs the triton package ({error}); use model.kernels=eager") from None
     return SimpleNamespace(
         kind=kind,
         attention=attention,
-        rms_norm=rmsnorm_modulate.rms_norm,
-        rmsnorm_modulate=rmsnorm_modulate.rmsnorm_modulate,
-        residual_rmsnorm_modulate=rmsnorm_modulate.residual_rmsnorm_modulate,
+        rms_norm=rmsnorm.rms_norm,
+        rmsnorm_modulate=rmsnorm.rmsnorm_modulate,
+        residual_rmsnorm_modulate=rmsnorm.residual_rmsnorm_modulate,
         layernorm_modulate=reference.layernorm_modulate,  # LayerNorm only in two ablation rows: no Triton twin
         apply_rope=rope.apply_rope,
         attention_prologue=attention_prologue.attention_prologue,

@@ -1,6 +1,7 @@
 """Eager PyTorch twins of every fused op: the correctness reference and the speed baseline.
 
-Each function here has the same signature as its Triton version in srdit/kernels/<op>.py.
+Each function here has the same signature as its Triton version (rmsnorm.py, rope.py,
+attention_prologue.py, sprint.py in srdit/kernels/).
 They follow the release code's operation order, so that in float64 the model built from them
 computes the release model's function; in lower precision they do what the release does
 under autocast (norms and RoPE compute in fp32, results go on in the input's dtype).

@@ -1,4 +1,5 @@
-"""srdit.kernels.rmsnorm_modulate against its eager twins in float64 (STYLE 3, 4).
+"""srdit.kernels.rmsnorm (rmsnorm_modulate, residual_rmsnorm_modulate, rms_norm) against its eager
+twins in float64 (STYLE 3, 4).
 
 The launcher tests call the host launchers with an allocator that fills every output and every
 partial-sum buffer with NaN, so an element a kernel forgets to write fails the comparison; the
@@ -11,7 +12,7 @@ import triton
 
 from checks import DEVICE, DTYPES, assert_close, poisoned, rand
 from srdit.kernels import reference as ref
-from srdit.kernels import rmsnorm_modulate as rmm
+from srdit.kernels import rmsnorm as rmm
 from srdit.kernels.triton_utils import row_launch, split_launch
 
 EPS = 1e-6
