@@ -1,6 +1,6 @@
 """Full training steps per second: forward, losses, backward, clip, optimizer, EMA, with the
 teacher online (uint8 images in) or cached (targets in), on synthetic inputs already on the
-device, through the training loop's own StepRunner.
+device, through the training loop's own step (srdit.train.assemble.build_step).
 
     python bench/throughput.py --preset sr-dit-b1-256 --device cuda [--batch 256] [--steps 20]
                                [--variants eager kernels ...] --json OUT
@@ -32,10 +32,9 @@ from srdit.config import apply_overrides, preset
 from srdit.model import build_model
 from srdit.model.flops import model_flops, teacher_flops
 from srdit.runinfo import environment
-from srdit.train.graphs import GraphedStep
+from srdit.train.assemble import build_step
+from srdit.train.inputs import build_teacher, synthetic_batch
 from srdit.train.loss import draw_step_noise
-from srdit.train.optim import EMA, Optimizers
-from srdit.train.step import StepRunner
 
 # "kernels" means the fused ops: Triton kernels and the batched adaLN GEMM
 VARIANTS = {
@@ -49,27 +48,6 @@ VARIANTS = {
 }
 
 
-def build_teacher(cfg, device):
-    from srdit.model.dinov2 import build_dinov2
-
-    # random init: the cost of the real teacher, without its weights file
-    return build_dinov2(cfg.data.teacher_arch, cfg.data.teacher_resolution, cfg.data.teacher_pos_interp).freeze().to(device)
-
-
-def synthetic_batch(cfg, batch, device, cached, generator=None):
-    """A loader's batch: latents, labels, and fp16 teacher targets (cached) or uint8 images."""
-    m = cfg.model
-    kw = dict(device=device, generator=generator)
-    out = {"latent": torch.randn(batch, m.in_channels, m.input_size, m.input_size, **kw),
-           "label": torch.randint(0, m.num_classes, (batch,), **kw)}
-    if cached:
-        out["teacher"] = torch.randn(batch, m.num_tokens, m.teacher_dim, dtype=torch.float16, **kw)
-    else:
-        r = cfg.data.resolution
-        out["image"] = torch.randint(0, 256, (batch, 3, r, r), dtype=torch.uint8, **kw)
-    return out
-
-
 def build_variant(preset_name, variant, batch, device, compile_backend="inductor", graph_type=None):
     """(cfg, step): `step()` runs one full training step of `variant` on fixed synthetic data.
     compile_backend: torch.compile's backend for the compiled variants (tests use "aot_eager");
@@ -78,19 +56,13 @@ def build_variant(preset_name, variant, batch, device, compile_backend="inductor
     restored), so its steps compute what the others' do, from the same start."""
     spec = VARIANTS[variant]
     fused = spec["kernels"] == "triton"
-    cfg = apply_overrides(preset(preset_name), [f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}",
-                                                f"train.global_batch={batch}", f"data.cached_teacher={spec['cached']}",
-                                                f"train.cuda_graphs={spec['graphs']}"])
+    cfg = apply_overrides(preset(preset_name), [
+        f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}", f"train.global_batch={batch}",
+        f"data.cached_teacher={spec['cached']}", f"train.compile={spec['compile']}", f"train.cuda_graphs={spec['graphs']}"])
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    train_model = torch.compile(model, backend=compile_backend) if spec["compile"] else model
-    teacher = None if spec["cached"] else build_teacher(cfg, device)
-    if teacher is not None and spec["compile"]:
-        teacher = torch.compile(teacher, backend=compile_backend)
-    runner = StepRunner(cfg, model, train_model, teacher, Optimizers(model, cfg.train, device),
-                        EMA(model, cfg.train.ema_decay), rank=0, world=1, device=device)
-    if spec["graphs"]:
-        runner = GraphedStep(runner, graph_type=graph_type)
+    teacher, _ = build_teacher(cfg, device, random_init=True)  # the real teacher's cost, without its file
+    runner = build_step(cfg, model, teacher, device=device, compile_backend=compile_backend, graph_type=graph_type)
     data = synthetic_batch(cfg, batch, device, spec["cached"])
     gen = torch.Generator(device).manual_seed(0)
     host = torch.Generator().manual_seed(1)

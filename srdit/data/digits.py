@@ -14,7 +14,7 @@ import torch.nn.functional as F
 class DigitsDataset:
     num_classes = 10
 
-    def __init__(self, resolution: int = 16):
+    def __init__(self, resolution: int = 16, latent_scale: float = 1.0):
         try:
             from sklearn.datasets import load_digits
         except ImportError as error:  # scikit-learn ships the data; it is in the test extras
@@ -23,7 +23,8 @@ class DigitsDataset:
         x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
         self.images = (x * 255).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()  # [N,3,r,r]
-        self.latents = self.images[:, :1].float() / 127.5 - 1.0  # [N, 1, r, r] in [-1, 1]
+        # [N, 1, r, r]: pixels in [-1, 1], times data.latent_scale (1 for the quickstart) as latents are
+        self.latents = (self.images[:, :1].float() / 127.5 - 1.0) * latent_scale
         self.labels = torch.tensor(digits.target, dtype=torch.long)  # [N]
 
     def __len__(self) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from srdit import distributed, trainstate
 from srdit.config import ConfigError, apply_overrides, from_dict, preset
 from srdit.io import atomic_write, check_same_settings, write_json
 from srdit.model import build_model, load_release_weights
@@ -38,8 +39,6 @@ from srdit.runinfo import code_version, device_name
 from srdit.sample.batches import num_batches, sample_batch
 from srdit.sample.generate import save_grid
 from srdit.sample.npz import NpzRows, NpzWriter
-from srdit.train import checkpoint as train_ckpt
-from srdit import distributed
 
 SAMPLES_FORMAT = "srdit-samples-v1"
 GRID_SAMPLES = 100
@@ -88,10 +87,10 @@ def load_model(path: str, preset_name: str | None, overrides, device: torch.devi
         raise FileNotFoundError(f"checkpoint not found: {path}")
     obj = _peek(path)
     source = {"checkpoint": os.path.abspath(path), "preset": preset_name}
-    if isinstance(obj, dict) and obj.get("format") == train_ckpt.FORMAT:
-        base = preset(preset_name) if preset_name else from_dict(obj["config"])
-        state = obj["ema"]
-        source.update(kind="srdit training checkpoint", step=int(obj["step"]), weights="ema")
+    if trainstate.is_checkpoint(obj):
+        config, state, step = trainstate.for_sampling(obj)
+        base = preset(preset_name) if preset_name else from_dict(config)
+        source.update(kind="srdit training checkpoint", step=step, weights="ema")
     else:
         if not preset_name:
             raise ConfigError(f"{path} is not an srdit training checkpoint (a release checkpoint or a state dict?): "

@@ -18,8 +18,9 @@ values returned are the graph's static outputs, overwritten by the next step, so
 accumulate them before then (DeviceMetrics does). The eager steps and the replays compute the
 same thing in the same order; only launch overhead goes.
 
-One process only, with AdamW: DDP's all-reduce in a graph needs NCCL capture settings not wired
-here, and Muon/Prodigy read the skip flag on the host.
+One process only, with AdamW (srdit.train.assemble.check_runtime and srdit.config say so):
+DDP's all-reduce in a graph needs NCCL capture settings not wired here, and Muon/Prodigy read
+the skip flag on the host.
 """
 from __future__ import annotations
 
@@ -96,15 +97,13 @@ class GraphedStep:
 
     def __init__(self, runner, *, warmup: int = WARMUP_STEPS, graph_type=None):
         graph_type = graph_type or default_graph_type(runner.device)
-        if runner.world > 1:
-            raise ValueError("train.cuda_graphs runs in one process; with several GPUs leave it off (DDP's "
-                             "all-reduce is not captured)")
         if not runner.optimizers.device_skip:
             raise ValueError("train.cuda_graphs needs train.optimizer=adamw: the other optimizers read the "
                              "non-finite-step flag on the host, which a graph cannot")
         if graph_type is CudaGraph and not runner.optimizers.capturable:
             raise ValueError("the optimizers were built without train.cuda_graphs=true (AdamW capturable)")
         self.runner, self.warmup, self.graph_type = runner, warmup, graph_type
+        self.model, self.ema, self.optimizers = runner.model, runner.ema, runner.optimizers
         self.pool = torch.cuda.graph_pool_handle() if graph_type is CudaGraph else None
         self.side_stream = torch.cuda.Stream(runner.device) if runner.device.type == "cuda" else None
         # without SPRINT path drop changes nothing, so one graph serves both coins

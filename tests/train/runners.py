@@ -1,29 +1,23 @@
-"""Shared by the step tests: a StepRunner for a config on a device, and the step's noise. Batches
-and the random-init teacher are bench/throughput.py's, so tests and benchmark feed the same step."""
-import os
-import sys
-
+"""Shared by the step tests: the training step of a config on a device (srdit.train.assemble's
+build_step, what srdit.train and bench/throughput.py run), and the step's noise. Batches and the
+random-init teacher are srdit.train.inputs', the ones the benchmark feeds."""
 import torch
 
 from srdit.config import apply_overrides, preset
 from srdit.model import build_model
+from srdit.train.assemble import build_step
+from srdit.train.inputs import build_teacher, synthetic_batch  # noqa: F401  (re-exported for the tests)
 from srdit.train.loss import draw_step_noise
-from srdit.train.optim import EMA, Optimizers
-from srdit.train.step import StepRunner
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-from throughput import build_teacher, synthetic_batch  # noqa: E402, F401  (re-exported for the tests)
 
 
-def build_runner(device, *overrides, teacher=False, optimizers=None, seed=0):
-    """(cfg, runner) for the quickstart preset with `overrides`; random-init DINOv2 teacher if asked."""
+def build_runner(device, *overrides, teacher=False, optimizers=None, seed=0, graph_type=None):
+    """(cfg, step) for the quickstart preset with `overrides`; random-init DINOv2 teacher if asked.
+    The step is a StepRunner, or a GraphedStep (captured with graph_type) with train.cuda_graphs."""
     cfg = apply_overrides(preset("quickstart"), list(overrides))
     torch.manual_seed(seed)
     model = build_model(cfg).to(device)
-    optimizers = optimizers if optimizers is not None else Optimizers(model, cfg.train, device)
-    runner = StepRunner(cfg, model, model, build_teacher(cfg, device) if teacher else None, optimizers,
-                        EMA(model, cfg.train.ema_decay), rank=0, world=1, device=device)
-    return cfg, runner
+    frozen = build_teacher(cfg, device, random_init=True)[0] if teacher else None
+    return cfg, build_step(cfg, model, frozen, device=device, optimizers=optimizers, graph_type=graph_type)
 
 
 def step_noise(cfg, batch, device, *, generator=None, host_generator=None):

@@ -11,6 +11,7 @@ from runners import build_runner, step_noise, synthetic_batch
 
 from srdit.config import ConfigError, apply_overrides, preset
 from srdit.train import graphs
+from srdit.train.assemble import check_runtime
 from srdit.train.graphs import EagerReplay, GraphedStep
 
 TINY = ["model.hidden=32", "model.heads=2", "model.depth=5", "model.projector_dim=32", "train.path_drop_prob=0.5"]
@@ -39,9 +40,10 @@ def training_state(runner) -> list[torch.Tensor]:
 
 def test_graphed_step_follows_the_eager_trajectory_bit_for_bit():
     overrides = [*TINY, "train.cuda_graphs=true"]
-    cfg, eager = build_runner(CPU, *overrides)
-    _, graphed_runner = build_runner(CPU, *overrides)
-    graphed = GraphedStep(graphed_runner, graph_type=EagerReplay)
+    cfg, eager = build_runner(CPU, *overrides, graph_type=EagerReplay)
+    eager = eager.runner  # the plain step, with the same (capturable) optimizer
+    _, graphed = build_runner(CPU, *overrides, graph_type=EagerReplay)
+    graphed_runner = graphed.runner
     a, coins = trajectory(eager.run, cfg, CPU, steps=8, micro=3, accum=2)
     b, _ = trajectory(graphed.run, cfg, CPU, steps=8, micro=3, accum=2)
     assert set(coins) == {False, True} and set(graphed.graphs) == {False, True}
@@ -88,12 +90,14 @@ def test_a_replay_refuses_inputs_of_another_shape_naming_them():
 
 
 def test_graphs_need_cuda_one_process_adamw_and_no_graphs_of_compiles_own():
+    cfg = apply_overrides(preset("quickstart"), [*TINY, "train.cuda_graphs=true"])
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        check_runtime(cfg, CPU, world=1)
+    with pytest.raises(ConfigError, match="one process"):
+        check_runtime(cfg, CPU, world=2, graph_type=EagerReplay)
     _, runner = build_runner(CPU, *TINY)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         GraphedStep(runner)
-    runner.world = 2
-    with pytest.raises(ValueError, match="one process"):
-        GraphedStep(runner, graph_type=EagerReplay)
     with pytest.raises(ConfigError, match="adamw"):
         apply_overrides(preset("quickstart"), ["train.cuda_graphs=true", "train.optimizer=muon"])
     with pytest.raises(ConfigError, match="reduce-overhead"):
@@ -126,8 +130,8 @@ def test_cuda_graph_step_matches_eager(kernels):
     overrides = ["train.path_drop_prob=0.5", "train.cuda_graphs=true", f"model.kernels={kernels}",
                  f"model.batched_adaln={kernels == 'triton'}"]
     cfg, eager = build_runner(cuda, *overrides, teacher=True)
-    _, graphed_runner = build_runner(cuda, *overrides, teacher=True)
-    graphed = GraphedStep(graphed_runner)
+    eager = eager.runner  # the plain step, with the same (capturable) optimizer
+    _, graphed = build_runner(cuda, *overrides, teacher=True)
     a, coins = trajectory(eager.run, cfg, cuda, steps=8, micro=4, accum=2, cached=False)
     b, _ = trajectory(graphed.run, cfg, cuda, steps=8, micro=4, accum=2, cached=False)
     assert set(coins) == {False, True} and set(graphed.graphs) == {False, True}

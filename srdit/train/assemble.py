@@ -1,0 +1,75 @@
+"""The training step, put together in one place (STYLE 7; torchtitan's parallelize.py): the
+run-time checks, then the wrappers around the model in one fixed order. `srdit.train`,
+bench/throughput.py, profiling/profile_step.py and the tests all get their step from
+`build_step`, so what is measured and tested is what trains.
+
+Order, and why:
+  1. DDP around the model (several processes). Every parameter gets a gradient every step, also
+     on path-drop steps (zeros for the skipped routed blocks), so no find_unused_parameters.
+     Gradients live in DDP's buckets (gradient_as_bucket_view: no copy in or out).
+     static_graph=True made a rank abort at exit now and then (gloo, CPU: "terminate called
+     without an active exception"), so it stays off.
+  2. torch.compile around DDP, so that dynamo's DDP optimizer splits the graph at the gradient
+     buckets and all-reduce overlaps backward; the frozen teacher (~36% of a step's FLOPs) is
+     compiled too.
+  3. CUDA graphs around the whole step (forward, losses, backward, clip, AdamW, EMA), outermost:
+     they replay whatever the inner layers launch.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from srdit.config import Config, ConfigError
+from srdit.train import graphs
+from srdit.train.optim import EMA, Optimizers
+from srdit.train.step import StepRunner
+
+GPU_ONLY_ATTENTION = ("cudnn", "flash", "fa3", "fa4")
+
+
+def check_runtime(cfg: Config, device: torch.device, world: int, *, graph_type=None) -> None:
+    """Every check that needs to know where the run runs (the config alone is checked in
+    srdit.config); each failure is a ConfigError that says what to change. graph_type: a
+    stand-in for CUDA graphs (tests), which lifts the need for a GPU."""
+    if cfg.model.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("model.kernels=triton needs a CUDA GPU (TRITON_INTERPRET=1 runs it on the CPU, for tests "
+                          "only); use model.kernels=eager here")
+    if cfg.model.attention_backend in GPU_ONLY_ATTENTION and device.type != "cuda":
+        raise ConfigError(f"model.attention_backend={cfg.model.attention_backend} needs a CUDA GPU; use sdpa or "
+                          "eager here")
+    if cfg.train.cuda_graphs and world > 1:
+        raise ConfigError("train.cuda_graphs runs in one process; with several GPUs leave it off (DDP's "
+                          "all-reduce is not captured)")
+    if cfg.train.cuda_graphs and graph_type is None:
+        try:
+            graphs.default_graph_type(device)  # the GPU's, or the stand-in the tests put in its place
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | None, *, device: torch.device,
+               rank: int = 0, world: int = 1, optimizers=None, ema: EMA | None = None,
+               compile_backend: str = "inductor", graph_type=None):
+    """The step of `cfg` for `model` (unwrapped, on `device`): a StepRunner, or a GraphedStep
+    with train.cuda_graphs; either has `.run(micro_batches, noise)`, `.model`, `.ema` and
+    `.optimizers`. optimizers/ema: built from cfg.train when None. compile_backend: torch.compile's
+    backend (tests use "aot_eager"); graph_type: what captures graphs (None: CUDA; tests pass
+    srdit.train.graphs.EagerReplay)."""
+    check_runtime(cfg, device, world, graph_type=graph_type)
+    optimizers = optimizers if optimizers is not None else Optimizers(model, cfg.train, device)
+    ema = ema if ema is not None else EMA(model, cfg.train.ema_decay)
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if cfg.train.compile:
+        mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+        train_model = torch.compile(train_model, mode=mode, backend=compile_backend)
+        if teacher is not None:
+            teacher = torch.compile(teacher, mode=mode, backend=compile_backend)
+    runner = StepRunner(cfg, model, train_model, teacher, optimizers, ema, rank=rank, world=world, device=device)
+    if cfg.train.cuda_graphs:
+        runner = graphs.GraphedStep(runner, graph_type=graph_type)
+    return runner
