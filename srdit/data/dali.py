@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from srdit.config import IMAGENET_MEAN, IMAGENET_STD
-from srdit.data.loader import GlobalBatches
+from srdit.data.order import GlobalBatches
 
 
 class _Source:

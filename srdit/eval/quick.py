@@ -28,7 +28,7 @@ import torch
 from srdit.config import Config, apply_overrides
 from srdit.eval import metrics
 from srdit.eval.features import ReferenceSet, inception_features, kdd_features, load_kdd_teacher
-from srdit.sample.batches import num_batches, sample_batch
+from srdit.sample.batches import generate_batch, num_batches
 
 
 def fid_key(num_samples: int) -> str:
@@ -78,7 +78,7 @@ def quick_eval(model, cfg: Config, *, inception, ref: QuickReference, kdd_teache
     try:
         parts = []
         for b in range(rank, num_batches(num_samples, cfg.sample.batch), world):
-            images, _ = sample_batch(model, cfg, b, device=device, vae=vae)
+            images, _ = generate_batch(model, cfg, b, device=device, vae=vae)
             feats = {"pool": inception_features(inception, [images])["pool"]}
             if kdd_teacher is not None and ref.kdd is not None:
                 feats["kdd"] = kdd_features(kdd_teacher, [images])

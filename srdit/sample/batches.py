@@ -48,7 +48,7 @@ def autocast(cfg: Config, device: torch.device):
 
 
 @torch.no_grad()
-def sample_batch(model, cfg: Config, b: int, *, device: torch.device, vae=None,
+def generate_batch(model, cfg: Config, b: int, *, device: torch.device, vae=None,
                  num_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch b of the run described by cfg.sample (num_samples overrides sample.num_samples):
     (uint8 images [n, 3, H, W], int64 labels [n]) on `device`, decoded (`decode_uint8`)."""

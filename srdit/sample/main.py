@@ -36,7 +36,7 @@ from srdit.io import atomic_write, check_same_settings, write_json
 from srdit.model import build_model, load_release_weights
 from srdit.model.weights import describe_mismatch
 from srdit.runinfo import code_version, device_name
-from srdit.sample.batches import num_batches, sample_batch
+from srdit.sample.batches import generate_batch, num_batches
 from srdit.sample.generate import save_grid
 from srdit.sample.npz import NpzRows, NpzWriter
 
@@ -308,7 +308,7 @@ def sample(args, dist) -> int:
                mininterval=1.0 if sys.stdout.isatty() else 30.0)  # a log file gets a line every 30 s
     start = time.perf_counter()
     for b in mine:
-        images, labels = sample_batch(model, cfg, b, device=device, vae=vae)
+        images, labels = generate_batch(model, cfg, b, device=device, vae=vae)
         parts.write(b, images.permute(0, 2, 3, 1).cpu().numpy(), labels.cpu().numpy())
         bar.update(min(len(labels) * dist.world, s.num_samples - bar.n))  # rank 0 speaks for all ranks
     bar.close()

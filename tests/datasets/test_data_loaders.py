@@ -99,12 +99,12 @@ def test_dali_is_optional(datasets, monkeypatch):
     """Without DALI (the GPU machines have none) nothing imports it and "auto" falls back."""
     import sys
 
-    from srdit.data import batches
+    from srdit.data import loaders
 
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali -> ImportError
-    batches.dali_available.cache_clear()
+    loaders.dali_available.cache_clear()
     try:
-        assert not batches.dali_available()
+        assert not loaders.dali_available()
         assert isinstance(make_batches(datasets["image"], G, device="cpu", workers=0), GlobalBatches)
     finally:
-        batches.dali_available.cache_clear()
+        loaders.dali_available.cache_clear()

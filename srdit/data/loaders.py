@@ -21,7 +21,7 @@ import functools
 import numpy as np
 import torch
 
-from srdit.data.loader import GlobalBatches
+from srdit.data.order import GlobalBatches
 
 BACKENDS = ("auto", "global", "torch", "dali")
 
