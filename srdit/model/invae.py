@@ -261,13 +261,14 @@ class INVAE(nn.Module):
         """latent [B,32,h,w] (unscaled) -> pixels [B,3,16h,16w], roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
-    def encode_scaled(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The diffusion model's latent: encode(pixels) * LATENT_SCALE (0.3099, no shift)."""
-        return self.encode(pixels, generator) * LATENT_SCALE
+    def encode_scaled(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
+                      scale: float = LATENT_SCALE) -> torch.Tensor:
+        """The diffusion model's latent: encode(pixels) * scale (data.latent_scale: 0.3099, no shift)."""
+        return self.encode(pixels, generator) * scale
 
-    def decode_scaled(self, z: torch.Tensor) -> torch.Tensor:
-        """Inverse of encode_scaled's scaling: decode(z / LATENT_SCALE)."""
-        return self.decode(z / LATENT_SCALE)
+    def decode_scaled(self, z: torch.Tensor, scale: float = LATENT_SCALE) -> torch.Tensor:
+        """Inverse of encode_scaled's scaling: decode(z / scale)."""
+        return self.decode(z / scale)
 
 
 # ------------------------------------------------------------------------------------------

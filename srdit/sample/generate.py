@@ -57,7 +57,7 @@ def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def decode_uint8(latents: torch.Tensor, cfg: Config, vae=None) -> torch.Tensor:
-    """Sampled latents -> uint8 [B, 3, H, W] (SPEC 5): latent / 0.3099 -> INVAE decoder ->
+    """Sampled latents -> uint8 [B, 3, H, W] (SPEC 5): latent / data.latent_scale (0.3099) -> INVAE decoder ->
     clamp(255 (x + 1) / 2, 0, 255) -> truncation. The quickstart's identity tokenizer (1 channel,
     pixel space) has no decoder: pixels = latents / data.latent_scale (1.0 there)."""
     if cfg.model.in_channels == 1:
@@ -65,7 +65,7 @@ def decode_uint8(latents: torch.Tensor, cfg: Config, vae=None) -> torch.Tensor:
     if vae is None:
         raise ValueError("decoding latents needs the INVAE decoder: give data.invae (or --vae) the path of "
                          "e2e-invae-400k.pt")
-    return pixels_to_uint8(vae.decode_scaled(latents))
+    return pixels_to_uint8(vae.decode_scaled(latents, cfg.data.latent_scale))
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:

@@ -33,3 +33,24 @@ def test_training_steps_on_images_with_the_online_teacher_and_on_cached_targets(
 def test_wrong_latent_shape_is_a_one_line_error(prepared, tmp_path, capsys):
     assert main(["--preset", "sr-dit-b1-256", "--out", str(tmp_path / "run"), "--data", str(prepared[0])]) == 2
     assert "latents are (32, 4, 4), the preset expects (32, 16, 16)" in capsys.readouterr().err
+
+
+def test_data_latent_scale_reaches_the_loader_and_the_decoder(prepared, weights):
+    """data.latent_scale is read where latents are scaled (the shard reader) and unscaled (the
+    INVAE decode of samples), not the constant."""
+    import torch
+
+    from srdit.config import apply_overrides, preset
+    from srdit.data.shards import open_shard
+    from srdit.model.invae import load_invae, to_uint8
+    from srdit.sample.generate import decode_uint8
+    from srdit.train.inputs import build_dataset
+
+    cfg = apply_overrides(preset("sr-dit-b1-256"), [*TINY, "data.latent_scale=0.5", f"data.path={prepared[0]}"])
+    dataset = build_dataset(cfg)
+    raw = open_shard(os.path.join(str(prepared[0]), "shard-000000.safetensors"))["latent"]
+    assert torch.equal(dataset[0]["latent"], torch.from_numpy(raw[0].copy()) * 0.5)
+    vae = load_invae(weights["vae"])
+    z = torch.randn(2, 32, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(decode_uint8(z, cfg, vae), to_uint8(vae.decode(z / 0.5)))
