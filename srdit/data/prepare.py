@@ -243,8 +243,7 @@ def pick_device(args, local_rank: int) -> torch.device:
 def prepare(args) -> int:
     t_start = time.time()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(args, local_rank)
+    device = pick_device(args, int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1:  # the barrier before the index; gloo works for CPU and GPU runs alike
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
     source = list_source(args.src, use_moments=args.latents != "encode")
@@ -258,46 +257,70 @@ def prepare(args) -> int:
     os.makedirs(os.path.join(out, PARTS), exist_ok=True)
     check_or_write_settings(out, settings)
 
-    # ---------------------------------------------------------------- plan: this rank's shards
-    size = settings["shard_size"]
-    n_shards = math.ceil(len(source) / size)
-    mine = range(rank * n_shards // world, (rank + 1) * n_shards // world)
-    leftovers = {shard_name(k) for k in mine}  # temporary files of an interrupted run
+    n_shards = math.ceil(len(source) / settings["shard_size"])
+    mine = range(rank * n_shards // world, (rank + 1) * n_shards // world)  # this rank's shards
+    pending, batches = plan(out, settings, len(source), mine, args.batch)
+    vae = load_invae_for(args, device) if pending and not use_moments else None
+    teacher = load_teacher_for(args, settings, device) if pending and args.cache_teacher else None
+    desc = f"{len(pending)} of {len(mine)} shards" + (f" (rank 0 of {world})" if world > 1 else "")
+    written = encode_shards(args, source, settings, batches, vae, teacher, device, show=rank == 0, desc=desc)
+
+    # the index: rank 0, after all ranks
+    todo = sum(len(b) for b in batches)
+    counts = torch.tensor([len(written), todo], dtype=torch.int64)
+    if world > 1:
+        torch.distributed.all_reduce(counts)  # also the barrier: every rank has finished its shards
+    if rank == 0:
+        finalize(out, settings, n_shards, *counts.tolist(), time.time() - t_start)
+    return 0
+
+
+def plan(out: str, settings: dict, n_source: int, mine: range, batch: int) -> tuple[list[int], list[list[int]]]:
+    """(unfinished shards of `mine`, their encoder batches of source indices); an interrupted
+    run's temporary files of these shards are removed."""
+    leftovers = {shard_name(k) for k in mine}
     for name in os.listdir(out):
         if TEMP_MARK in name and name.split(TEMP_MARK)[0] in leftovers:
             os.remove(os.path.join(out, name))
+    size = settings["shard_size"]
     pending = [k for k in mine if load_part(out, k) is None]
-    batches = [list(range(lo, min(lo + args.batch, hi)))
-               for k in pending for hi in [min((k + 1) * size, len(source))] for lo in range(k * size, hi, args.batch)]
-    todo = sum(len(b) for b in batches)
+    batches = [list(range(lo, min(lo + batch, hi)))
+               for k in pending for hi in [min((k + 1) * size, n_source)] for lo in range(k * size, hi, batch)]
+    return pending, batches
 
-    # ---------------------------------------------------------------- build the networks
-    vae = teacher = None
-    if pending and not use_moments:
-        from srdit.model.invae import load_invae
 
-        vae = load_invae(args.vae).to(device)
-    if pending and args.cache_teacher:
-        from srdit.model.dinov2 import load_dinov2
+def load_invae_for(args, device: torch.device):
+    from srdit.model.invae import load_invae
 
-        teacher = load_dinov2(args.teacher_arch, args.teacher, settings["teacher"]["img_size"],
-                              args.teacher_pos_interp).to(device)
+    return load_invae(args.vae).to(device)
 
-    # ---------------------------------------------------------------- encode
+
+def load_teacher_for(args, settings: dict, device: torch.device):
+    from srdit.model.dinov2 import load_dinov2
+
+    return load_dinov2(args.teacher_arch, args.teacher, settings["teacher"]["img_size"],
+                       args.teacher_pos_interp).to(device)
+
+
+def encode_shards(args, source: Source, settings: dict, batches: list[list[int]], vae, teacher,
+                  device: torch.device, *, show: bool, desc: str) -> list[dict]:
+    """Crop (in DataLoader workers), encode and write every shard the batches cover, in order;
+    returns the parts written."""
+    from tqdm import tqdm
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     workers = args.workers if args.workers is not None else max(1, min(16, (os.cpu_count() or 2) // world))
     samples = SourceSamples(source, args.resolution, None if args.cache_teacher else args.image_format)
     loader = torch.utils.data.DataLoader(samples, batch_sampler=batches, num_workers=workers, collate_fn=as_list,
                                          prefetch_factor=4 if workers else None)
-    from tqdm import tqdm
-
-    bar = tqdm(total=todo, unit="img", disable=rank != 0 or not todo, dynamic_ncols=True, smoothing=0.05,
-               desc=f"{len(pending)} of {len(mine)} shards" + (f" (rank 0 of {world})" if world > 1 else ""))
+    todo = sum(len(b) for b in batches)
+    bar = tqdm(total=todo, unit="img", disable=not show or not todo, dynamic_ncols=True, smoothing=0.05, desc=desc)
     buffer, written, skipped_now = None, [], 0
     for items in loader:
-        k = items[0]["index"] // size
+        k = items[0]["index"] // settings["shard_size"]
         if buffer is None or buffer.k != k:
             if buffer is not None:
-                written.append(buffer.write(out))
+                written.append(buffer.write(args.out))
             buffer = ShardBuffer(k, settings, len(source))
         good = [it for it in items if it["error"] is None]
         for it in items:
@@ -316,16 +339,9 @@ def prepare(args) -> int:
         bar.update(len(items))
         bar.set_postfix(skipped=skipped_now, refresh=False)
     if buffer is not None:
-        written.append(buffer.write(out))
+        written.append(buffer.write(args.out))
     bar.close()
-
-    # ---------------------------------------------------------------- index (rank 0, after all ranks)
-    counts = torch.tensor([len(written), todo], dtype=torch.int64)
-    if world > 1:
-        torch.distributed.all_reduce(counts)  # also the barrier: every rank has finished its shards
-    if rank == 0:
-        finalize(out, settings, n_shards, *counts.tolist(), time.time() - t_start)
-    return 0
+    return written
 
 
 @torch.no_grad()
