@@ -29,18 +29,11 @@ import torch
 from common import table, time_ms, write_json
 from srdit.config import apply_overrides, preset
 from srdit.model import build_model
-from srdit.model.flops import _block_forward, model_flops
+from srdit.model.flops import sampling_flops
 from srdit.runinfo import environment
 from srdit.sample.generate import generate
 
 EVAL_SAMPLES = 50_000
-
-
-def sample_flops(cfg) -> float:
-    """Matmul FLOPs of one sampling forward (no routing) of one image."""
-    m = cfg.model
-    f = model_flops(m)
-    return float(f.forward_path_drop + (m.routed_depth * _block_forward(m.num_tokens, m) if m.sprint else 0))
 
 
 def bench_sample(cfg, device, batch, nfe, precision, warmup, iters) -> dict:
@@ -60,7 +53,7 @@ def bench_sample(cfg, device, batch, nfe, precision, warmup, iters) -> dict:
     rate = batch / (ms * 1e-3)
     return {"stage": "sample", "precision": precision, "nfe": calls, "batch": batch, "ms": ms, "iqr_ms": iqr,
             "samples_per_s": rate, "ms_per_nfe": ms / calls,
-            "model_tflops": rate * calls * sample_flops(cfg) / 1e12}
+            "model_tflops": rate * calls * float(sampling_flops(cfg.model)) / 1e12}
 
 
 def bench_decode(cfg, device, batch, warmup, iters) -> dict | None:
@@ -157,7 +150,7 @@ def main(argv=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
     env = environment(device)
     print(f"{env['device_name']}  torch {env['torch']}  commit {env['commit']}  preset {name}  batch {batch}  "
-          f"sampler {cfg.sample.sampler}  {sample_flops(cfg) / 1e9:.2f} GFLOP per image per NFE")
+          f"sampler {cfg.sample.sampler}  {float(sampling_flops(cfg.model)) / 1e9:.2f} GFLOP per image per NFE")
     rows = []
 
     def attempt(fn, *a):
@@ -189,7 +182,7 @@ def main(argv=None) -> None:
         print(f"50K evaluation at NFE {p['nfe']}, sampling in {precision}: {p['hours']:.2f} h "
               f"(counted: {', '.join(p['stages_counted'])})")
     write_json(args.json, {**env, "preset": name, "batch": batch, "sampler": cfg.sample.sampler,
-                           "tf32": gpu and not args.no_tf32, "sample_gflop_per_nfe": sample_flops(cfg) / 1e9,
+                           "tf32": gpu and not args.no_tf32, "sample_gflop_per_nfe": float(sampling_flops(cfg.model)) / 1e9,
                            "rows": rows, "projection_50k": proj})
 
 

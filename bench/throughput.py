@@ -48,12 +48,11 @@ VARIANTS = {
 }
 
 
-def build_variant(preset_name, variant, batch, device, compile_backend="inductor", graph_type=None):
+def build_variant(preset_name, variant, batch, device):
     """(cfg, step): `step()` runs one full training step of `variant` on fixed synthetic data.
-    compile_backend: torch.compile's backend for the compiled variants (tests use "aot_eager");
-    graph_type: what captures the graph variants (None: CUDA graphs; tests pass EagerReplay).
     A graph variant's first step captures its graphs (srdit.train.graphs: warm-up, capture, state
-    restored), so its steps compute what the others' do, from the same start."""
+    restored), so its steps compute what the others' do, from the same start. (The same step on
+    the CPU, with stand-ins for inductor and CUDA graphs: tests/train/test_fast_step.py.)"""
     spec = VARIANTS[variant]
     fused = spec["kernels"] == "triton"
     cfg = apply_overrides(preset(preset_name), [
@@ -62,7 +61,7 @@ def build_variant(preset_name, variant, batch, device, compile_backend="inductor
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     teacher, _ = build_teacher(cfg, device, random_init=True)  # the real teacher's cost, without its file
-    runner = build_step(cfg, model, teacher, device=device, compile_backend=compile_backend, graph_type=graph_type)
+    runner = build_step(cfg, model, teacher, device=device)
     data = synthetic_batch(cfg, batch, device, spec["cached"])
     gen = torch.Generator(device).manual_seed(0)
     host = torch.Generator().manual_seed(1)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from srdit.config import ModelConfig
 
 
-def _block_forward(tokens: int, cfg: ModelConfig) -> int:
+def block_forward(tokens: int, cfg: ModelConfig) -> int:
+    """Matmul FLOPs of one transformer block's forward on `tokens` tokens of one image."""
     D, N = cfg.hidden, tokens
     hidden = int(cfg.hidden * cfg.mlp_ratio)
     mlp = 2 * N * (D * hidden + hidden * D)
@@ -43,16 +44,23 @@ def model_flops(cfg: ModelConfig, path_drop_prob: float = 0.0) -> StepFlops:
     projector = 2 * T * (D * cfg.projector_dim + cfg.projector_dim**2 + cfg.projector_dim * cfg.teacher_dim)
     final = 2 * D * 2 * D + 2 * P * D * C_in + (2 * D * cfg.teacher_dim if cfg.reg_token else 0)
     if not cfg.sprint:
-        body = cfg.depth * _block_forward(T, cfg)
+        body = cfg.depth * block_forward(T, cfg)
         fwd = embed + body + projector + final
         return StepFlops(fwd, fwd, 3.0 * fwd)
-    dense = (cfg.sprint_encoder_depth + cfg.sprint_decoder_depth) * _block_forward(T, cfg)
-    routed = cfg.routed_depth * _block_forward(cfg.num_kept, cfg)
+    dense = (cfg.sprint_encoder_depth + cfg.sprint_decoder_depth) * block_forward(T, cfg)
+    routed = cfg.routed_depth * block_forward(cfg.num_kept, cfg)
     fuse = 2 * T * 2 * D * D  # as the release computes it: Linear(2D -> D) on every token
     fwd = embed + dense + routed + fuse + projector + final
     fwd_drop = fwd - routed
     expected = (1 - path_drop_prob) * fwd + path_drop_prob * fwd_drop
     return StepFlops(fwd, fwd_drop, 3.0 * expected)
+
+
+def sampling_flops(cfg: ModelConfig) -> int:
+    """Matmul FLOPs of one sampling forward of one image: routing is off, so the routed blocks
+    run on all tokens."""
+    f = model_flops(cfg)
+    return f.forward_path_drop + (cfg.routed_depth * block_forward(cfg.num_tokens, cfg) if cfg.sprint else 0)
 
 
 def teacher_flops(arch: str, resolution: int, mlp_ratio: float = 4.0) -> int:

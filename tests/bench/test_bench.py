@@ -86,20 +86,3 @@ def test_profile_step_writes_a_trace_and_a_top20_table(tmp_path):
     trace = json.loads((tmp_path / "trace.json").read_text())
     names = {event.get("name") for event in trace["traceEvents"]}
     assert {"step", "teacher", "forward+loss", "backward", "optimizer", "ema"} <= names
-
-
-def test_best_variant_computes_the_eager_losses():
-    """Issue 7's invariant: the fast step does not change the math. Same synthetic inputs (both
-    with cached teacher targets), same generators: every loss part agrees to fp32 rounding."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from throughput import build_variant
-
-    from srdit.train.graphs import EagerReplay
-
-    device = torch.device("cpu")
-    _, eager = build_variant("quickstart", "cached-teacher", 8, device)
-    _, best = build_variant("quickstart", "best", 8, device, compile_backend="aot_eager", graph_type=EagerReplay)
-    for step in range(3):
-        a, b = eager(), best()
-        for name in ("loss", "vel", "repa", "cls", "cfm", "grad_norm"):
-            assert abs(a[name].item() - b[name].item()) <= 1e-4 * max(1.0, abs(a[name].item())), (step, name)

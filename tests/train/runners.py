@@ -10,14 +10,18 @@ from srdit.train.inputs import build_teacher, synthetic_batch  # noqa: F401  (re
 from srdit.train.loss import draw_step_noise
 
 
-def build_runner(device, *overrides, teacher=False, optimizers=None, seed=0, graph_type=None):
+def build_runner(device, *overrides, teacher=False, optimizers=None, seed=0, graph_type=None,
+                 compile_backend="aot_eager"):
     """(cfg, step) for the quickstart preset with `overrides`; random-init DINOv2 teacher if asked.
-    The step is a StepRunner, or a GraphedStep (captured with graph_type) with train.cuda_graphs."""
+    The step is a StepRunner, or a GraphedStep (captured with graph_type) with train.cuda_graphs;
+    train.compile uses compile_backend (aot_eager: dynamo and AOT autograd without inductor's
+    CPU codegen, seconds instead of minutes)."""
     cfg = apply_overrides(preset("quickstart"), list(overrides))
     torch.manual_seed(seed)
     model = build_model(cfg).to(device)
     frozen = build_teacher(cfg, device, random_init=True)[0] if teacher else None
-    return cfg, build_step(cfg, model, frozen, device=device, optimizers=optimizers, graph_type=graph_type)
+    return cfg, build_step(cfg, model, frozen, device=device, optimizers=optimizers, graph_type=graph_type,
+                           compile_backend=compile_backend)
 
 
 def step_noise(cfg, batch, device, *, generator=None, host_generator=None):
