@@ -16,6 +16,10 @@ import json
 import os
 import re
 import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import srdit.io  # noqa: E402  (the repository root on the path, as in bench/common.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NO_ROWS_YET = re.compile(r"^No GPU measurement yet")
@@ -145,8 +149,7 @@ def record(outdir: str, results: str, store: str, allow_cpu: bool = False) -> li
             text = add_rows(text, title, ["| " + " | ".join([d["date"], d["device_name"], d["commit"],
                                                              *(read(d, r) for _, read in columns), link]) + " |"
                                           for r in rows_of(d)])
-    with open(results, "w") as fh:
-        fh.write(text)
+    srdit.io.write_text(results, text)  # a kill mid-write must not cost the table
     return stored
 
 
