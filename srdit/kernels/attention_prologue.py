@@ -14,17 +14,14 @@ indexed by the token itself (T == N). Backward, with g = gradient arriving on th
 
 Shapes: qkv [B,N,3D] (unit last stride; D = H*Dh); weights [Dh]; cos/sin [P,Dh] fp32; rope_ids,
 v0_ids [B,N] int (any strides); v0 [B,T,H,Dh] (any strides with a unit last stride, e.g. block
-0's v_raw, a view of its qkv); lam a 0-dim tensor (read by the kernel: no host sync).
-
-Returns q, k, v as [B,H,N,Dh] *views* of contiguous [B,N,H,Dh] tensors, like the reference. That
-is the native layout of flash / memory-efficient / cuDNN attention (torch transposes [B,H,N,Dh]
-back to [B,N,H,Dh] and only needs a unit last stride), so SDPA copies nothing, and the kernel
-writes each token's 3D outputs contiguously. v_raw [B,N,H,Dh]: with v0 given, the un-mixed v is
-a view of qkv exactly as in the reference (no copy; any gradient on it reaches qkv through
-autograd's view backward, which the model never triggers: only block 0's v_raw is used). With v0
-None, v == v_raw, so v_raw is the kernel's v tensor itself and v its transposed view: no second
-copy is written, and autograd adds the two incoming gradients (block 0 only) before the backward
-kernel folds them into d qkv.
+0's v_raw, a view of its qkv); lam a 0-dim tensor (read by the kernel: no host sync). v0_ids must
+be unique within a sample (SPRINT's select_tokens guarantees it): each d v0 row is stored by one
+writer, so duplicates would keep one contribution instead of their sum.
+Returns q, k, v as [B,H,N,Dh] *views* of contiguous [B,N,H,Dh] tensors, like the reference, and
+v_raw [B,N,H,Dh], the un-mixed v: with v0 given, a view of qkv exactly as in the reference; with
+v0 None, v_raw is the kernel's v tensor itself and v its transposed view (v == v_raw), and
+autograd adds the two incoming gradients before the backward kernel folds them into d qkv.
+One kernel row is one (token, head) pair; a program handles the q, k and v parts of its rows.
 
 Precision: loads are upcast to fp32 (fp64 for fp64 qkv) right after the load; norm statistics,
 RoPE, the value mix and all reductions run there; q, k, v are rounded once to qkv's dtype. The
@@ -33,27 +30,19 @@ under bf16 (autocast or not) it computes lam*v0, (1-lam)*v and their sum in bf16
 times; this op rounds once (so it is closer to the float64 twin; both are bf16 tensors).
 Backward: q/k weight gradients reduced in fp32 (fp64) per-program partials [programs, Dh],
 summed by torch (deterministic); dlam likewise from [programs] partials. d v0 = lam * g is
-computed in fp32 and stored once in v0's dtype: without v0_ids every element is written (no
-zeroing); with v0_ids it is stored at the kept rows of a zeroed buffer. That relies on v0_ids
-being unique within a sample, which SPRINT guarantees (select_tokens takes an argsort prefix;
-sprint_fuse's scatter relies on it too): duplicate ids would keep one contribution instead of
-their sum. Plain stores instead of fp32 atomics avoid an fp32 [B,T,H,Dh] buffer and a cast pass
-over all T tokens, and the result is deterministic. Saved for backward: the inputs only (qkv,
-weights, tables, ids, v0, lam); rstd is recomputed from qkv, which the backward reads anyway.
-
-Program mapping: one kernel row = one (token, head) pair; a program holds a [ROWS, next_pow2(Dh)]
-tile of rows and handles the q, k and v parts of those rows (RoPE table rows are loaded once for
-q and k). Heads need no alignment to the tile: odd H and non-power-of-two Dh are masked.
+computed in fp32 and stored once in v0's dtype: without v0_ids every element is written; with
+v0_ids it is stored at the kept rows of a zeroed buffer. Saved for backward: the inputs only
+(qkv, weights, tables, ids, v0, lam); rstd is recomputed from qkv, which the backward reads anyway.
 
 Bytes per call, bf16 activations, in bytes per token per D (D = H*Dh; tables add 8*Dh/D ~ 0.7
 per token if every head missed the cache, ids 16/D): forward reads qkv 6, v0 2, writes q, k, v
 6: 12 (14 with the value residual). Backward reads dq, dk, dv 6 and the qkv parts it needs (q, k
 4 with QK-norm, v 2 with the residual), v0 2, writes d qkv 6 and d v0 2: 16 without the
 residual, 22 dense, 22 + 2T/N routed (zeroing d v0 [B,T,...]; 30 at 64 of 257 tokens). Block 0
-(v0 None) also pays autograd's sum of the v and v_raw gradients (6). The eager twin, counted op
-by op with a dispatch-mode byte counter (reads + writes of every aten op) at B=32, N=257, H=12,
-Dh=64, fp32 weights as under autocast: forward 196 (212 dense residual, 228 routed at N=64),
-backward 359 (387, 411) bytes per token per D, in 52-63 aten ops per direction: ~15x more.
+(v0 None) also pays autograd's sum of the v and v_raw gradients (6).
+
+Design notes (the output layout, stores instead of atomics, the tile, the eager twin's bytes):
+docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -191,7 +180,7 @@ def _attention_prologue_bwd_kernel(
                               stride_v0_ids_n, stride_v0_b, stride_v0_t, stride_v0_h, HAS_V0_IDS, COMPUTE)
         v = tl.load(qkv_ptr + x_offs + 2 * D, mask=mask, other=0.0).to(COMPUTE)
         tl.store(dlam_part_ptr + pid, tl.sum(tl.sum(gv * (v0 - v), axis=1), axis=0))
-        # one writer per element: v0_ids are unique within a sample (see the module docstring)
+        # one writer per element: v0_ids are unique within a sample (module docstring, Shapes)
         dv0_offs = (b * stride_dv0_b + t * stride_dv0_t + h * stride_dv0_h)[:, None] + d[None, :]
         tl.store(dv0_ptr + dv0_offs, (lam * gv).to(dv0_ptr.dtype.element_ty), mask=mask)
         gv = (1.0 - lam) * gv

@@ -17,17 +17,12 @@ residual:  d_r = dx_new_r + dx_r (the gradient of x_new),  dx = d,  df_r = gate_
 
 Precision: every load is upcast to the compute dtype (fp32 for fp16/bf16/fp32 inputs; fp64
 for fp64 inputs, so gradcheck works); rstd, the row sums and all reductions over rows are in
-that dtype; y, x_new, dx, df are stored in their input's dtype. Saved for backward: x (or
-x_new), rstd [rows] in the compute dtype, scale, weight (and f, gate for the residual
-variant); all but rstd are tensors the graph holds anyway.
-
-Reductions over rows (dshift, dscale, dweight, dgate): each backward program loops over
-consecutive row tiles of ONE batch element, so its tiles never cross a batch boundary, keeps
-[BLOCK_D] accumulators in registers, and writes one partial row to a [G, S, D] buffer
-in the compute dtype (G batch groups, S programs per group from split_launch); a torch .sum
-finishes. Chosen over fp32 atomics because the result is bitwise reproducible run to run (the
-training loop's loss curves must repeat from a seed) and the buffers are small (~4 programs per
-SM over all groups: S = 3 at B=256 on an H100, 256 x 3 x 768 fp32 = 2.4 MB per buffer).
+that dtype; y, x_new, dx, df are stored in their input's dtype. The reductions over rows
+(dshift, dscale, dweight, dgate) are per-program partial rows [G, S, D] in the compute dtype (G
+batch groups, S programs per group from split_launch; no program's rows cross a batch), summed
+by torch: deterministic, the same bits run to run. Saved for backward: x (or x_new), rstd
+[rows] in the compute dtype, scale, weight (and f, gate for the residual variant); all but rstd
+are tensors the graph holds anyway.
 
 Bytes per call (R = B*N rows, s = bytes per element of x, sm = of shift/scale/gate, sw = of w,
 c = 4 bytes of the compute dtype, S programs per group):
@@ -37,11 +32,9 @@ c = 4 bytes of the compute dtype, S programs per group):
     residual_rmsnorm_modulate   fwd: read 2*R*D*s + 3*B*D*sm + D*sw;  write 2*R*D*s + R*c
                                 bwd: read 4*R*D*s + R*c + 2*B*D*sm + D*sw;  write 2*R*D*s
                                      + partials 2 * (4*B*S*D*c)
-So ~2 and ~3 passes over [R,D] for the plain op, ~4 and ~6 for the residual one. Why fuse the
-residual add: a separate gated-add kernel (read x, f; write x_new) followed by this norm (read
-x_new; write y) moves 5 passes forward, the fused kernel 4 (x_new is never re-read); eager torch
-moves 7 (gate*f is materialised: write and re-read one more [R,D]). Backward, unfused is norm
-bwd (3) + adding dx_new (3) + df = gate*d (2) + dgate = sum(d*f) (2) = 10 passes versus 6.
+So ~2 and ~3 passes over [R,D] for the plain op, ~4 and ~6 for the residual one.
+
+Design notes (why partial sums and not atomics, why the residual add is fused): docs/kernels.md.
 """
 from typing import Optional
 

@@ -10,22 +10,17 @@ the tables and ids are constants (no gradient).
 
 Shapes: x [B,N,H,Dh] (Dh even; any strides with a unit last stride, others are copied), cos/sin
 [P,Dh] fp32, rope_ids [B,N] int (any strides, e.g. an expanded [1,N] row). Output: a contiguous
-[B,N,H,Dh] tensor in x's dtype.
+[B,N,H,Dh] tensor in x's dtype. One kernel row is one (token, head) pair of Dh elements.
 
 Precision: loads are upcast to fp32 (fp64 for fp64 x) right after the load, the rotation is
 computed there, the result is rounded once to x's dtype. Nothing is saved for backward except the
 tables and ids (x itself is not needed: the map is linear).
 
-Program mapping: one kernel row = one (token, head) pair of Dh elements; `row_launch` puts many
-rows in one program (tile [ROWS, next_pow2(Dh)]). The tile is loaded contiguously, split into
-even/odd lanes with tl.reshape + tl.split, rotated, and re-interleaved with tl.join.
-
 Bytes per call (M = B*N*H*Dh elements of size e, T = B*N tokens): read x M*e, write M*e, read
 ids 8T and the table rows 2*4*Dh*T (shared by the H heads of a token, so mostly cache hits).
 bf16 at SR-DiT-B shapes: 4 bytes per element of x (+0.7 if the table rows missed the cache).
-The eager twin (reference.apply_rope) runs 16 aten ops (table gathers and wheres, upcast,
-negate, stack, two products, add, downcast): 55 bytes per element of x, ~14x more (reads +
-writes of every op, counted with a dispatch-mode byte counter at B=32, N=257, H=12, Dh=64).
+
+Design notes (the tile, the even/odd split, the eager twin's bytes): docs/kernels.md.
 """
 from __future__ import annotations
 

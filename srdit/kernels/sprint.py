@@ -2,24 +2,18 @@
 
 Shapes: B batch, T tokens (257 at 256 px), K kept tokens (64), D width (768), F = prod(trailing
 dims) of a gathered tensor (D for the hidden state, H*Dh for the value-residual v0).
-Row counts: N = B*T, M = B*K.
+Row counts: N = B*T, M = B*K. Kept ids [B,K] must be unique within a sample and in [0, T)
+(select_tokens takes a prefix of a permutation); SRDIT_CHECK_IDS=1 checks it without a host
+sync (torch._assert_async). Without the check an out-of-range id gives a zero row (the kernels
+never touch memory outside x).
 
 gather_tokens(x, ids) = x[b, ids[b, k]]: x [B,T,...], ids [B,K] int -> [B,K,...].
   forward : Triton row gather, one program per tile of kept rows.
   backward: dx = zeros [B,T,...] with dx[b, ids[b, k]] = dout[b, k] (Triton row scatter).
-  The reference's backward is a scatter-ADD. Here each destination row is *stored* once, which
-  equals the scatter-add exactly (a sum of one term, bit for bit) because SPRINT's ids are
-  unique within a sample by construction (select_tokens takes a prefix of a permutation).
-  Chosen over atomics: an atomic scatter-add needs an fp32 accumulation buffer plus a cast pass
-  for fp16/bf16 (bf16 atomics do not run in the interpreter and are slow on the GPU) and would
-  make results depend on scheduling; the one thing it buys, duplicate ids, never happens.
-  SRDIT_CHECK_IDS=1 turns on a sync-free check (torch._assert_async) that ids are unique and in
-  [0, T); it costs a sort of [B,K] and a few tiny launches, so it is off by default. Without it,
-  an out-of-range id gives a zero row (the kernels never touch memory outside x).
-  Bytes per call (as torch's gather, whose backward is a memset plus an atomic scatter-add):
-  fwd read M*F + write M*F; bwd memset N*F, read M*F, write M*F (+ 8 bytes per id). The op is
-  here for torch.compile / CUDA graphs and for the strided v0 slice (gathered without a copy),
-  not for bandwidth.
+  Each destination row is *stored* once, which equals the reference's scatter-add exactly (a
+  sum of one term, bit for bit) because the ids are unique within a sample.
+  Bytes per call: fwd read M*F + write M*F; bwd memset N*F, read M*F, write M*F (+ 8 bytes per
+  id), as torch's gather, whose backward is a memset plus an atomic scatter-add.
   Compute: none (copies); nothing is accumulated, so every dtype is exact.
 
 sprint_fuse(x_enc, g, ids, mask_token, weight, bias) = Linear(2D -> D)(concat(x_enc, pad(g)))
@@ -39,19 +33,8 @@ sprint_fuse(x_enc, g, ids, mask_token, weight, bias) = Linear(2D -> D)(concat(x_
       d g     = dout[kept] W2      d W2 = dout[kept]^T g + s^T m
       d m     = s W2  [1,1,D]      (no routing: d W2 = dout^T g, d g = dout W2, d m = None,
                                     as in the reference, where m is unused)
-  One Triton pass over dout gives dout[kept] (pushed to its slot b*K + k, found by comparing
-  the row's token index with the K ids of its sample: no inverse index is built), and fp32
-  column sums over all rows (d b) and over the dropped rows (s): each program of split_launch
-  loops over row tiles and writes one partial row, a torch .sum(0) finishes (deterministic,
-  no atomics).
-
-  The kept-row epilogue adds gW2 - mW2 instead of writing base + gW2 at kept rows and
-  base + mW2 at the others: the dropped rows then need no pass at all (mW2 rides in the GEMM's
-  bias), so the epilogue reads and writes M rows instead of N (a pass over all rows would move
-  3N + M), and no [B,T] inverse index is built. Numerically a kept row is
-  round(x W1^T + round(b + mW2)) + gW2 - mW2 in fp32, rounded once more: within one or two
-  roundings of the reference's single GEMM (measured worst fp16 error 3e-4 against 1e-2; only a
-  mW2 much larger than the row itself would make the subtraction lose digits).
+  One Triton pass over dout gives dout[kept] (at its slot b*K + k) and the column sums over all
+  rows (d b) and over the dropped rows (s) as per-program partials, summed by torch.
 
   Cost per call (fwd + bwd), bf16, 256 px, 32 images per GPU (N = 8224, M = 2048, D = 768):
     FLOPs   reference: the [N,2D]x[2D,D] GEMM and its two backward GEMMs = 12 N D^2 = 58.2 GFLOP
@@ -66,17 +49,18 @@ sprint_fuse(x_enc, g, ids, mask_token, weight, bias) = Linear(2D -> D)(concat(x_
             here: Triton pass N + M, d x_enc 2N, d W1 2N, d g 2M, d W2 2M = 5N + 5M = 79 MB
     memory  saved for backward: the reference keeps the [N,2D] concat (25 MB); here only the
             inputs x_enc and g, which exist anyway.
-    In time on an H100 (~3.3 TB/s, ~600 TFLOP/s bf16 dense) that is ~36 us of traffic and
-    ~35 us of GEMM per step saved: small against a ~90 ms step, but free.
 
 Precision: GEMMs are torch's (cuBLAS on the GPU: fp32 accumulation, output in the input
-dtype; on the CPU torch's fp16 GEMM is used as is, it is available and fast enough at test
-sizes). The epilogue adds in fp32. Column sums (d b, s) accumulate in fp32; s stays fp32 for
-d m = s W2 (fp32 GEMV) and for the s^T m outer product, which is rounded to the input dtype
-before cuBLAS adds dout[kept]^T g to it. Outputs and gradients are in the input dtype.
-Saved for backward: x_enc, g, ids, mask_token, weight (no new activations).
-Under autocast the public function casts its floating inputs to the autocast dtype first, as
-F.linear does in the reference; inside the ops autocast is off.
+dtype). The epilogue adds in fp32: a kept row is round(x W1^T + round(b + mW2)) + gW2 - mW2 in
+fp32, rounded once more, within one or two roundings of the reference's single GEMM. Column
+sums (d b, s) accumulate in fp32; s stays fp32 for d m = s W2 (fp32 GEMV) and for the s^T m
+outer product, which is rounded to the input dtype before cuBLAS adds dout[kept]^T g to it.
+Outputs and gradients are in the input dtype. Saved for backward: x_enc, g, ids, mask_token,
+weight (no new activations). Under autocast the public function casts its floating inputs to
+the autocast dtype first, as F.linear does in the reference; inside the ops autocast is off.
+
+Design notes (stores instead of atomics, the kept-row epilogue, the slot search, time saved):
+docs/kernels.md.
 """
 import os
 from typing import Optional

@@ -24,6 +24,9 @@ gradient: `<grad>_part_ptr`); a stride is `stride_<tensor>_<dim>` (`stride_x_b`,
 with <tensor> the pointer's name without `_ptr` and <dim> the letter of the shape in the
 docstring; the compute dtype is the constexpr COMPUTE; a program's rows are ROWS, the power-of-two
 block over a row's width is BLOCK_<width symbol>.
+
+Design notes (why these tile sizes, what the interpreter costs, registers per kernel):
+docs/kernels.md.
 """
 from __future__ import annotations
 
