@@ -23,7 +23,8 @@ TIME_SHIFT_BASE = 4096  # s = sqrt(C*H*W / 4096) of the latent (SPEC 3)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the teachers' input normalisation (DINOv2, KDD's DINOv2-L)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TEACHER_PATCH = {"vitb14": 14, "vitl14": 14, "tiny": 2}  # patch side of each DINOv2 teacher arch
-# A setting left at AUTO follows the model, also after `model.*` overrides (Config.__post_init__):
+# A setting left at AUTO follows the model, also after `model.*` overrides (Config.__post_init__;
+# the settings are listed in DERIVED):
 # train.time_shift and sample.time_shift = sqrt(C*H*W / 4096) of the latent, and
 # data.teacher_resolution = the model's grid x the teacher's patch (16 x 14 = 224 at 256 px).
 AUTO = 0
@@ -57,6 +58,51 @@ class ConfigError(ValueError):
 def _one_of(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+# The range of every numeric setting, as an interval, checked when a section is built (a NaN is
+# outside every range); the error names the key, the value, the range and what 0 means where 0 is
+# special. DERIVED settings may also be AUTO (0) until Config fills them in.
+DERIVED = ("train.time_shift", "sample.time_shift", "data.teacher_resolution")
+_POSITIVE, _COUNT, _NATURAL, _PROBABILITY = "(0, inf)", "[1, inf)", "[0, inf)", "[0, 1)"
+RANGES = {
+    **{f"model.{k}": _COUNT for k in ("in_channels", "input_size", "patch_size", "hidden", "depth", "heads",
+                                       "num_classes", "teacher_dim", "projector_dim")},
+    "model.mlp_ratio": _POSITIVE, "model.rope_theta": _POSITIVE, "model.sprint_drop_ratio": "(0, 1)",
+    "model.sprint_encoder_depth": _NATURAL, "model.sprint_decoder_depth": _NATURAL,
+    "data.latent_scale": _POSITIVE, "data.teacher_resolution": _COUNT, "data.num_workers": _NATURAL,
+    "train.max_steps": _NATURAL, "train.global_batch": _COUNT, "train.grad_accum": _COUNT, "train.lr": _POSITIVE,
+    "train.beta1": _PROBABILITY, "train.beta2": _PROBABILITY, "train.adam_eps": _POSITIVE,
+    "train.weight_decay": _NATURAL, "train.grad_clip": _NATURAL, "train.ema_decay": _PROBABILITY,
+    "train.label_dropout": _PROBABILITY, "train.path_drop_prob": _PROBABILITY, "train.x0_t_min": "(0, 1)",
+    "train.repa_weight": _NATURAL, "train.cls_weight": _NATURAL, "train.cfm_weight": _NATURAL,
+    "train.dispersive_weight": _NATURAL, "train.dispersive_tau": _POSITIVE, "train.time_shift": _POSITIVE,
+    "train.seed": _NATURAL, "train.log_every": _COUNT, "train.ckpt_every": _COUNT, "train.sample_every": _NATURAL,
+    "train.eval_every": _NATURAL, "train.eval_samples": _COUNT, "train.keep_checkpoints": _COUNT,
+    "train.max_bad_steps": _COUNT,
+    "sample.num_steps": _COUNT, "sample.t_min": "(0, 1)", "sample.time_shift": _POSITIVE,
+    "sample.guidance_scale": _NATURAL, "sample.guidance_low": "[0, 1]", "sample.guidance_high": "[0, 1]",
+    "sample.num_samples": _COUNT, "sample.batch": _COUNT, "sample.seed": _NATURAL,
+    "eval.batch": _COUNT,
+}
+ZERO_MEANS = {"train.grad_clip": "0 turns clipping off", "train.sample_every": "0 = no sample grids",
+              "train.eval_every": "0 = no quick evaluation", "train.time_shift": "0 = from the latent size",
+              "sample.time_shift": "0 = from the latent size", "data.teacher_resolution": "0 = grid x patch",
+              "data.num_workers": "0 = in the training process"}
+
+
+def _check_ranges(section: str, obj) -> None:
+    for f in dataclasses.fields(obj):
+        key, value = f"{section}.{f.name}", getattr(obj, f.name)
+        if key not in RANGES or (key in DERIVED and value == AUTO):
+            continue
+        interval = RANGES[key]
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        above = value >= low if interval[0] == "[" else value > low
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):  # also false for NaN
+            note = f" ({ZERO_MEANS[key]})" if key in ZERO_MEANS else ""
+            raise ConfigError(f"{key}={value!r} is outside {interval}{note}")
 
 
 @dataclass
@@ -97,6 +143,7 @@ class ModelConfig:
     batched_adaln: bool = field(default=False, metadata=RESUMABLE)  # every adaLN modulation in one GEMM
 
     def __post_init__(self):
+        _check_ranges("model", self)
         _one_of("model.norm", self.norm, NORMS)
         _one_of("model.mlp_act", self.mlp_act, MLP_ACTS)
         _one_of("model.kernels", self.kernels, KERNELS)
@@ -108,8 +155,6 @@ class ModelConfig:
         if self.rope and self.head_dim % 4:
             raise ConfigError(f"2D RoPE needs a head dim divisible by 4 (two axes of rotated pairs); got {self.head_dim}")
         if self.sprint:
-            if not 0.0 < self.sprint_drop_ratio < 1.0:
-                raise ConfigError(f"model.sprint_drop_ratio={self.sprint_drop_ratio} must lie in (0, 1)")
             if self.routed_depth < 1:
                 raise ConfigError(
                     f"SPRINT needs routed blocks: depth {self.depth} <= encoder {self.sprint_encoder_depth}"
@@ -161,6 +206,7 @@ class DataConfig:
     num_workers: int = field(default=4, metadata=RESUMABLE)
 
     def __post_init__(self):
+        _check_ranges("data", self)
         _one_of("data.resolution", self.resolution, (16, 256, 512))
         _one_of("data.teacher_arch", self.teacher_arch, tuple(TEACHER_PATCH))
         _one_of("data.teacher_pos_interp", self.teacher_pos_interp, ("timm", "dinov2"))
@@ -214,6 +260,7 @@ class TrainConfig:
     wandb_name: str = field(default="", metadata=RESUMABLE)
 
     def __post_init__(self):
+        _check_ranges("train", self)
         _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
         _one_of("train.prediction", self.prediction, PREDICTIONS)
         _one_of("train.precision", self.precision, ("bf16", "fp32"))
@@ -225,18 +272,9 @@ class TrainConfig:
         if self.cuda_graphs and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ConfigError(f"train.cuda_graphs already captures the step; train.compile_mode={self.compile_mode} "
                               "captures graphs of its own: use default or max-autotune-no-cudagraphs with it")
-        if self.global_batch < 1 or self.grad_accum < 1 or self.max_steps < 0:
-            raise ConfigError("train.global_batch and train.grad_accum must be >= 1, train.max_steps >= 0")
-        if self.eval_every < 0 or self.eval_samples < 1:
-            raise ConfigError("train.eval_every must be >= 0 (0 = off) and train.eval_samples >= 1")
-        for name in ("log_every", "ckpt_every", "sample_every", "keep_checkpoints", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
-        if self.time_shift < 0:
-            raise ConfigError(f"train.time_shift={self.time_shift} must be > 0 (or 0: from the latent size)")
-        for name in ("label_dropout", "path_drop_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"train.{name}={getattr(self, name)} must lie in [0, 1)")
+        if self.global_batch % self.grad_accum:
+            raise ConfigError(f"train.global_batch={self.global_batch} is not divisible by "
+                              f"train.grad_accum={self.grad_accum}")
 
 
 @dataclass
@@ -256,11 +294,16 @@ class SampleConfig:
     precision: str = "fp32"  # the paper evaluated in fp32
 
     def __post_init__(self):
+        _check_ranges("sample", self)
         _one_of("sample.sampler", self.sampler, SAMPLERS)
         _one_of("sample.guidance", self.guidance, GUIDANCES)
         _one_of("sample.precision", self.precision, ("bf16", "fp32"))
-        if self.time_shift < 0:
-            raise ConfigError(f"sample.time_shift={self.time_shift} must be > 0 (or 0: from the latent size)")
+        if self.sampler == "sde" and self.num_steps < 2:
+            raise ConfigError(f"sample.num_steps={self.num_steps}: the SDE sampler needs >= 2 (a stochastic step and "
+                              "the final step)")
+        if self.guidance_low > self.guidance_high:
+            raise ConfigError(f"sample.guidance_low={self.guidance_low} > sample.guidance_high={self.guidance_high}: "
+                              "the guidance interval is empty")
 
 
 @dataclass
@@ -269,6 +312,9 @@ class EvalConfig:
     inception: str = field(default="", metadata=RESUMABLE)  # pt_inception-2015-12-05-6726825d.pth
     kdd_teacher: str = field(default="", metadata=RESUMABLE)  # dinov2_vitl14_pretrain.pth
     batch: int = field(default=250, metadata=RESUMABLE)
+
+    def __post_init__(self):
+        _check_ranges("eval", self)
 
 
 @dataclass
@@ -306,10 +352,12 @@ def auto_time_shift(model: ModelConfig) -> float:
 
 
 def _derived_values(cfg: Config) -> dict[str, float]:
-    """What the AUTO settings become for cfg's model (see AUTO)."""
+    """What the AUTO settings (DERIVED) become for cfg's model."""
     shift = auto_time_shift(cfg.model)
-    return {"train.time_shift": shift, "sample.time_shift": shift,
-            "data.teacher_resolution": cfg.model.grid * TEACHER_PATCH[cfg.data.teacher_arch]}
+    values = {"train.time_shift": shift, "sample.time_shift": shift,
+              "data.teacher_resolution": cfg.model.grid * TEACHER_PATCH[cfg.data.teacher_arch]}
+    assert set(values) == set(DERIVED)
+    return values
 
 
 def _derive(base: Config, **sections) -> Config:

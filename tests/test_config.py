@@ -88,3 +88,25 @@ def test_derived_settings_follow_the_model_unless_set():
     auto = apply_overrides(preset("cfm-b1-256"), ["train.time_shift=0"])  # 0 (AUTO) asks for the derived value
     assert math.isclose(auto.train.time_shift, math.sqrt(2)) and auto.sample.time_shift == 1.0
     assert from_dict(big.to_dict()).to_dict() == big.to_dict()  # config.yaml stores the numbers
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.grad_clip=-1", r"train.grad_clip=-1.0 is outside \[0, inf\) \(0 turns clipping off\)"),
+    ("train.ema_decay=2", r"train.ema_decay=2.0 is outside \[0, 1\)"),
+    ("train.lr=-1", r"train.lr=-1.0 is outside \(0, inf\)"),
+    ("train.lr=nan", r"train.lr=nan is outside"),
+    ("train.beta2=1", r"train.beta2=1.0 is outside \[0, 1\)"),
+    ("train.sample_every=-1", r"train.sample_every=-1 is outside \[0, inf\) \(0 = no sample grids\)"),
+    ("model.heads=0", r"model.heads=0 is outside \[1, inf\)"),
+    ("data.latent_scale=0", r"data.latent_scale=0.0 is outside"),
+    ("sample.t_min=1", r"sample.t_min=1.0 is outside \(0, 1\)"),
+    ("sample.num_steps=1", "the SDE sampler needs >= 2"),
+    ("eval.batch=0", r"eval.batch=0 is outside"),
+    ("train.grad_accum=3", "train.global_batch=64 is not divisible by train.grad_accum=3"),
+])
+def test_numeric_settings_out_of_range_are_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(preset("quickstart"), [override])
+    guidance = apply_overrides(preset("quickstart"), ["sample.guidance_high=0.5"])
+    with pytest.raises(ConfigError, match="guidance interval is empty"):
+        apply_overrides(guidance, ["sample.guidance_low=0.6"])

@@ -237,9 +237,9 @@ def save_checkpoint(run: Run) -> None:
 
 
 def maybe_sample(run: Run, force: bool = False) -> None:
-    """The EMA sample grid every train.sample_every steps (rank 0)."""
-    step = run.state.step
-    if run.dist.is_main and (force or step % run.cfg.train.sample_every == 0):
+    """The EMA sample grid every train.sample_every steps (rank 0; 0 = never)."""
+    step, every = run.state.step, run.cfg.train.sample_every
+    if run.dist.is_main and every and (force or step % every == 0):  # train.sample_every=0: no grids
         png = os.path.join(run.samples, f"step_{step:09d}.png")
         with run.log.untimed():
             if write_sample_grid(run.state.ema.model, run.cfg, run.dist.device, png):
@@ -256,7 +256,7 @@ def maybe_eval(run: Run) -> None:
 def finish(run: Run, *, stopped: bool) -> None:
     """The last sample grid and the loss curve (rank 0), the closing line, the log closed."""
     if run.dist.is_main:
-        if run.state.step % run.cfg.train.sample_every != 0:
+        if run.cfg.train.sample_every and run.state.step % run.cfg.train.sample_every != 0:
             maybe_sample(run, force=True)
         metrics, curve = os.path.join(run.out, "metrics.jsonl"), os.path.join(run.out, "loss.png")
         plot_loss_curve(metrics, curve)

@@ -114,7 +114,10 @@ class StepRunner:
             for k in LOSS_PARTS:
                 parts_sum[k] += parts[k].float() / accum
         with phase("clip"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)  # foreach where supported
+            if self.cfg.train.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)  # foreach
+            else:  # train.grad_clip=0: clipping off, the norm still measured for the log and the skip flag
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
         with phase("optimizer"):
             self.optimizers.step(found_inf)

@@ -1,0 +1,30 @@
+"""Settings whose value 0 means "off" are off, not a degenerate version of on."""
+import os
+
+import torch
+from runners import build_runner, step_noise, synthetic_batch
+from test_train import run
+
+CPU = torch.device("cpu")
+
+
+def one_update(clip: str) -> list[torch.Tensor]:
+    cfg, step = build_runner(CPU, "data.cached_teacher=true", f"train.grad_clip={clip}")
+    batch = synthetic_batch(cfg, 4, CPU, cached=True, generator=torch.Generator().manual_seed(1))
+    values = step.run([batch], step_noise(cfg, 4, CPU, generator=torch.Generator().manual_seed(2),
+                                          host_generator=torch.Generator().manual_seed(3)))
+    assert values["grad_norm"] > 1e-3  # measured and logged either way
+    adamw = step.optimizers.optimizers[0]
+    return [adamw.state[p]["exp_avg"].clone() for p in step.model.parameters() if p.requires_grad]  # (1 - b1) g
+
+
+def test_grad_clip_zero_turns_clipping_off():
+    off, huge, tight = one_update("0"), one_update("1e30"), one_update("1e-3")
+    assert all(torch.equal(a, b) for a, b in zip(off, huge))  # the unclipped gradient
+    norm = lambda grads: torch.cat([g.flatten() for g in grads]).norm()  # noqa: E731
+    assert norm(tight) < 1e-2 * norm(off)  # (a tight clip does scale it down)
+
+
+def test_sample_every_zero_draws_no_sample_grid(tmp_path):
+    assert run(tmp_path, "train.max_steps=2", "train.sample_every=0") == 0
+    assert not os.path.exists(tmp_path / "samples") or not os.listdir(tmp_path / "samples")
