@@ -6,12 +6,15 @@ no code here. NCCL on GPUs, gloo on CPUs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from srdit.io import OutputInUse, OutputLock, describe_error
 
 
 @dataclass(frozen=True)
@@ -74,15 +77,35 @@ def teardown(*, wait: bool = True) -> None:
 
 def run_command(prog: str, body, args, errors: tuple) -> int:
     """A torchrun-able command's main: set up the process group, run body(args, dist), turn the
-    expected `errors` into one line on stderr and exit status 2, always tear down."""
+    expected `errors` (and any OSError: a full disk, a read-only folder) into one line on stderr
+    and exit status 2, always tear down."""
     dist = setup()
     clean = False
     try:
         status = body(args, dist)
         clean = True
         return status
-    except errors as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+    except (*errors, OSError, OutputInUse) as error:
+        print(f"{prog}: error: {describe_error(error)}", file=sys.stderr)
         return 2
     finally:
         teardown(wait=clean)  # after an error the other ranks may never arrive
+
+
+@contextlib.contextmanager
+def locked_output(path: str, what: str, dist: Dist):
+    """Hold srdit.io.OutputLock(path) on rank 0 for the block; every rank raises the same
+    OutputInUse when another command holds it, so no rank waits for one that has left."""
+    lock, error = OutputLock(path, what), None
+    if dist.is_main:
+        try:
+            lock.__enter__()
+        except OutputInUse as busy:
+            error = str(busy)
+    error = broadcast_object(error)
+    if error is not None:
+        raise OutputInUse(error)
+    try:
+        yield
+    finally:
+        lock.__exit__()

@@ -40,9 +40,11 @@ def atomic_write(path: str, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+            raise OSError(error.errno, error.strerror, path) from error  # a failed write() names no file
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
@@ -94,3 +96,95 @@ def check_same_settings(old: dict, new: dict, *, what: str, fix: str, error: typ
     if changed:
         more = f"; +{len(changed) - limit} more" if len(changed) > limit else ""
         raise error(f"{what} ({'; '.join(changed[:limit])}{more}); {fix}")
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Delete the `<name>.tmp.<pid>` files atomic_write left in `directory` when a process was
+    killed mid-write. Call it only while holding the folder's OutputLock: then no live process
+    of srdit writes there, so every such file is stale. Returns the paths removed."""
+    removed = []
+    if os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            head, mark, pid = name.rpartition(TEMP_MARK)
+            if mark and head and pid.isdigit():
+                path = os.path.join(directory, name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                    removed.append(path)
+    return removed
+
+
+class OutputInUse(RuntimeError):
+    """Another srdit process holds the lock of this output."""
+
+
+class OutputLock:
+    """An exclusive lock on one output (a run folder, a samples file, a prepared folder), taken by
+    the rank-0 process of a command for as long as it runs, so that two commands never write the
+    same output: the second fails at once, naming the holder's pid and host. It is an flock on a
+    small file (`path`), which the OS releases when the holder dies, also on kill -9; the file is
+    removed when the lock is released normally."""
+
+    def __init__(self, path: str, what: str):
+        self.path, self.what, self.fd = os.fspath(path), what, None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+        import socket
+        import time
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise OutputInUse(f"{self.what} is in use by {holder} (lock file {self.path}); wait for that "
+                                  "command to finish or stop it, or choose another output") from None
+            try:  # the holder may have removed the file between our open and flock: lock the new one
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a command's error message; an OS error names its cause, errno and path
+    ("No space left on device (ENOSPC): /runs/b1/checkpoints/step_000010000.pt")."""
+    import errno as errno_names
+
+    if isinstance(error, OSError) and error.errno is not None:
+        paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+        name = errno_names.errorcode.get(error.errno, str(error.errno))
+        return f"{error.strerror or error} ({name})" + (f": {paths}" if paths else "")
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    return str(error)
+
+
+def describe_load_error(error: BaseException) -> str:
+    """Why torch.load(weights_only=True) failed, in one line, without torch's advice to load the
+    file unsafely (srdit never does: a checkpoint could run code)."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return describe_error(error)
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        refused = text.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+        return f"it holds Python objects that a safe (weights_only) load refuses: {refused}"
+    first = text.strip().split("\n")[0].split(". ")[0].rstrip(".")
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

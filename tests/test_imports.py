@@ -11,7 +11,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # (floor, module prefixes); a module's floor is that of its longest matching prefix
 FLOORS = [
-    (0, ("srdit", "srdit.config", "srdit.flow", "srdit.io", "srdit.runinfo", "srdit.distributed", "srdit.trainstate")),
+    (0, ("srdit", "srdit.config", "srdit.flow", "srdit.io", "srdit.progress", "srdit.runinfo", "srdit.distributed",
+        "srdit.trainstate")),
     (1, ("srdit.data",)),  # the readers: shards, order, loaders, DALI, crop, sources, digits
     (2, ("srdit.kernels",)),
     (3, ("srdit.model",)),

@@ -9,11 +9,12 @@ faster), any other change of the config is an error naming the keys.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import yaml
@@ -21,7 +22,7 @@ import yaml
 from srdit import distributed
 from srdit.config import Config, ConfigError, apply_overrides, from_dict, preset, resumable_keys
 from srdit.data import make_batches
-from srdit.io import check_same_settings, write_text
+from srdit.io import check_same_settings, remove_stale_temporaries, write_text
 from srdit.model import build_model, count_params
 from srdit.model.flops import model_flops
 from srdit.runinfo import code_version, device_name
@@ -45,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", required=True, help="a name of srdit.config.PRESETS")
     parser.add_argument("--out", required=True, help="run directory (created; reused to resume)")
     parser.add_argument("--data", default=None, help="prepared shards (srdit.data.prepare); quickstart: none")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over in --out: the previous run's files move to --out/previous-<time>/")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
     return parser.parse_args(argv)
 
@@ -56,18 +59,43 @@ def resolve_config(args) -> Config:
     return cfg
 
 
-def check_or_write_config(out: str, cfg: Config, is_main: bool) -> None:
-    """config.yaml of a new run is written; an existing one must agree outside the RESUMABLE keys."""
-    path = os.path.join(out, "config.yaml")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = from_dict(yaml.safe_load(f)).to_dict()
-        check_same_settings(old, cfg.to_dict(), ignore=resumable_keys(), error=ConfigError,
-                            what=f"{out} holds a run with another config",
-                            fix=f"use a new --out, or change only {', '.join(sorted(resumable_keys()))}")
-    if is_main:
-        os.makedirs(out, exist_ok=True)
-        write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def check_resumed_config(out: str, cfg: Config, saved: dict) -> None:
+    """A resumed run must agree with its checkpoint's config outside the RESUMABLE keys."""
+    check_same_settings(from_dict(saved["config"]).to_dict(), cfg.to_dict(), ignore=resumable_keys(),
+                        error=ConfigError, what=f"{out} holds a run with another config",
+                        fix=f"use a new --out, add --restart, or change only {', '.join(sorted(resumable_keys()))}")
+
+
+def write_config(out: str, cfg: Config) -> None:
+    """config.yaml, the run's resolved config. It is enforced only through a checkpoint's own
+    config (check_resumed_config): a folder without one (a first launch that failed) holds
+    nothing to protect, so its config.yaml is simply replaced."""
+    write_text(os.path.join(out, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def start_over(out: str) -> str | None:
+    """--restart: move what a previous run wrote to out/previous-<time>/ (nothing is deleted)."""
+    names = [n for n in ("config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "samples")
+             if os.path.exists(os.path.join(out, n))]
+    if not names:
+        return None
+    target = os.path.join(out, time.strftime("previous-%Y%m%d-%H%M%S"))
+    os.makedirs(target)
+    for name in names:
+        os.replace(os.path.join(out, name), os.path.join(target, name))
+    return target
+
+
+def keep_history_until(metrics: str, step: int) -> None:
+    """metrics.jsonl of a resumed run: rows after the resumed step (logged by the attempt that was
+    cut short) are dropped, atomically, so the file stays the run's one history."""
+    if not os.path.exists(metrics):
+        return
+    with open(metrics) as f:
+        rows = [line for line in f if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        write_text(metrics, "".join(kept))
 
 
 class GracefulStop:
@@ -98,13 +126,14 @@ class Run:
     out: str
     state: TrainState  # model, EMA, optimizers, generators, step: what a checkpoint holds
     step: object  # build_step's runner: .run(micro_batches, noise)
-    log: RunLog
+    log: RunLog | None  # opened once the run may write (open_log)
     metrics: DeviceMetrics
     evaluate: object  # srdit.eval.quick's evaluate(model), or None
+    notes: dict = field(default_factory=dict)  # for the log's header: the teacher, the checkpoint resumed
 
     @property
     def checkpoints(self) -> str:
-        return os.path.join(self.out, "checkpoints")
+        return checkpoint_dir(self.out)
 
     @property
     def samples(self) -> str:
@@ -126,34 +155,50 @@ def run_training(args, dist, stop: GracefulStop) -> int:
     cfg = resolve_config(args)
     check_runtime(cfg, dist.device, dist.world)
     dataset = build_dataset(cfg)
-    check_or_write_config(args.out, cfg, dist.is_main)
-    distributed.barrier()
-    if dist.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # build, then the data from the resumed step (the loaders' order depends on nothing else)
-    run = build_run(args, cfg, dist, dataset)
-    t = cfg.train
-    batches = make_batches(dataset, t.global_batch, rank=dist.rank, world=dist.world, accum=t.grad_accum,
-                           seed=t.seed, start_step=run.state.step, device=dist.device, workers=cfg.data.num_workers)
-    # loop
-    while run.state.step < t.max_steps and not stop.requested:
-        train_one_step(run, batches.next_step())
-        maybe_log(run)
-        if run.state.step % t.ckpt_every == 0:
+    with distributed.locked_output(os.path.join(args.out, ".lock"), f"the run folder {args.out}", dist):
+        if dist.is_main:
+            moved = start_over(args.out) if args.restart else None
+            if moved:
+                print(f"--restart: the previous run's files are in {moved}")
+            for path in remove_stale_temporaries(args.out) + remove_stale_temporaries(checkpoint_dir(args.out)):
+                print(f"removed {path}, left by a run that was killed while writing it")
+        distributed.barrier()
+        run = build_run(args, cfg, dist, dataset)
+        t = cfg.train  # the data from the resumed step: the loaders' order depends on nothing else
+        batches = make_batches(dataset, t.global_batch, rank=dist.rank, world=dist.world, accum=t.grad_accum,
+                               seed=t.seed, start_step=run.state.step, device=dist.device,
+                               workers=cfg.data.num_workers)
+        if dist.is_main:  # from here on the run writes
+            write_config(args.out, cfg)
+            keep_history_until(os.path.join(args.out, "metrics.jsonl"), run.state.step)
+        distributed.barrier()
+        open_log(run, args, dataset)
+        # loop
+        while run.state.step < t.max_steps and not stop.requested:
+            train_one_step(run, batches.next_step())
+            maybe_log(run)
+            if run.state.step % t.ckpt_every == 0:
+                save_checkpoint(run)
+            maybe_sample(run)
+            maybe_eval(run)
+        # close
+        if run.state.step % t.ckpt_every != 0 or stop.requested:
             save_checkpoint(run)
-        maybe_sample(run)
-        maybe_eval(run)
-    # close
-    if run.state.step % t.ckpt_every != 0 or stop.requested:
-        save_checkpoint(run)
-    finish(run, stopped=stop.requested)
+        finish(run, stopped=stop.requested)
     return 0
 
 
+def checkpoint_dir(out: str) -> str:
+    return os.path.join(out, "checkpoints")
+
+
 def build_run(args, cfg: Config, dist, dataset) -> Run:
-    """Model, EMA, optimizers and generators (resumed from the newest good checkpoint), the
-    teacher, the step, the log with its self-describing header, and the quick evaluation."""
+    """Model, EMA, optimizers and generators (resumed from the newest good checkpoint, whose
+    config must agree), the teacher, the step and the quick evaluation. Nothing is written but
+    checkpoints that do not load, moved aside."""
     t, device = cfg.train, dist.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(t.seed)
     model = build_model(cfg).to(device)
     ema, optimizers = EMA(model, t.ema_decay), Optimizers(model, t, device)
@@ -162,35 +207,49 @@ def build_run(args, cfg: Config, dist, dataset) -> Run:
                        host_generator=torch.Generator().manual_seed(t.seed + 1))  # the path-drop coin, all ranks
     teacher, teacher_note = build_teacher(cfg, device)  # before the RNG states are restored: a random
     # teacher (quickstart) must come out as it did when the run began
-    ckpt_dir = os.path.join(args.out, "checkpoints")
-    saved, path = checkpoint.load_latest(ckpt_dir, log=print if dist.is_main else (lambda *_: None))
+    say = print if dist.is_main else (lambda *_: None)
+    try:
+        saved, path, unreadable = checkpoint.load_latest(checkpoint_dir(args.out), log=say)
+    except checkpoint.NoLoadableCheckpoint as error:
+        raise TrainingError(str(error)) from None
+    distributed.barrier()  # every rank has read before rank 0 moves files
+    if dist.is_main and unreadable:
+        moved = checkpoint.set_aside(unreadable, checkpoint_dir(args.out))
+        say(f"moved {len(moved)} unreadable checkpoint(s) to {os.path.dirname(moved[0])}")
     if saved is not None:
+        check_resumed_config(args.out, cfg, saved)
         state.load_state_dict(saved, rank=dist.rank, world=dist.world)
-        del saved
     step = build_step(cfg, model, teacher, device=device, rank=dist.rank, world=dist.world, optimizers=optimizers,
                       ema=ema)
-    flops = model_flops(cfg.model, t.path_drop_prob)
-    log = RunLog(args.out, cfg, enabled=dist.is_main, start_step=state.step, max_steps=t.max_steps, device=device,
-                 flops_per_image=flops.train, global_batch=t.global_batch)
-    log.header([
-        f"srdit.train  code {code_version()}  torch {torch.__version__}  python {sys.version.split()[0]}",
-        f"device {device_name(device)} x {dist.world} process(es)  precision "
-        f"{'bf16 autocast' if device.type == 'cuda' and t.precision == 'bf16' else 'fp32'}"
-        f"{'  compiled' if t.compile else ''}{'  whole step as CUDA graphs' if t.cuda_graphs else ''}",
-        f"preset {args.preset}  model {count_params(model):,} trainable parameters  "
-        f"{flops.train / 1e9:.2f} GFLOP per training image (fwd+bwd)",
-        f"teacher: {teacher_note}",
-        f"data: {cfg.data.path or 'embedded scikit-learn digits (1,797 images, 10 classes, 16x16)'}  "
-        f"{len(dataset):,} samples",
-        f"resumed from {path} at step {state.step}" if path is not None else f"new run in {args.out}",
-        "config: " + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=True).strip(),
-    ])
     evaluate = None
     if t.eval_every:
         from srdit.eval.quick import build_quick_eval
 
         evaluate = build_quick_eval(cfg, device, num_samples=t.eval_samples)
-    return Run(cfg, dist, args.out, state, step, log, DeviceMetrics(device), evaluate)
+    notes = {"teacher": teacher_note, "resumed": path}
+    return Run(cfg, dist, args.out, state, step, None, DeviceMetrics(device), evaluate, notes)
+
+
+def open_log(run: Run, args, dataset) -> None:
+    """The run's log, opened with its self-describing header (STYLE 11)."""
+    cfg, dist, t, device = run.cfg, run.dist, run.cfg.train, run.dist.device
+    flops = model_flops(cfg.model, t.path_drop_prob)
+    run.log = RunLog(args.out, cfg, enabled=dist.is_main, start_step=run.state.step, max_steps=t.max_steps,
+                     device=device, flops_per_image=flops.train, global_batch=t.global_batch)
+    resumed = run.notes["resumed"]
+    run.log.header([
+        f"srdit.train  code {code_version()}  torch {torch.__version__}  python {sys.version.split()[0]}",
+        f"device {device_name(device)} x {dist.world} process(es)  precision "
+        f"{'bf16 autocast' if device.type == 'cuda' and t.precision == 'bf16' else 'fp32'}"
+        f"{'  compiled' if t.compile else ''}{'  whole step as CUDA graphs' if t.cuda_graphs else ''}",
+        f"preset {args.preset}  model {count_params(run.state.model):,} trainable parameters  "
+        f"{flops.train / 1e9:.2f} GFLOP per training image (fwd+bwd)",
+        f"teacher: {run.notes['teacher']}",
+        f"data: {cfg.data.path or 'embedded scikit-learn digits (1,797 images, 10 classes, 16x16)'}  "
+        f"{len(dataset):,} samples",
+        f"resumed from {resumed} at step {run.state.step}" if resumed else f"new run in {args.out}",
+        "config: " + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=True).strip(),
+    ])
 
 
 def train_one_step(run: Run, micro_batches: list[dict]) -> None:
@@ -232,7 +291,7 @@ def save_checkpoint(run: Run) -> None:
         state_dict = run.state.state_dict()
         if run.dist.is_main:
             checkpoint.save(state_dict, run.checkpoints, run.state.step)
-            checkpoint.rotate(run.checkpoints, run.cfg.train.keep_checkpoints)
+            checkpoint.rotate(run.checkpoints, run.cfg.train.keep_checkpoints, newest=run.state.step)
         distributed.barrier()
 
 

@@ -1,5 +1,6 @@
-"""What a run tells the person running it: a self-describing header (STYLE 11), a progress bar,
-metrics.jsonl, optional wandb, GPU telemetry when there is a GPU, and a loss-curve PNG.
+"""What a run tells the person running it: a self-describing header (STYLE 11), progress (a bar
+on a terminal, a line every train.log_every steps in a log file), metrics.jsonl, optional wandb,
+GPU telemetry when there is a GPU, and a loss-curve PNG.
 
 Only rank 0 writes. Every method is cheap unless it is called at a log step.
 """
@@ -8,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 
 import torch
 
+from srdit.progress import Progress
 from srdit.runinfo import peak_flops
 
 
@@ -51,15 +52,11 @@ class RunLog:
         self.flops_per_image, self.global_batch = flops_per_image, global_batch
         self.peak = peak_flops(device)
         self.telemetry = GpuTelemetry(device) if enabled else None
-        self.bar = None
         self.wandb = None
         self.last_time, self.last_step = time.perf_counter(), start_step
+        self.progress = Progress("train", max_steps, unit="step", initial=start_step, enabled=enabled, seconds=None)
         if not enabled:
             return
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=None, file=sys.stdout)
         self.metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
         if cfg.train.wandb_mode != "disabled":
             import wandb  # optional: only when asked for
@@ -68,9 +65,8 @@ class RunLog:
                                     mode=cfg.train.wandb_mode, dir=out_dir, config=cfg.to_dict(), resume="allow")
 
     def print(self, *lines: str) -> None:
-        if self.enabled:
-            for line in lines:
-                (self.bar.write if self.bar is not None else print)(line)
+        for line in lines:
+            self.progress.write(line)
 
     def header(self, lines: list[str]) -> None:
         self.print(*lines)
@@ -85,8 +81,7 @@ class RunLog:
             self.last_time += time.perf_counter() - start
 
     def step(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
+        self.progress.update(1)
 
     def log(self, step: int, values: dict, lr: float) -> dict:
         """One metrics.jsonl record for the steps since the previous call."""
@@ -103,8 +98,7 @@ class RunLog:
         record.update(self.telemetry.read())
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
+        self.progress.line(loss=f"{values['loss']:.4f}", **{"img/s": f"{img_per_s:.0f}"})
         if self.wandb is not None:
             self.wandb.log(record, step=step)
         return record
@@ -128,7 +122,7 @@ class RunLog:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.bar.close()
+        self.progress.close()
         self.metrics.close()
         if self.wandb is not None:
             self.wandb.finish()
