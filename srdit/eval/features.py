@@ -28,8 +28,9 @@ import torch
 
 from srdit.config import IMAGENET_MEAN, IMAGENET_STD
 from srdit.eval import inception as inception_module
+from srdit.eval.metrics import feature_stats, require_finite
 from srdit.io import atomic_write, sha256_file
-from srdit.sample.npz import NpzRows
+from srdit.sample.npz import NpzRows, npz_members
 
 KDD_ARCH = "vitl14"
 KDD_SIZE = 224
@@ -68,17 +69,19 @@ def _nhwc_numpy(images) -> np.ndarray:
 
 
 @torch.no_grad()
-def inception_features(model, batches, device=None) -> dict[str, np.ndarray]:
+def inception_features(model, batches, device=None, name: str = "images") -> dict[str, np.ndarray]:
     """{"pool", "spatial", "logits"} float32 arrays over all images of `batches` (an iterable of
-    uint8 image batches), computed on the model's device."""
+    uint8 image batches), computed on the model's device; non-finite features are an error
+    naming `name` and the batch."""
     device = device or model.fc.weight.device
     out: dict[str, list] = {"pool": [], "spatial": [], "logits": []}
     with strict_fp32():
-        for images in batches:
+        for i, images in enumerate(batches):
             x = torch.as_tensor(images).to(device)
             feats = model(x)
             for key in out:
                 out[key].append(feats[key].float().cpu().numpy())
+                require_finite(f"the Inception {key} features of {name} (batch {i})", out[key][-1])
     if not out["pool"]:
         raise ValueError("no images")
     return {key: np.concatenate(parts) for key, parts in out.items()}
@@ -102,14 +105,16 @@ def kdd_inputs(images, size: int = KDD_SIZE, threads: int = 8) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kdd_features(teacher, batches, device=None) -> np.ndarray:
-    """DINOv2 class tokens (after the final norm) [N, D] float32 of all images of `batches`."""
+def kdd_features(teacher, batches, device=None, name: str = "images") -> np.ndarray:
+    """DINOv2 class tokens (after the final norm) [N, D] float32 of all images of `batches`;
+    non-finite features are an error naming `name` and the batch."""
     device = device or teacher.cls_token.device
     out = []
     with strict_fp32():
-        for images in batches:
+        for i, images in enumerate(batches):
             cls, _ = teacher.forward_features(kdd_inputs(images, teacher.img_size).to(device))
             out.append(cls.float().cpu().numpy())
+            require_finite(f"the KDD (DINOv2) features of {name} (batch {i})", out[-1])
     if not out:
         raise ValueError("no images")
     return np.concatenate(out)
@@ -205,8 +210,7 @@ class ReferenceSet:
                                     "from the ADM evaluation suite)")
         self.path, self.batch = path, batch
         self.cache_dir = default_cache_dir(path) if cache_dir == "default" else cache_dir
-        with np.load(path) as f:
-            self.members = set(f.files)
+        self.members = npz_members(path)
 
     def _key(self, network: torch.nn.Module, settings: str) -> list[str]:
         return [f"file {file_sha256(self.path)}", f"net {module_sha256(network)}", settings]
@@ -215,15 +219,16 @@ class ReferenceSet:
         """Inception features of the reference images (pool, spatial, logits)."""
         settings = f"inception v1 size {inception_module.INPUT_SIZE} tf1-bilinear (x-128)/128"
         return cached(self.cache_dir, "inception", self._key(model, settings),
-                      lambda: inception_features(model, npz_images(self.path, self.batch)))
+                      lambda: inception_features(model, npz_images(self.path, self.batch), name=self.path))
 
     def stats(self, model) -> tuple[dict[str, np.ndarray], str]:
         """(mu, sigma, mu_s, sigma_s, source): stored in the npz (ADM), else from its images."""
-        from srdit.eval.metrics import feature_stats
-
         if {"mu", "sigma", "mu_s", "sigma_s"} <= self.members:
             with np.load(self.path) as f:
-                return {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}, "stored in the reference npz"
+                stats = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
+            for k, v in stats.items():
+                require_finite(f"{self.path}: its stored {k}", v)
+            return stats, "stored in the reference npz"
         feats = self.inception(model)
         mu, sigma = feature_stats(feats["pool"])
         mu_s, sigma_s = feature_stats(feats["spatial"])
@@ -232,4 +237,5 @@ class ReferenceSet:
     def kdd(self, teacher) -> np.ndarray:
         settings = f"kdd v1 size {teacher.img_size} pil-bicubic imagenet-norm cls-after-norm {teacher.pos_interp}"
         return cached(self.cache_dir, "kdd", self._key(teacher, settings),
-                      lambda: {"cls": kdd_features(teacher, npz_images(self.path, self.batch))})["cls"]
+                      lambda: {"cls": kdd_features(teacher, npz_images(self.path, self.batch),
+                                                   name=self.path)})["cls"]

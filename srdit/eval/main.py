@@ -38,7 +38,8 @@ from srdit.eval.features import (
     strict_fp32,
 )
 from srdit.eval.inception import load_inception
-from srdit.io import write_json
+from srdit.io import describe_error, write_json
+from srdit.progress import Progress
 
 FID_METHODS = ("sqrtm", "eigh")
 
@@ -72,6 +73,17 @@ def _require(path: str | None, what: str) -> None:
         raise FileNotFoundError(f"{what} not found: {path}")
 
 
+def pick_device(name: str | None) -> torch.device:
+    """--device as torch names it (cpu, cuda, cuda:1), checked; default cuda when present."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name torch knows (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
 def evaluate(args) -> dict:
     for path, what in ((args.samples, "samples file"), (args.ref, "reference batch"),
                        (args.inception, "Inception weights (pt_inception-2015-12-05-6726825d.pth)"),
@@ -80,7 +92,7 @@ def evaluate(args) -> dict:
         _require(path, what)
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     start = time.perf_counter()
     cache_dir = None if args.no_cache else (args.cache_dir or "default")
     ref = ReferenceSet(args.ref, batch=args.batch, cache_dir=cache_dir)
@@ -92,10 +104,14 @@ def evaluate(args) -> dict:
 
     # one pass over the samples feeds both networks; only features stay
     parts, kdd_parts = [], []
-    for images in npz_images(args.samples, args.batch):
-        parts.append(inception_features(inception, [images]))
+    progress = Progress("eval", n, unit="img")
+    for i, images in enumerate(npz_images(args.samples, args.batch)):
+        name = f"{args.samples}, images {i * args.batch:,}-{i * args.batch + len(images) - 1:,}"
+        parts.append(inception_features(inception, [images], name=name))
         if teacher is not None:
-            kdd_parts.append(kdd_features(teacher, [images]))
+            kdd_parts.append(kdd_features(teacher, [images], name=name))
+        progress.update(len(images))
+    progress.close()
     feats = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     del parts
     stats, stats_source = ref.stats(inception)
@@ -147,8 +163,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         result = evaluate(args)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"srdit.eval: error: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
+    except (ValueError, KeyError, OSError) as error:
+        print(f"srdit.eval: error: {describe_error(error)}", file=sys.stderr)
         return 2
     settings = result["sample_settings"]
     if settings:

@@ -24,6 +24,14 @@ from scipy import linalg, special
 # ----------------------------------------------------------------------------- FID
 
 
+def require_finite(name: str, *arrays) -> None:
+    """A ValueError naming `name` when an array holds NaN or Inf: LAPACK's square root can spin
+    for many minutes on them, and a metric of garbage must never look like a result."""
+    for a in arrays:
+        if not np.isfinite(np.asarray(a)).all():
+            raise ValueError(f"{name} holds non-finite values (NaN or Inf)")
+
+
 def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
     """(mu [D], sigma [D, D]) of [N, D] features; sigma uses N - 1 (np.cov, rowvar=False).
     Both in float64 (ADM keeps mu in the features' float32; the difference is ~1e-7 relative)."""
@@ -46,6 +54,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
+    require_finite("the statistics given to frechet_distance", mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
@@ -77,6 +86,7 @@ def frechet_distance_eigh(features, ref_mu, ref_sigma, device=None) -> float:
     sqrtm: seconds instead of minutes at D = 2048 on a CPU. Same value as `fid_from_features` up to
     rounding (tests); eigenvalues below zero from rounding are clipped where ADM drops a small
     imaginary part. For quick evaluations; reported numbers use the ADM path."""
+    require_finite("the features or statistics given to frechet_distance_eigh", features, ref_mu, ref_sigma)
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64, device=device)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"features must be [N >= 2, D], got shape {tuple(x.shape)}")

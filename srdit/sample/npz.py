@@ -80,6 +80,15 @@ class NpzWriter:
         self.close()
 
 
+def npz_members(path: str) -> set[str]:
+    """The array names of an .npz, read from the zip directory (no array is loaded); a file that
+    is not a zip archive is a ValueError naming it (np.load would suggest unpickling it)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz file (a zip archive of .npy arrays, as numpy.savez writes)")
+    with zipfile.ZipFile(path) as z:
+        return {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+
+
 class NpzRows:
     """Row batches of one member of an .npz without loading it whole:
 
@@ -90,6 +99,7 @@ class NpzRows:
 
     def __init__(self, path: str, key: str = "arr_0"):
         self.path, self.key = path, key
+        npz_members(path)  # a clear error for a file that is not an .npz
         self.zip = zipfile.ZipFile(path)
         name = f"{key}.npy"
         if name not in self.zip.namelist():

@@ -79,9 +79,9 @@ def test_reference_features_are_cached_by_content(nets, tmp_path, monkeypatch):
     calls = []
     real = features.inception_features
 
-    def counting(model, batches, device=None):
+    def counting(model, batches, device=None, **kwargs):
         calls.append(1)
-        return real(model, batches, device)
+        return real(model, batches, device, **kwargs)
 
     monkeypatch.setattr(features, "inception_features", counting)
     assert run(nets, tmp_path) == 0
@@ -167,3 +167,53 @@ def test_training_loop_logs_the_quick_evaluation(nets, tmp_path):
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     evals = [r for r in records if "fid12" in r]
     assert len(evals) == 1 and evals[0]["step"] == 2 and np.isfinite(evals[0]["fid12"])
+
+
+def test_non_finite_reference_statistics_and_features_are_errors_not_hangs(nets, tmp_path, capsys):
+    with np.load(nets.ref) as f:
+        stored = dict(f)
+    stored["sigma"] = stored["sigma"].copy()
+    stored["sigma"][3, 5] = np.nan  # made the ADM evaluator's sqrtm spin for > 12 minutes
+    np.savez(tmp_path / "nan_ref.npz", **stored)
+    assert main([nets.samples, "--ref", str(tmp_path / "nan_ref.npz"), "--inception", nets.inception,
+                 "--fid-method", "sqrtm", "--no-cache"]) == 2
+    assert "nan_ref.npz: its stored sigma holds non-finite values" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="holds non-finite"):
+        metrics.frechet_distance(stored["mu"], stored["sigma"], stored["mu"], stored["sigma"])
+    with pytest.raises(ValueError, match=r"Inception logits features of samples.npz \(batch 1\) holds non-finite"):
+        features.inception_features(_nan_on_second(nets.inc), [nets.images[:2], nets.images[2:4]], name="samples.npz")
+
+
+def _nan_on_second(model):
+    """The model, but its second call returns NaN logits."""
+    calls = []
+
+    def forward(x):
+        out = model(x)
+        calls.append(1)
+        return {**out, "logits": out["logits"] * float("nan")} if len(calls) == 2 else out
+
+    forward.fc = model.fc
+    return forward
+
+
+@pytest.mark.parametrize("case", ["not a zip", "no GPU", "not a device", "not Inception weights"])
+def test_bad_inputs_are_one_line_errors(nets, tmp_path, capsys, case):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"garbage" * 100)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"a": torch.zeros(3)}, wrong)
+    argv, expected = {
+        "not a zip": ([str(garbage), "--ref", nets.ref, "--inception", nets.inception], "is not an .npz file"),
+        "no GPU": ([nets.samples, "--ref", nets.ref, "--inception", nets.inception, "--device", "cuda"],
+                   "no CUDA GPU" if not torch.cuda.is_available() else None),
+        "not a device": ([nets.samples, "--ref", nets.ref, "--inception", nets.inception, "--device", "gpu0"],
+                         "--device 'gpu0' is not a device name"),
+        "not Inception weights": ([nets.samples, "--ref", nets.ref, "--inception", str(wrong)],
+                                  "does not match the FID Inception layout"),
+    }[case]
+    if expected is None:
+        pytest.skip("a GPU is present")
+    assert main([*argv, "--no-cache"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "allow_pickle" not in err, err
