@@ -98,15 +98,16 @@ def check_same_settings(old: dict, new: dict, *, what: str, fix: str, error: typ
         raise error(f"{what} ({'; '.join(changed[:limit])}{more}); {fix}")
 
 
-def remove_stale_temporaries(directory: str) -> list[str]:
-    """Delete the `<name>.tmp.<pid>` files atomic_write left in `directory` when a process was
-    killed mid-write. Call it only while holding the folder's OutputLock: then no live process
-    of srdit writes there, so every such file is stale. Returns the paths removed."""
+def remove_stale_temporaries(directory: str, prefix: str = "") -> list[str]:
+    """Delete the `<name>.tmp.<pid>` files atomic_write left in `directory` (those of names
+    starting with `prefix`) when a process was killed mid-write. Call it only while holding the
+    OutputLock of what they belong to: then no live process of srdit writes them, so every such
+    file is stale. Returns the paths removed."""
     removed = []
     if os.path.isdir(directory):
         for name in sorted(os.listdir(directory)):
             head, mark, pid = name.rpartition(TEMP_MARK)
-            if mark and head and pid.isdigit():
+            if mark and head.startswith(prefix) and head and pid.isdigit():
                 path = os.path.join(directory, name)
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)

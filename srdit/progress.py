@@ -5,8 +5,9 @@ itself when stdout is not a terminal), plain lines:
 
     train  step 300/1500 (20%)  loss 0.1234  img/s 512  elapsed 0:01:23  ETA 0:05:32
 
-one per `line()` call (the trainer calls it every train.log_every steps) and, with `seconds`,
-one at least that often while `update()` is called (sample, eval, prepare). Rates and the ETA
+one per `line()` call (the trainer calls it every train.log_every steps), with `seconds` one at
+least that often while `update()` is called (sample, eval, prepare), and a last one at `close()`
+for what came after the previous line. Rates and the ETA
 count only what this process did (a resumed run starts its clock at the resumed step).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Progress:
         self.name, self.total, self.unit, self.n = name, total, unit, initial
         self.enabled, self.seconds, self.stream = enabled, seconds, stream or sys.stdout
         self.start_n, self.start = initial, time.perf_counter()
-        self.last_line = self.start
+        self.last_line, self.lined_n = self.start, initial
         self.values: dict[str, str] = {}
         self.bar = None
         if enabled and self.stream.isatty():
@@ -50,7 +51,7 @@ class Progress:
             self.bar.set_postfix_str("  ".join(f"{k} {v}" for k, v in self.values.items()), refresh=True)
         elif self.enabled:
             self.write(self.text())
-            self.last_line = time.perf_counter()
+            self.last_line, self.lined_n = time.perf_counter(), self.n
 
     def text(self) -> str:
         elapsed = time.perf_counter() - self.start
@@ -74,6 +75,8 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        elif self.enabled and self.n != self.lined_n:
+            self.line()
 
     def _set(self, values: dict) -> None:
         for key, value in values.items():

@@ -51,7 +51,8 @@ def autocast(cfg: Config, device: torch.device):
 def generate_batch(model, cfg: Config, b: int, *, device: torch.device, vae=None,
                  num_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch b of the run described by cfg.sample (num_samples overrides sample.num_samples):
-    (uint8 images [n, 3, H, W], int64 labels [n]) on `device`, decoded (`decode_uint8`)."""
+    (uint8 images [n, 3, H, W], int64 labels [n]) on `device`, decoded (`decode_uint8`). Latents
+    that are not finite are an error naming the batch (one host read per batch)."""
     s = cfg.sample
     start, stop = batch_range(b, num_samples or s.num_samples, s.batch)
     generator = torch.Generator(device).manual_seed(batch_seed(s.seed, b))
@@ -62,5 +63,8 @@ def generate_batch(model, cfg: Config, b: int, *, device: torch.device, vae=None
         labels = torch.randint(0, num_classes, (stop - start,), generator=generator, device=device)
     with autocast(cfg, device):
         latents = generate(model, cfg, labels, generator=generator)
+        if not torch.isfinite(latents).all():  # uint8 conversion would turn NaN into black images
+            raise ValueError(f"sample batch {b} (samples {start:,}-{stop - 1:,}) came out with NaN or Inf values: "
+                             "the model produced them (weights, precision or sampler settings)")
         images = decode_uint8(latents.float(), cfg, vae)
     return images, labels

@@ -23,18 +23,18 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from srdit import distributed, trainstate
 from srdit.config import ConfigError, apply_overrides, from_dict, preset
-from srdit.io import atomic_write, check_same_settings, write_json
+from srdit.io import (atomic_write, check_same_settings, describe_load_error, remove_stale_temporaries,
+                      write_json)
 from srdit.model import build_model, load_release_weights
 from srdit.model.weights import describe_mismatch
+from srdit.progress import Progress
 from srdit.runinfo import code_version, device_name
 from srdit.sample.batches import generate_batch, num_batches
 from srdit.sample.generate import save_grid
@@ -76,9 +76,9 @@ def _peek(path: str):
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:
-                raise ValueError(f"cannot read {path} as a checkpoint: {error}") from error
+                raise ValueError(f"cannot read {path} as a checkpoint: {describe_load_error(error)}") from error
         except Exception as error:
-            raise ValueError(f"cannot read {path} as a checkpoint: {error}") from error
+            raise ValueError(f"cannot read {path} as a checkpoint: {describe_load_error(error)}") from error
 
 
 def load_model(path: str, preset_name: str | None, overrides, device: torch.device):
@@ -106,6 +106,10 @@ def load_model(path: str, preset_name: str | None, overrides, device: torch.devi
     if problem:
         raise ValueError(f"{path} does not fit the model of {preset_name or 'its config'} with these overrides: "
                          f"{problem}")
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} weight tensor(s) hold NaN or Inf ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); the model would sample garbage")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval().requires_grad_(False), cfg, source
 
@@ -194,10 +198,11 @@ class Parts:
             return f["images"], f["labels"]
 
     def check_settings(self, settings: dict) -> None:
-        """Create the folder for a new job, or check that an interrupted one had the same settings."""
+        """Create the folder for a new job, or check that an interrupted one had the same settings
+        (enforced once it holds a batch: a job that failed before its first one blocks nothing)."""
         os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, "settings.json")
-        if os.path.exists(path):
+        if os.path.exists(path) and any(n.startswith("batch_") for n in os.listdir(self.dir)):
             with open(path) as f:
                 old = json.load(f)
             check_same_settings(old, settings, what=f"{self.dir} holds batches of an interrupted run with other settings",
@@ -263,8 +268,6 @@ def sample(args, dist) -> int:
     say = print if dist.is_main else (lambda *a, **k: None)
     model, cfg, source = load_model(args.ckpt, args.preset, args.overrides, device)
     s = cfg.sample
-    if s.num_samples < 1 or s.batch < 1:
-        raise ConfigError(f"sample.num_samples={s.num_samples} and sample.batch={s.batch} must be >= 1")
     tf32 = device.type == "cuda" and s.precision == "fp32" and not args.no_tf32
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
@@ -276,49 +279,63 @@ def sample(args, dist) -> int:
     say(f"srdit.sample  code {code_version()}  torch {torch.__version__}  device {device_name(device)} x {dist.world}")
     for line in describe(settings):
         say(line)
+    with distributed.locked_output(f"{out}.lock", f"the samples file {out}", dist):
+        if dist.is_main:
+            for path in (remove_stale_temporaries(parts.dir)
+                         + remove_stale_temporaries(os.path.dirname(out), prefix=os.path.basename(out))):
+                say(f"removed {path}, left by a job that was killed while writing it")
+        todo = plan(out, parts, grid, settings, dist)
+        if todo is None:
+            say(f"{out} is already complete with these settings; nothing to do")
+            return 0
+        done_before, elapsed = draw(model, cfg, vae, parts, todo, dist)
+        distributed.barrier()
+        if dist.is_main:
+            assemble(out, parts, settings)
+            write_grid(out, grid)
+            shutil.rmtree(parts.dir)
+            new = s.num_samples - done_before
+            say(f"wrote {out}: {s.num_samples:,} samples ({new:,} new in {elapsed:.1f} s, "
+                f"{new / max(elapsed, 1e-9):.2f} samples/s over {dist.world} process(es)); grid {grid}")
+    return 0
 
-    # Rank 0 decides (the files are shared by all ranks) and lists the batches still to do; every
-    # rank gets its verdict or its error. The remaining batches, not all batches, are dealt
-    # round-robin, so a resumed job stays balanced (ranks wait at most one batch at the barrier).
-    total = num_batches(s.num_samples, s.batch)
+
+def plan(out: str, parts: Parts, grid: str, settings: dict, dist) -> list[int] | None:
+    """The batches still to draw (None: OUT is complete). Rank 0 decides (the files are shared
+    by all ranks); every rank gets its verdict or its error."""
+    s = settings
     verdict, todo = None, []
     if dist.is_main:
         try:
             verdict = _status(out, parts, settings)
-            todo = [b for b in range(total) if not parts.done(b)]
+            todo = [b for b in range(num_batches(s["num_samples"], s["batch"])) if not parts.done(b)]
         except SamplingError as error:
             verdict = f"error: {error}"
     verdict, todo = distributed.broadcast_object((verdict, todo))
     if verdict.startswith("error: "):
         raise SamplingError(verdict[len("error: "):])
-    if verdict == "complete":
-        if dist.is_main and not os.path.exists(grid):
-            write_grid(out, grid)
-        if dist.is_main and os.path.isdir(parts.dir):  # interrupted after the rename: tidy up
-            shutil.rmtree(parts.dir)
-        say(f"{out} is already complete with these settings; nothing to do")
-        return 0
-
-    mine = todo[dist.rank::dist.world]
-    done_before = s.num_samples - sum(min(s.batch, s.num_samples - b * s.batch) for b in todo)
-    if done_before:
-        say(f"resuming: {done_before:,} of {s.num_samples:,} samples already in {parts.dir}")
-    bar = tqdm(total=s.num_samples, initial=done_before, unit="img", desc="sample", dynamic_ncols=True,
-               disable=not dist.is_main, file=sys.stdout, smoothing=0.1,
-               mininterval=1.0 if sys.stdout.isatty() else 30.0)  # a log file gets a line every 30 s
-    start = time.perf_counter()
-    for b in mine:
-        images, labels = generate_batch(model, cfg, b, device=device, vae=vae)
-        parts.write(b, images.permute(0, 2, 3, 1).cpu().numpy(), labels.cpu().numpy())
-        bar.update(min(len(labels) * dist.world, s.num_samples - bar.n))  # rank 0 speaks for all ranks
-    bar.close()
-    elapsed = time.perf_counter() - start
-    distributed.barrier()
-    if dist.is_main:
-        assemble(out, parts, settings)
+    if verdict != "complete":
+        return todo
+    if dist.is_main and not os.path.exists(grid):
         write_grid(out, grid)
+    if dist.is_main and os.path.isdir(parts.dir):  # interrupted after the rename: tidy up
         shutil.rmtree(parts.dir)
-        new = s.num_samples - done_before
-        say(f"wrote {out}: {s.num_samples:,} samples ({new:,} new in {elapsed:.1f} s, "
-            f"{new / max(elapsed, 1e-9):.2f} samples/s over {dist.world} process(es)); grid {grid}")
-    return 0
+    return None
+
+
+def draw(model, cfg, vae, parts: Parts, todo: list[int], dist) -> tuple[int, float]:
+    """This rank's share of the batches to do, each written as a part. The remaining batches,
+    not all batches, are dealt round-robin, so a resumed job stays balanced (ranks wait at most
+    one batch at the barrier). Returns (samples done before this job, seconds)."""
+    s = cfg.sample
+    done_before = s.num_samples - sum(min(s.batch, s.num_samples - b * s.batch) for b in todo)
+    if done_before and dist.is_main:
+        print(f"resuming: {done_before:,} of {s.num_samples:,} samples already in {parts.dir}")
+    progress = Progress("sample", s.num_samples, unit="img", initial=done_before, enabled=dist.is_main)
+    start = time.perf_counter()
+    for b in todo[dist.rank::dist.world]:
+        images, labels = generate_batch(model, cfg, b, device=dist.device, vae=vae)
+        parts.write(b, images.permute(0, 2, 3, 1).cpu().numpy(), labels.cpu().numpy())
+        progress.update(min(len(labels) * dist.world, s.num_samples - progress.n))  # rank 0 speaks for all
+    progress.close()
+    return done_before, time.perf_counter() - start

@@ -196,3 +196,47 @@ def test_sampler_settings_run_and_are_stored(ckpt, tmp_path, overrides, stored):
         settings = json.loads(str(f["settings"]))
         assert f["arr_0"].shape == (6, 16, 16, 3) and ((0 <= f["arr_1"]) & (f["arr_1"] < 10)).all()
     assert {k: settings[k] for k in stored} == stored
+
+
+def test_a_checkpoint_with_a_nan_weight_is_refused_naming_it(ckpt, tmp_path, capsys):
+    state = torch.load(ckpt, weights_only=True)
+    key = next(k for k, v in state["ema"].items() if v.is_floating_point())
+    state["ema"][key].view(-1)[0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    assert sample_main.main(["--ckpt", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "s.npz"), *SAMPLE]) == 2
+    err = capsys.readouterr().err
+    assert "hold NaN or Inf" in err and key in err
+    assert not os.path.exists(tmp_path / "s.npz")
+
+
+def test_a_batch_that_comes_out_non_finite_is_an_error_naming_it(ckpt, tmp_path, capsys, monkeypatch):
+    from srdit.sample import batches
+
+    real = batches.generate
+    monkeypatch.setattr(batches, "generate", lambda *a, **k: real(*a, **k) * float("nan"))
+    assert sample_main.main(["--ckpt", ckpt, "--out", str(tmp_path / "s.npz"), *SAMPLE]) == 2
+    assert "sample batch 0 (samples 0-7) came out with NaN or Inf" in capsys.readouterr().err
+
+
+def test_two_jobs_on_one_output_the_second_is_refused(ckpt, tmp_path, capsys):
+    from srdit.io import OutputLock
+
+    out = tmp_path / "s.npz"
+    with OutputLock(f"{out}.lock", "a samples file"):  # as another job holds it
+        assert sample_main.main(["--ckpt", ckpt, "--out", str(out), *SAMPLE]) == 2
+    assert f"in use by pid {os.getpid()} on host" in capsys.readouterr().err
+    assert sample_main.main(["--ckpt", ckpt, "--out", str(out), *SAMPLE]) == 0
+
+
+def test_a_job_that_failed_before_its_first_batch_blocks_nothing(ckpt, tmp_path):
+    out = tmp_path / "s.npz"
+    os.makedirs(f"{out}.parts")
+    with open(f"{out}.parts/settings.json", "w") as f:
+        json.dump({"seed": 123}, f)  # settings of an earlier attempt that wrote no batch
+    assert sample_main.main(["--ckpt", ckpt, "--out", str(out), *SAMPLE]) == 0
+
+
+def test_progress_lines_in_a_log_file(ckpt, tmp_path):
+    result = _spawn(["--ckpt", ckpt, "--out", str(tmp_path / "s.npz"), *SAMPLE], 1)
+    assert result.returncode == 0, result.stderr
+    assert any(line.startswith("sample  img 30/30 (100%)") and "elapsed" in line for line in result.stdout.splitlines())
