@@ -59,8 +59,9 @@ class Progress:
         eta = (self.total - self.n) * elapsed / done if done > 0 else float("nan")
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         values = "".join(f"  {k} {v}" for k, v in self.values.items())
-        return (f"{self.name}  {self.unit} {self.n:,}/{self.total:,}{share}{values}  elapsed {_clock(elapsed)}  "
-                f"ETA {_clock(eta) if eta == eta else '?'}")
+        rate = f"  {done / elapsed:.3g} {self.unit}/s" if done > 0 and elapsed > 0 else ""
+        return (f"{self.name}  {self.unit} {self.n:,}/{self.total:,}{share}{values}{rate}  "
+                f"elapsed {_clock(elapsed)}  ETA {_clock(eta) if eta == eta else '?'}")
 
     def write(self, text: str) -> None:
         """Print a line without breaking the bar."""

@@ -42,8 +42,10 @@ from srdit.data.shards import (
     write_shard,
 )
 from srdit.data.sources import JPEG_QUALITY, Source, SourceError, SourceSamples, as_list, list_source
-from srdit.distributed import teardown
-from srdit.io import TEMP_MARK, check_same_settings, sha256_file, write_json, write_text
+from srdit.distributed import Dist, locked_output, teardown
+from srdit.io import (TEMP_MARK, OutputInUse, check_same_settings, describe_error, sha256_file, write_json,
+                      write_text)
+from srdit.progress import Progress
 
 SETTINGS = "prepare.json"
 SKIPPED = "skipped.txt"
@@ -104,8 +106,8 @@ def main(argv=None) -> int:
         status = prepare(args)
         clean = True
         return status
-    except (PrepareError, ShardError, SourceError, ValueError, FileNotFoundError) as error:
-        print(f"srdit.data.prepare: error: {error}", file=sys.stderr)
+    except (PrepareError, ShardError, SourceError, ValueError, OSError, OutputInUse) as error:
+        print(f"srdit.data.prepare: error: {describe_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("srdit.data.prepare: interrupted; finished shards are kept, rerun the same command to resume",
@@ -169,15 +171,17 @@ def _file_sha(path: str) -> str:
     return sha256_file(path)
 
 
-def check_or_write_settings(out: str, settings: dict) -> None:
+def check_settings(out: str, settings: dict) -> None:
+    """A preparation that recorded a shard must be resumed with its own settings (prepare.json);
+    one that recorded none (a first launch that failed) blocks nothing."""
     path = os.path.join(out, SETTINGS)
-    if os.path.isfile(path):
+    recorded = os.path.isdir(os.path.join(out, PARTS)) and any(
+        n.endswith(".json") for n in os.listdir(os.path.join(out, PARTS)))
+    if os.path.isfile(path) and recorded:
         with open(path) as f:
             old = json.load(f)
         check_same_settings(old, settings, what=f"{out} holds a preparation with other settings",
                             fix="use a new --out or the same arguments", error=PrepareError)
-    else:
-        write_json(path, settings)
 
 
 # ------------------------------------------------------------------------------------------
@@ -254,24 +258,30 @@ def prepare(args) -> int:
         raise PrepareError(f"--batch {args.batch} must be >= 1 and --shard-size {args.shard_size} >= 0 (0: default)")
     settings = build_settings(args, source, use_moments)
     out = args.out
-    os.makedirs(os.path.join(out, PARTS), exist_ok=True)
-    check_or_write_settings(out, settings)
+    dist = Dist(rank, world, int(os.environ.get("LOCAL_RANK", "0")), device)
+    with locked_output(os.path.join(out, ".lock"), f"the prepared folder {out}", dist):
+        check_settings(out, settings)
+        n_shards = math.ceil(len(source) / settings["shard_size"])
+        mine = range(rank * n_shards // world, (rank + 1) * n_shards // world)  # this rank's shards
+        pending, batches = plan(out, settings, len(source), mine, args.batch)
+        # every network is loaded (and can fail) before anything is written
+        vae = load_invae_for(args, device) if pending and not use_moments else None
+        teacher = load_teacher_for(args, settings, device) if pending and args.cache_teacher else None
+        if rank == 0:
+            os.makedirs(os.path.join(out, PARTS), exist_ok=True)
+            write_json(os.path.join(out, SETTINGS), settings)
+        if world > 1:
+            torch.distributed.barrier()
+        desc = f"{len(pending)} of {len(mine)} shards" + (f", rank 0 of {world}" if world > 1 else "")
+        written = encode_shards(args, source, settings, batches, vae, teacher, device, show=rank == 0, desc=desc)
 
-    n_shards = math.ceil(len(source) / settings["shard_size"])
-    mine = range(rank * n_shards // world, (rank + 1) * n_shards // world)  # this rank's shards
-    pending, batches = plan(out, settings, len(source), mine, args.batch)
-    vae = load_invae_for(args, device) if pending and not use_moments else None
-    teacher = load_teacher_for(args, settings, device) if pending and args.cache_teacher else None
-    desc = f"{len(pending)} of {len(mine)} shards" + (f" (rank 0 of {world})" if world > 1 else "")
-    written = encode_shards(args, source, settings, batches, vae, teacher, device, show=rank == 0, desc=desc)
-
-    # the index: rank 0, after all ranks
-    todo = sum(len(b) for b in batches)
-    counts = torch.tensor([len(written), todo], dtype=torch.int64)
-    if world > 1:
-        torch.distributed.all_reduce(counts)  # also the barrier: every rank has finished its shards
-    if rank == 0:
-        finalize(out, settings, n_shards, *counts.tolist(), time.time() - t_start)
+        # the index: rank 0, after all ranks
+        todo = sum(len(b) for b in batches)
+        counts = torch.tensor([len(written), todo], dtype=torch.int64)
+        if world > 1:
+            torch.distributed.all_reduce(counts)  # also the barrier: every rank has finished its shards
+        if rank == 0:
+            finalize(out, settings, n_shards, *counts.tolist(), time.time() - t_start)
     return 0
 
 
@@ -279,7 +289,7 @@ def plan(out: str, settings: dict, n_source: int, mine: range, batch: int) -> tu
     """(unfinished shards of `mine`, their encoder batches of source indices); an interrupted
     run's temporary files of these shards are removed."""
     leftovers = {shard_name(k) for k in mine}
-    for name in os.listdir(out):
+    for name in os.listdir(out) if os.path.isdir(out) else []:
         if TEMP_MARK in name and name.split(TEMP_MARK)[0] in leftovers:
             os.remove(os.path.join(out, name))
     size = settings["shard_size"]
@@ -306,15 +316,13 @@ def encode_shards(args, source: Source, settings: dict, batches: list[list[int]]
                   device: torch.device, *, show: bool, desc: str) -> list[dict]:
     """Crop (in DataLoader workers), encode and write every shard the batches cover, in order;
     returns the parts written."""
-    from tqdm import tqdm
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     workers = args.workers if args.workers is not None else max(1, min(16, (os.cpu_count() or 2) // world))
     samples = SourceSamples(source, args.resolution, None if args.cache_teacher else args.image_format)
     loader = torch.utils.data.DataLoader(samples, batch_sampler=batches, num_workers=workers, collate_fn=as_list,
                                          prefetch_factor=4 if workers else None)
     todo = sum(len(b) for b in batches)
-    bar = tqdm(total=todo, unit="img", disable=not show or not todo, dynamic_ncols=True, smoothing=0.05, desc=desc)
+    bar = Progress(f"prepare ({desc})", todo, unit="img", enabled=show and todo > 0)
     buffer, written, skipped_now = None, [], 0
     for items in loader:
         k = items[0]["index"] // settings["shard_size"]
@@ -336,8 +344,7 @@ def encode_shards(args, source: Source, settings: dict, batches: list[list[int]]
                 buffer.teacher.append(teacher_targets(teacher, good, device).numpy())
             if settings["image"]:
                 buffer.images += [it["encoded"] for it in good]
-        bar.update(len(items))
-        bar.set_postfix(skipped=skipped_now, refresh=False)
+        bar.update(len(items), skipped=skipped_now)
     if buffer is not None:
         written.append(buffer.write(args.out))
     bar.close()

@@ -129,9 +129,14 @@ def read_index(root: str) -> dict:
     if not os.path.isfile(path):
         raise ShardError(f"{root} has no {INDEX}: not a prepared directory, or its preparation is unfinished "
                          f"(rerun the same `python -m srdit.data.prepare` command: finished shards are kept)")
-    with open(path) as f:
-        index = json.load(f)
-    if index.get("format") != FORMAT or index.get("version") != VERSION:
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ShardError(f"{path} is not a readable index ({type(error).__name__}: {error}); rerun the "
+                         "same `python -m srdit.data.prepare` command to write it again (finished shards are kept)") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != VERSION:
+        index = index if isinstance(index, dict) else {}
         raise ShardError(f"{path} is not a {FORMAT} v{VERSION} index (format {index.get('format')!r}, "
                          f"version {index.get('version')!r})")
     return index

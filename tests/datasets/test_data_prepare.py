@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from srdit.config import LATENT_SCALE
-from srdit.data import ShardDataset, center_crop_dhariwal
+from srdit.data import ShardDataset, ShardError, center_crop_dhariwal
 from srdit.data.prepare import image_seed
 from srdit.data.shards import open_shard
-from srdit.io import sha256_file
+from srdit.io import OutputLock, sha256_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -220,7 +220,9 @@ def test_the_real_command_at_256_px(tmp_path, weights):
                              "--resolution", "256", "--vae", weights["vae"], "--batch", "2", "--workers", "1"],
                             env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 samples in 1 shards" in result.stdout and "img/s" in result.stderr  # tqdm bar: rate and ETA
+    assert "2 samples in 1 shards" in result.stdout
+    progress = [line for line in result.stdout.splitlines() if line.startswith("prepare (1 of 1 shards)  img 2/2")]
+    assert progress and "img/s" in progress[-1] and "ETA" in progress[-1]  # a log file's line: rate and ETA
     item = ShardDataset(tmp_path / "out")[1]
     assert item["latent"].shape == (32, 16, 16) and item["image"].shape == (3, 256, 256) and item["label"] == 0
 
@@ -232,3 +234,27 @@ def test_bad_arguments_are_one_line_errors(tmp_path, imagenet_src, weights, run_
     assert "only used with --cache-teacher" in run_prepare(*base, "--resolution", 64, "--teacher", weights["teacher"])[1]
     code, text = run_prepare("--src", tmp_path / "nowhere", "--out", tmp_path / "o", "--resolution", 64)
     assert code == 2 and "is not a directory" in text
+
+
+def test_a_failed_first_launch_blocks_nothing_and_a_second_launch_is_refused(imagenet_src, weights, run_prepare,
+                                                                              tmp_path):
+    out = tmp_path / "out"
+    broken = tmp_path / "e2e-invae-400k.pt"
+    torch.save({"not": torch.zeros(1)}, broken)  # the wrong file: fails when loaded, after the checks
+    args = ["--src", imagenet_src, "--out", out, "--resolution", 64, "--batch", 5, "--shard-size", 4, "--workers", 0]
+    code, text = run_prepare(*args, "--vae", broken)
+    assert code == 2 and str(broken) in text and not (out / "prepare.json").exists()
+    with OutputLock(os.path.join(out, ".lock"), "a prepared folder"):  # as another preparation holds it
+        code, text = run_prepare(*args, "--vae", weights["vae"])
+    assert code == 2 and f"in use by pid {os.getpid()}" in text
+    (out / "prepare.json").write_text('{"seed": 99}')  # an attempt that recorded no shard
+    code, text = run_prepare(*args, "--vae", weights["vae"])  # the corrected command
+    assert code == 0, text
+
+
+def test_an_unreadable_index_names_the_file(prepared, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared[0], out)
+    (out / "index.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(ShardError, match=r"index.json is not a readable index \(UnicodeDecodeError"):
+        ShardDataset(out)
