@@ -47,14 +47,18 @@ def _sdpa_with(backend_name: str):
 @functools.lru_cache(maxsize=None)
 def _fa3():
     """FlashAttention-3 as a function of [B,H,N,Dh] tensors, or an ImportError naming the fix."""
+    missing = ("attention_backend='fa3' needs the package flash_attn_interface (FlashAttention-3, built from the "
+               "flash-attention repo's hopper/ folder), or torch >= 2.13 with that library for its FA3 registry")
     try:
         from flash_attn_interface import flash_attn_func
     except ImportError:
         activate = getattr(torch.nn.attention, "activate_flash_attention_impl", None)
         if activate is None:
-            raise ImportError("attention_backend='fa3' needs the package flash_attn_interface (FlashAttention-3, "
-                              "built from the flash-attention repo's hopper/ folder) or torch >= 2.13 with it") from None
-        activate("FA3")  # torch's SDPA flash path now runs FA3 (raises if the library is absent)
+            raise ImportError(missing) from None
+        try:
+            activate("FA3")  # torch's SDPA flash path now runs FA3 (raises if the library is absent)
+        except Exception as error:  # the registry's own message names a module, not what to do
+            raise ImportError(f"{missing} ({type(error).__name__}: {error})") from None
         return _sdpa_with("flash")
 
     def run(q, k, v):
@@ -86,9 +90,9 @@ def backend_fn(name: str):
         return F.scaled_dot_product_attention
     if name == "eager":
         return eager_attention
+    if name in ("cudnn", "flash", "fa3", "fa4") and not torch.cuda.is_available():
+        raise ConfigError(f"attention_backend={name!r} needs a CUDA GPU; use 'sdpa' or 'eager' on the CPU")
     if name in ("cudnn", "flash"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"attention_backend={name!r} needs a CUDA GPU; use 'sdpa' or 'eager' on the CPU")
         return _sdpa_with(name)
     try:
         if name == "fa3":

@@ -131,3 +131,18 @@ def test_progress_lines_in_a_log_file(tmp_path):
 def test_gpu_attention_backends_on_the_cpu_are_refused_with_the_fix(tmp_path, capsys, backend):
     assert run(tmp_path, "train.max_steps=1", f"model.attention_backend={backend}") == 2
     assert f"model.attention_backend={backend} needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_missing_fa3_names_what_to_install(monkeypatch):
+    """The FA3 registry's own failure ("No module named ...") must not replace the message that
+    says what to install."""
+    from srdit.config import ConfigError
+    from srdit.kernels import attention
+
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)  # get past the GPU check
+    attention._fa3.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="needs the package flash_attn_interface"):
+            attention.backend_fn("fa3")
+    finally:
+        attention._fa3.cache_clear()
