@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from srdit.io import describe_load_error
+
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -37,8 +39,11 @@ def load_release_weights(path: str | os.PathLike, which: str = "ema") -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"release checkpoint {path!r} does not exist (expected e.g. a SpeedrunDiT 0400000.pt)")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt, or pickled objects a safe load refuses
+        raise ValueError(f"cannot read {path} as a release checkpoint: {describe_load_error(error)}") from error
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
     if which in obj and isinstance(obj[which], dict):

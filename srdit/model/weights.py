@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from srdit.io import describe_load_error
+
 
 def describe_mismatch(sd: dict, ref: dict, limit: int = 5) -> str:
     missing = [k for k in ref if k not in sd]
@@ -31,7 +33,8 @@ def load_state_file(path, expected: str, wrappers: tuple[str, ...]) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated file, or pickled objects weights_only refuses
-        raise ValueError(f"cannot read {path} as a state dict (expected the file {expected}): {error}") from error
+        raise ValueError(f"cannot read {path} as a state dict (expected the file {expected}): "
+                         f"{describe_load_error(error)}") from error
     if isinstance(sd, dict):
         for key in wrappers:
             if isinstance(sd.get(key), dict):

@@ -453,3 +453,13 @@ def test_batched_adaln_computes_the_same_function_and_gradients(path_drop):
     assert_close(b.v, a.v, 1e-12)
     for x, y in zip(gb, ga):
         assert (x - y).abs().max() <= 1e-12 * max(1.0, y.abs().max().item())
+
+
+def test_a_checkpoint_a_safe_load_refuses_says_why_without_suggesting_an_unsafe_load(tmp_path):
+    import decimal
+
+    # a pickled object of a class torch's safe load does not allow
+    torch.save({"ema": {"x": decimal.Decimal(1)}}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="a safe \\(weights_only\\) load refuses") as caught:
+        load_release_weights(tmp_path / "pickled.pt")
+    assert "weights_only=False" not in str(caught.value) and "trust" not in str(caught.value)
