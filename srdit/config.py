@@ -23,11 +23,14 @@ TIME_SHIFT_BASE = 4096  # s = sqrt(C*H*W / 4096) of the latent (SPEC 3)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the teachers' input normalisation (DINOv2, KDD's DINOv2-L)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TEACHER_PATCH = {"vitb14": 14, "vitl14": 14, "tiny": 2}  # patch side of each DINOv2 teacher arch
-# A setting left at AUTO follows the model, also after `model.*` overrides (Config.__post_init__;
-# the settings are listed in DERIVED):
-# train.time_shift and sample.time_shift = sqrt(C*H*W / 4096) of the latent, and
-# data.teacher_resolution = the model's grid x the teacher's patch (16 x 14 = 224 at 256 px).
+# Derived settings: left at their sentinel they follow other settings, also after overrides of
+# those (Config.__post_init__): at AUTO, train.time_shift and sample.time_shift = sqrt(C*H*W /
+# 4096) of the latent and data.teacher_resolution = the model's grid x the teacher's patch (16 x 14
+# = 224 at 256 px); at SAME_AS_GUIDANCE, sample.cls_guidance_scale = sample.guidance_scale.
 AUTO = 0
+SAME_AS_GUIDANCE = -1.0
+DERIVED = {"train.time_shift": AUTO, "sample.time_shift": AUTO, "data.teacher_resolution": AUTO,
+           "sample.cls_guidance_scale": SAME_AS_GUIDANCE}
 
 NORMS = ("rmsnorm", "layernorm")
 MLP_ACTS = ("gelu_tanh", "swiglu", "relu2", "xielu", "lopsided_relu2")
@@ -62,8 +65,7 @@ def _one_of(name: str, value, allowed) -> None:
 
 # The range of every numeric setting, as an interval, checked when a section is built (a NaN is
 # outside every range); the error names the key, the value, the range and what 0 means where 0 is
-# special. DERIVED settings may also be AUTO (0) until Config fills them in.
-DERIVED = ("train.time_shift", "sample.time_shift", "data.teacher_resolution")
+# special. DERIVED settings may also hold their sentinel until Config fills them in.
 _POSITIVE, _COUNT, _NATURAL, _PROBABILITY = "(0, inf)", "[1, inf)", "[0, inf)", "[0, 1)"
 RANGES = {
     **{f"model.{k}": _COUNT for k in ("in_channels", "input_size", "patch_size", "hidden", "depth", "heads",
@@ -81,20 +83,23 @@ RANGES = {
     "train.eval_every": _NATURAL, "train.eval_samples": _COUNT, "train.keep_checkpoints": _COUNT,
     "train.max_bad_steps": _COUNT,
     "sample.num_steps": _COUNT, "sample.t_min": "(0, 1)", "sample.time_shift": _POSITIVE,
-    "sample.guidance_scale": _NATURAL, "sample.guidance_low": "[0, 1]", "sample.guidance_high": "[0, 1]",
+    "sample.guidance_scale": _NATURAL, "sample.cls_guidance_scale": _NATURAL,
+    "sample.guidance_low": "[0, 1]", "sample.guidance_high": "[0, 1]",
     "sample.num_samples": _COUNT, "sample.batch": _COUNT, "sample.seed": _NATURAL,
     "eval.batch": _COUNT,
 }
 ZERO_MEANS = {"train.grad_clip": "0 turns clipping off", "train.sample_every": "0 = no sample grids",
               "train.eval_every": "0 = no quick evaluation", "train.time_shift": "0 = from the latent size",
               "sample.time_shift": "0 = from the latent size", "data.teacher_resolution": "0 = grid x patch",
-              "data.num_workers": "0 = in the training process"}
+              "data.num_workers": "0 = in the training process",
+              "sample.cls_guidance_scale": "0 = the conditional class-token drift, as the release's --cls-cfg-scale 0; "
+                                           "-1 = sample.guidance_scale"}
 
 
 def _check_ranges(section: str, obj) -> None:
     for f in dataclasses.fields(obj):
         key, value = f"{section}.{f.name}", getattr(obj, f.name)
-        if key not in RANGES or (key in DERIVED and value == AUTO):
+        if key not in RANGES or (key in DERIVED and value == DERIVED[key]):
             continue
         interval = RANGES[key]
         low, high = (float(x) for x in interval[1:-1].split(","))
@@ -225,6 +230,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    # "release": ema = ema * decay + p * (1 - decay) in fp32, as the release's update_ema: the two
+    # fp32 coefficients sum to 1 - 1.7e-8, so the average settles ~1.7e-4 (relative) below the
+    # weights (quirk Q5); "lerp": the exact weighted average ema + (1 - decay) (p - ema)
+    ema_update: str = "release"
     label_dropout: float = 0.1
     path_drop_prob: float = 0.05
     # losses (SPEC 3): L = vel + 0.5 REPA + 0.03 cls + 0.05 CFM
@@ -266,6 +275,7 @@ class TrainConfig:
         _one_of("train.precision", self.precision, ("bf16", "fp32"))
         _one_of("train.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
         _one_of("train.compile_mode", self.compile_mode, COMPILE_MODES)
+        _one_of("train.ema_update", self.ema_update, ("release", "lerp"))
         if self.cuda_graphs and self.optimizer != "adamw":
             raise ConfigError(f"train.cuda_graphs needs train.optimizer=adamw (not {self.optimizer!r}): the other "
                               "optimizers read the non-finite-step flag on the host")
@@ -285,19 +295,26 @@ class SampleConfig:
     time_shift: float = 1.0  # as train.time_shift: 1 = no shift; AUTO (0): from the latent size
     guidance: str = "none"
     guidance_scale: float = 1.0
+    # the class token's drift gets its own scale, as the release's --cls-cfg-scale; <= 0 there (0
+    # here) means its conditional drift alone; SAME_AS_GUIDANCE (-1): sample.guidance_scale
+    cls_guidance_scale: float = SAME_AS_GUIDANCE
     guidance_low: float = 0.0
     guidance_high: float = 1.0
     balanced_labels: bool = False
     num_samples: int = 50_000
     batch: int = 125
     seed: int = 0
-    precision: str = "fp32"  # the paper evaluated in fp32
+    precision: str = "fp32"  # what the model computes in; the paper evaluated in fp32
+    # the sampler's state (latent, class token) between model calls; the release integrates in
+    # float64 and feeds the model fp32
+    state_precision: str = "fp64"
 
     def __post_init__(self):
         _check_ranges("sample", self)
         _one_of("sample.sampler", self.sampler, SAMPLERS)
         _one_of("sample.guidance", self.guidance, GUIDANCES)
         _one_of("sample.precision", self.precision, ("bf16", "fp32"))
+        _one_of("sample.state_precision", self.state_precision, ("fp64", "fp32"))
         if self.sampler == "sde" and self.num_steps < 2:
             raise ConfigError(f"sample.num_steps={self.num_steps}: the SDE sampler needs >= 2 (a stochastic step and "
                               "the final step)")
@@ -326,12 +343,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        # Settings left at AUTO are filled in from the model; `derived` remembers which, so that
-        # a later override of the model (`_derive`) derives them again instead of keeping stale numbers.
+        # Settings left at their sentinel are filled in (DERIVED); `derived` remembers which, so that
+        # a later override (`_derive`) derives them again instead of keeping stale numbers.
         derived = set()
         for key, value in _derived_values(self).items():
             section, name = key.split(".")
-            if getattr(getattr(self, section), name) == AUTO:
+            if getattr(getattr(self, section), name) == DERIVED[key]:
                 setattr(self, section, dataclasses.replace(getattr(self, section), **{name: value}))
                 derived.add(key)
         self.derived = frozenset(derived)
@@ -352,21 +369,22 @@ def auto_time_shift(model: ModelConfig) -> float:
 
 
 def _derived_values(cfg: Config) -> dict[str, float]:
-    """What the AUTO settings (DERIVED) become for cfg's model."""
+    """What the DERIVED settings become for cfg."""
     shift = auto_time_shift(cfg.model)
     values = {"train.time_shift": shift, "sample.time_shift": shift,
-              "data.teacher_resolution": cfg.model.grid * TEACHER_PATCH[cfg.data.teacher_arch]}
+              "data.teacher_resolution": cfg.model.grid * TEACHER_PATCH[cfg.data.teacher_arch],
+              "sample.cls_guidance_scale": cfg.sample.guidance_scale}
     assert set(values) == set(DERIVED)
     return values
 
 
 def _derive(base: Config, **sections) -> Config:
     """A copy of `base` with some fields of some sections replaced: `model=dict(rope=True)`.
-    Settings base derived (AUTO) and not set here are derived again for the new model."""
+    Settings base derived (DERIVED) and not set here are derived again."""
     sections = {name: dict(changes) for name, changes in sections.items()}
     for key in base.derived:
         section, name = key.split(".")
-        sections.setdefault(section, {}).setdefault(name, AUTO)
+        sections.setdefault(section, {}).setdefault(name, DERIVED[key])
     replaced = {name: dataclasses.replace(getattr(base, name), **changes) for name, changes in sections.items()}
     return dataclasses.replace(base, **replaced)
 

@@ -110,3 +110,13 @@ def test_numeric_settings_out_of_range_are_errors_naming_the_key(override, messa
     guidance = apply_overrides(preset("quickstart"), ["sample.guidance_high=0.5"])
     with pytest.raises(ConfigError, match="guidance interval is empty"):
         apply_overrides(guidance, ["sample.guidance_low=0.6"])
+
+
+def test_the_class_token_guidance_scale_follows_the_image_scale_unless_set():
+    base = preset("sr-dit-b1-256")
+    assert base.sample.cls_guidance_scale == base.sample.guidance_scale == 1.0
+    guided = apply_overrides(base, ["sample.guidance=pdg", "sample.guidance_scale=2.5"])
+    assert guided.sample.cls_guidance_scale == 2.5  # today's behaviour: one scale for both
+    own = apply_overrides(guided, ["sample.cls_guidance_scale=1.5", "sample.guidance_scale=3"])
+    assert (own.sample.guidance_scale, own.sample.cls_guidance_scale) == (3.0, 1.5)
+    assert base.sample.state_precision == "fp64" and base.train.ema_update == "release"  # as the release

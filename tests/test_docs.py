@@ -17,8 +17,8 @@ DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "profiling", "README
         *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 SCRIPTS = ["bench/throughput.py", "bench/kernels.py", "bench/data.py", "bench/sample.py", "bench/record.py",
            "profiling/profile_step.py"]
-# flags of other programs the guides show: torchrun, sbatch, nsys, ncu, pip
-FOREIGN = {"--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id", "--nodes",
+# flags of other programs the guides show: torchrun, sbatch, nsys, ncu, the release's generate.py
+FOREIGN = {"--cls-cfg-scale", "--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id", "--nodes",
            "--ntasks-per-node", "--gpus-per-node", "--clock-control", "--kernel-name", "--launch-skip",
            "--launch-count", "--set", "--import", "--page", "--section"}
 SETTING = re.compile(r"(?<![\w./-])(model|data|train|sample|eval)\.(?!(?:py|md|sh)\b)([a-z][a-z0-9_]*)\b(?!\()")

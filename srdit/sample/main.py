@@ -37,7 +37,7 @@ from srdit.model.weights import describe_mismatch
 from srdit.progress import Progress
 from srdit.runinfo import code_version, device_name
 from srdit.sample.batches import generate_batch, num_batches
-from srdit.sample.generate import save_grid
+from srdit.sample.generate import STATE_DTYPES, save_grid
 from srdit.sample.npz import NpzRows, NpzWriter
 
 SAMPLES_FORMAT = "srdit-samples-v1"
@@ -138,11 +138,11 @@ def fid_settings(cfg, source: dict, decoder: str, tf32: bool, device: torch.devi
         "sampler": s.sampler, "num_steps": s.num_steps, "nfe": nfe,
         "t_min": s.t_min if s.sampler == "sde" else None,
         "final_step": "sde_mean" if s.sampler == "sde" else None, "time_shift": s.time_shift,
-        "guidance": s.guidance, "guidance_scale": s.guidance_scale,
+        "guidance": s.guidance, "guidance_scale": s.guidance_scale, "cls_guidance_scale": s.cls_guidance_scale,
         "guidance_interval": [s.guidance_low, s.guidance_high],
         "labels": "balanced (index mod num_classes)" if s.balanced_labels else "uniform random",
         "num_classes": cfg.model.num_classes, "num_samples": s.num_samples, "batch": s.batch, "seed": s.seed,
-        "precision": s.precision, "tf32": tf32, "sampler_state_dtype": "float32", "device_type": device.type,
+        "precision": s.precision, "tf32": tf32, "sampler_state_dtype": str(STATE_DTYPES[s.state_precision]).replace("torch.", ""), "device_type": device.type,
         "decoder": decoder, "quantisation": "clamp(255 (x + 1) / 2, 0, 255) -> uint8 by truncation",
         "config": cfg.to_dict(),
     }
@@ -151,7 +151,8 @@ def fid_settings(cfg, source: dict, decoder: str, tf32: bool, device: torch.devi
 def describe(settings: dict) -> list[str]:
     s = settings
     low, high = s["guidance_interval"]
-    guidance = (f"{s['guidance']} scale {s['guidance_scale']} for t in [{low}, {high}]"
+    guidance = (f"{s['guidance']} scale {s['guidance_scale']} (class token {s['cls_guidance_scale']}) "
+                f"for t in [{low}, {high}]"
                 if s["guidance"] != "none" else "none")
     step = f", step {s['step']}" if s.get("step") is not None else ""
     return [
@@ -163,7 +164,8 @@ def describe(settings: dict) -> list[str]:
         f"  guidance {guidance}",
         (f"  labels {s['labels']} over {s['num_classes']} classes  num_samples {s['num_samples']:,}  "
          f"batch {s['batch']}  seed {s['seed']}"),
-        (f"  precision {s['precision']}  TF32 {'on' if s['tf32'] else 'off'}  noise on {s['device_type']}  "
+        (f"  precision {s['precision']} (sampler state {s['sampler_state_dtype']})  "
+         f"TF32 {'on' if s['tf32'] else 'off'}  noise on {s['device_type']}  "
          f"decoder {s['decoder']}"),
     ]
 

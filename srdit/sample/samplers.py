@@ -162,6 +162,7 @@ def guided(
     *,
     kind: str = "cfg",
     null_label: int = NULL_CLASS,
+    cls_scale: float | None = None,
 ) -> ModelFn:
     """Wrap `model_call(state, t, y, *, path_drop: bool) -> velocity` into a guided
     `model_fn(state, t)` for the samplers (see the module docstring: guiding v = guiding the
@@ -176,7 +177,9 @@ def guided(
       kind="pdg": path-drop guidance; v_u uses the null label AND path_drop=True (the sparse
                   stream replaced by [MASK]): a different computation, so a second call.
       kind="none", or scale == 1: the conditional call only (scale 1 is exactly conditional).
-    The same scale applies to every leaf of the state (latent and class token).
+    The second leaf of a (latent, class token) state is guided with `cls_scale` (None: `scale`),
+    as the release's --cls-cfg-scale: guided when the latent is, and cls_scale <= 0 means its
+    conditional velocity alone.
     """
     if kind not in GUIDANCE_KINDS:
         raise ValueError(f"kind={kind!r} is not one of {GUIDANCE_KINDS}")
@@ -214,11 +217,16 @@ def guided(
             v_c = cond(state, t)
             v_u = model_call(_map(sub, state), sub(t), y_null, path_drop=True)
 
-        def mix(c: Tensor, u: Tensor) -> Tensor:
-            g = u + scale * (sub(c) - u)
+        def mix(c: Tensor, u: Tensor, s: float) -> Tensor:
+            if s <= 0:  # the release: cls_cfg_scale <= 0 keeps the conditional drift
+                return c
+            g = u + s * (sub(c) - u)
             return g if idx is None else c.index_copy(0, idx, g)
 
-        return _map(mix, v_c, v_u)
+        if isinstance(v_c, tuple):
+            scales = (scale, *([scale if cls_scale is None else cls_scale] * (len(v_c) - 1)))
+            return tuple(mix(c, u, s) for c, u, s in zip(v_c, v_u, scales))
+        return mix(v_c, v_u, scale)
 
     return model_fn
 

@@ -59,7 +59,7 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
     srdit.train.graphs.EagerReplay)."""
     check_runtime(cfg, device, world, graph_type=graph_type)
     optimizers = optimizers if optimizers is not None else Optimizers(model, cfg.train, device)
-    ema = ema if ema is not None else EMA(model, cfg.train.ema_decay)
+    ema = ema if ema is not None else EMA(model, cfg.train.ema_decay, cfg.train.ema_update)
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(

@@ -139,7 +139,14 @@ def diffusion_loss(model, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tenso
         parts["cfm"] = cfm_loss(v, v_target, noise.t if cfg.cfm_time_weighted else None)
     if cfg.dispersive_weight:
         parts["disp"] = dispersive_loss(out.hidden, cfg.dispersive_tau)
-    total = (parts["vel"] + cfg.repa_weight * parts["repa"] + cfg.cls_weight * parts["cls"]
-             + cfg.cfm_weight * parts["cfm"] + cfg.dispersive_weight * parts["disp"])
+    weights = loss_weights(cfg)
+    total = (parts["vel"] + weights["repa"] * parts["repa"] + weights["cls"] * parts["cls"]
+             + weights["cfm"] * parts["cfm"] + weights["disp"] * parts["disp"])
     return total, {k: p.detach() for k, p in parts.items()}
+
+
+def loss_weights(cfg: TrainConfig) -> dict[str, float]:
+    """The weight of each part in the total: L = vel + 0.5 repa + 0.03 cls + 0.05 cfm (+ disp)."""
+    return {"vel": 1.0, "repa": cfg.repa_weight, "cls": cfg.cls_weight, "cfm": cfg.cfm_weight,
+            "disp": cfg.dispersive_weight}
 

@@ -29,7 +29,7 @@ from srdit.runinfo import code_version, device_name
 from srdit.train import checkpoint
 from srdit.train.assemble import build_step, check_runtime
 from srdit.train.inputs import build_dataset, build_teacher
-from srdit.train.loss import draw_step_noise
+from srdit.train.loss import draw_step_noise, loss_weights
 from srdit.train.optim import EMA, Optimizers
 from srdit.train.runlog import RunLog, plot_loss_curve
 from srdit.train.sample_grid import write_sample_grid
@@ -201,7 +201,7 @@ def build_run(args, cfg: Config, dist, dataset) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(t.seed)
     model = build_model(cfg).to(device)
-    ema, optimizers = EMA(model, t.ema_decay), Optimizers(model, t, device)
+    ema, optimizers = EMA(model, t.ema_decay, t.ema_update), Optimizers(model, t, device)
     state = TrainState(cfg, model, ema, optimizers,
                        step_generator=torch.Generator(device).manual_seed(t.seed),  # per-sample noise, all ranks
                        host_generator=torch.Generator().manual_seed(t.seed + 1))  # the path-drop coin, all ranks
@@ -277,6 +277,8 @@ def maybe_log(run: Run) -> None:
     if step % t.log_every and step != t.max_steps:
         return
     values = run.metrics.read()
+    # the weighted terms too, as the release logs them (its curves show 0.5 repa, 0.03 cls, 0.05 cfm)
+    values.update({f"{k}_w": w * values[k] for k, w in loss_weights(t).items() if k != "vel"})
     run.log.log(step, values, run.state.optimizers.lr)
     if values["worst_bad_streak"] >= t.max_bad_steps:
         save_checkpoint(run)

@@ -84,24 +84,39 @@ class Optimizers:
 
 class EMA:
     """fp32 exponential moving average of every parameter (also the frozen pos_embed, as the
-    release's EMA does) and a copy of the buffers; updated with one _foreach_lerp_."""
+    release's EMA does) and a copy of the buffers. `update="release"` computes it as the
+    release does, ema * decay + p * (1 - decay) in fp32 (quirk Q5: the coefficients do not sum to
+    exactly 1); "lerp" is the exact average. Either is two or one multi-tensor ops, with the
+    skip flag applied on the device (no host sync)."""
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float, update: str = "release"):
+        if update not in ("release", "lerp"):
+            raise ValueError(f"EMA update {update!r} is not 'release' or 'lerp'")
+        self.decay, self.update_rule = decay, update
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
         self._ema = list(self.model.parameters())
         # detached views of the master weights, made once: optimizer steps and checkpoint loads
         # write in place, so they stay current without a per-step list of new tensors
         self._src = [p.detach() for p in model.parameters()]
         self._upcast = any(p.dtype != torch.float32 for p in self._src)  # fp32 masters (the trainer): no copies
+        device = self._ema[0].device if self._ema else torch.device("cpu")
+        # the release's fp32 coefficients: decay and (1 - decay) computed in float64, then rounded
+        self._keep = torch.tensor(decay, dtype=torch.float32, device=device)
+        self._take = torch.tensor(1.0 - decay, dtype=torch.float32, device=device)
 
     @torch.no_grad()
     def update(self, found_inf: torch.Tensor) -> None:
-        weight = (1.0 - self.decay) * (1.0 - found_inf)  # 0 on skipped steps: no host sync
+        """One step; found_inf (a float 0-dim device tensor) = 1 leaves the average unchanged."""
         src = [p.float() for p in self._src] if self._upcast else self._src
+        take = self._take * (1.0 - found_inf)  # 0 on skipped steps
         # one weight tensor per parameter: a bare 0-dim tensor would bind to the Scalar overload,
         # whose conversion reads it on the host (a sync per step, and no CUDA-graph capture)
-        torch._foreach_lerp_(self._ema, src, [weight] * len(self._ema))
+        if self.update_rule == "lerp":
+            torch._foreach_lerp_(self._ema, src, [take] * len(self._ema))
+            return
+        keep = torch.where(found_inf > 0, torch.ones_like(self._keep), self._keep)
+        torch._foreach_mul_(self._ema, [keep] * len(self._ema))
+        torch._foreach_addcmul_(self._ema, src, [take] * len(self._ema))
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -54,7 +54,8 @@ def test_npz_layout_labels_settings_and_grid(straight):
     assert images.std() > 0
     expected = {"sampler": "sde", "num_steps": 2, "nfe": 2, "t_min": 0.04, "final_step": "sde_mean",
                 "time_shift": 0.25, "guidance": "none", "num_classes": 10, "num_samples": 30, "batch": 8,
-                "seed": 0, "precision": "fp32", "tf32": False, "device_type": "cpu", "step": 2, "weights": "ema"}
+                "seed": 0, "precision": "fp32", "tf32": False, "device_type": "cpu", "step": 2, "weights": "ema",
+                "sampler_state_dtype": "float64", "cls_guidance_scale": 1.0}  # the release integrates in float64
     assert {k: settings[k] for k in expected} == expected
     assert settings["labels"].startswith("balanced")
     assert settings["config"]["model"]["hidden"] == 32
@@ -240,3 +241,11 @@ def test_progress_lines_in_a_log_file(ckpt, tmp_path):
     result = _spawn(["--ckpt", ckpt, "--out", str(tmp_path / "s.npz"), *SAMPLE], 1)
     assert result.returncode == 0, result.stderr
     assert any(line.startswith("sample  img 30/30 (100%)") and "elapsed" in line for line in result.stdout.splitlines())
+
+
+def test_a_float32_sampler_state_is_a_switch_away_and_recorded(ckpt, straight, tmp_path):
+    out = tmp_path / "fp32.npz"
+    assert sample_main.main(["--ckpt", ckpt, "--out", str(out), *SAMPLE, "sample.state_precision=fp32"]) == 0
+    with np.load(out) as a, np.load(straight) as b:
+        assert json.loads(str(a["settings"]))["sampler_state_dtype"] == "float32"
+        assert a["arr_0"].shape == b["arr_0"].shape and not np.array_equal(a["arr_0"], b["arr_0"])

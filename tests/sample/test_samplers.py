@@ -377,3 +377,66 @@ def test_balanced_labels():
     parts = [balanced_labels(12_500, offset=r * 12_500) for r in range(4)]
     assert torch.equal(torch.cat(parts), lab)
     assert balanced_labels(3, num_classes=10, offset=9).tolist() == [9, 0, 1]
+
+
+def _release_em(v_of, x, c, y, steps, scale, cls_scale, low, high, kind, generator):
+    """The release's euler_maruyama_sampler(_path_drop) update, transcribed step by step in float64:
+    drifts d = v - w s / 2 from the score, guided as drifts (image by cfg_scale, class token by
+    cls_cfg_scale, <= 0: its conditional drift) when cfg_scale > 1 and low <= t <= high; noise
+    randn_like(x) then randn_like(cls); the last step noise-free."""
+    ts = torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    null = torch.full_like(y, NULL_CLASS)
+
+    def drift(v, z, t):
+        score = (-(1 - t) * v - z) / t  # get_score_from_velocity, linear path
+        return v - 0.5 * (2 * t) * score
+
+    def guided_drifts(z, zc, t):
+        v, vc = v_of(z, zc, y, False)
+        d, dc = drift(v, z, t), drift(vc, zc, t)
+        if scale > 1.0 and low <= t <= high:
+            vu, vcu = v_of(z, zc, null, kind == "pdg")
+            du, dcu = drift(vu, z, t), drift(vcu, zc, t)
+            d = du + scale * (d - du)
+            dc = dcu + cls_scale * (dc - dcu) if cls_scale > 0 else dc
+        return d, dc
+
+    for t_cur, t_next in zip(ts[:-2].tolist(), ts[1:-1].tolist()):
+        dt = t_next - t_cur
+        d, dc = guided_drifts(x, c, t_cur)
+        eps, ceps = (torch.randn(z.shape, generator=generator, dtype=torch.float64) for z in (x, c))
+        x = x + d * dt + math.sqrt(2 * t_cur) * eps * math.sqrt(abs(dt))
+        c = c + dc * dt + math.sqrt(2 * t_cur) * ceps * math.sqrt(abs(dt))
+    t_cur = ts[-2].item()
+    d, dc = guided_drifts(x, c, t_cur)
+    return x + d * (0.0 - t_cur), c + dc * (0.0 - t_cur)
+
+
+@pytest.mark.parametrize("kind", ["cfg", "pdg"])
+@pytest.mark.parametrize("cls_scale", [2.0, 0.0])
+def test_class_token_guidance_scale_is_the_releases_update(kind, cls_scale):
+    """sample.cls_guidance_scale against the release's --cls-cfg-scale on a toy velocity field
+    where the label and the path drop both change the velocity."""
+    B = 4
+    y = torch.tensor([0, 3, 5, 9])
+    A, Ac = torch.tensor(0.7, dtype=torch.float64), torch.tensor(-0.4, dtype=torch.float64)
+    bias = torch.linspace(-1, 1, 1001, dtype=torch.float64)
+
+    def v_of(x, c, labels, path_drop):
+        shift = bias[labels].view(-1, 1) + (0.3 if path_drop else 0.0)
+        return A * x + shift, Ac * c - 2 * shift
+
+    def model_call(state, t, labels, *, path_drop=False):
+        x, c = state
+        return v_of(x, c, labels, path_drop)
+
+    x0 = torch.randn(B, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    c0 = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    fn = guided(model_call, y, 3.0, 0.1, 0.8, kind=kind, cls_scale=cls_scale)
+    ours = euler_maruyama(fn, (x0, c0), 8, generator=torch.Generator().manual_seed(3))
+    release = _release_em(v_of, x0, c0, y, 8, 3.0, cls_scale, 0.1, 0.8, kind, torch.Generator().manual_seed(3))
+    for a, b in zip(ours, release):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    same = euler_maruyama(guided(model_call, y, 3.0, 0.1, 0.8, kind=kind), (x0, c0), 8,
+                          generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(same[1], ours[1])  # the class token's scale does change its result

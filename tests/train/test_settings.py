@@ -28,3 +28,33 @@ def test_grad_clip_zero_turns_clipping_off():
 def test_sample_every_zero_draws_no_sample_grid(tmp_path):
     assert run(tmp_path, "train.max_steps=2", "train.sample_every=0") == 0
     assert not os.path.exists(tmp_path / "samples") or not os.listdir(tmp_path / "samples")
+
+
+def test_ema_release_arithmetic_is_the_releases_and_lerp_the_exact_average():
+    from srdit.train.optim import EMA
+
+    model = torch.nn.Linear(7, 5)
+    for rule in ("release", "lerp"):
+        ema = EMA(model, 0.9999, rule)
+        expected = [p.detach().clone() for p in ema.model.parameters()]
+        for step in range(4):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+            skipped = step == 2
+            ema.update(torch.tensor(float(skipped)))
+            if not skipped:
+                for e, p in zip(expected, model.parameters()):
+                    if rule == "release":  # the release's update_ema, literally
+                        e.mul_(0.9999).add_(p.detach(), alpha=1 - 0.9999)
+                    else:
+                        e.lerp_(p.detach(), 1 - 0.9999)
+            assert all(torch.equal(e, a) for e, a in zip(expected, ema.model.parameters())), (rule, step)
+    # the release's fp32 coefficients do not sum to 1: a constant weight is not its own average
+    constant = torch.nn.Linear(3, 3)
+    release, lerp = EMA(constant, 0.9999, "release"), EMA(constant, 0.9999, "lerp")
+    for _ in range(50):
+        release.update(torch.zeros(()))
+        lerp.update(torch.zeros(()))
+    assert torch.equal(lerp.model.weight, constant.weight)
+    assert not torch.equal(release.model.weight, constant.weight)

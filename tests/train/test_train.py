@@ -58,6 +58,9 @@ def test_run_writes_config_metrics_checkpoints_samples_and_loss_curve(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in ("loss", "vel", "repa", "cls", "cfm", "lr", "grad_norm", "img_per_s"):
         assert all(key in r and r[key] == r[key] for r in records), key
+    for r in records:  # the weighted terms, as the release's logs show them, add up to the loss
+        assert (r["repa_w"], r["cls_w"], r["cfm_w"]) == (0.5 * r["repa"], 0.03 * r["cls"], 0.05 * r["cfm"])
+        assert abs(r["vel"] + r["repa_w"] + r["cls_w"] + r["cfm_w"] + r["disp_w"] - r["loss"]) < 1e-5
     assert os.listdir(tmp_path / "checkpoints") == ["step_000000004.pt"]  # keep_checkpoints=1
     assert sorted(os.listdir(tmp_path / "samples")) == ["step_000000002.png", "step_000000004.png"]
     from PIL import Image
