@@ -11,7 +11,7 @@ ADM centre crop (unscaled; 0.3099 is applied when loading), and either the crop 
   listed in OUT/skipped.txt.
 - Posterior noise: sample i's eps is drawn on the CPU from its own generator seeded by
   `image_seed(seed, i)`, so a latent depends on (seed, source index, weights) only, not on the
-  batch, the rank or the device.
+  batch, the rank or the device. From the release layout, its vae-in/ sample is stored as it is.
 - Resumable: a shard is written under a temporary name, fsynced, renamed, then recorded in
   OUT/parts/; a rerun of the same command skips recorded shards. The index is written last.
 - torchrun: rank r prepares shards [r K / W, (r+1) K / W); rank 0 writes the index at the end.
@@ -81,14 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--src", required=True, help="ImageNet-style folder (CLASS/IMAGE) or the release layout (images/, vae-in/)")
     p.add_argument("--out", required=True, help="output directory (created; rerun the same command to resume)")
     p.add_argument("--resolution", type=int, required=True, help="256 or 512 (any multiple of 16 works, e.g. 64 for tests)")
-    p.add_argument("--vae", default=None, help="e2e-invae-400k.pt (needed unless --src has release vae-in/ moments)")
+    p.add_argument("--vae", default=None, help="e2e-invae-400k.pt (needed unless --src has the release's vae-in/ latents)")
     p.add_argument("--teacher", default=None, help="dinov2_vitb14_pretrain.pth, for --cache-teacher")
     p.add_argument("--cache-teacher", action="store_true", help="store DINOv2 targets (fp16) instead of the images")
     p.add_argument("--teacher-arch", default="vitb14", choices=("vitb14", "vitl14"))
     p.add_argument("--teacher-pos-interp", default="timm", choices=("timm", "dinov2"),
                    help="position-table resampling (timm = the release's REPA teacher; data.teacher_pos_interp)")
-    p.add_argument("--latents", default="auto", choices=("auto", "encode", "moments"),
-                   help="auto: use release vae-in moments when present, else encode with --vae")
+    p.add_argument("--latents", default="auto", choices=("auto", "encode", "release"),
+                   help="auto: the release's vae-in/ sampled latents when present (release: required), else encode with --vae")
     p.add_argument("--image-format", default="jpeg", choices=("jpeg", "png"), help="stored crops: JPEG q95 4:4:4 or PNG")
     p.add_argument("--batch", type=int, default=64, help="images per encoder batch")
     p.add_argument("--shard-size", type=int, default=0, help="samples per shard (default: <= 4096 and ~1 GiB)")
@@ -126,7 +126,7 @@ def default_shard_size(resolution: int, cache_teacher: bool, teacher_dim: int) -
     return int(min(4096, 2 ** math.floor(math.log2(max(1, SHARD_BYTES // per_sample)))))
 
 
-def build_settings(args, source: Source, use_moments: bool) -> dict:
+def build_settings(args, source: Source, use_release_latents: bool) -> dict:
     from srdit.config import LATENT_SCALE
     from srdit.model.dinov2 import ARCHS
 
@@ -138,12 +138,12 @@ def build_settings(args, source: Source, use_moments: bool) -> dict:
     if args.teacher and not args.cache_teacher:
         raise PrepareError("--teacher is only used with --cache-teacher (without it the images are stored and the "
                            "trainer runs the teacher); add --cache-teacher or drop --teacher")
-    if not use_moments and not args.vae:
+    if not use_release_latents and not args.vae:
         raise PrepareError(f"--vae INVAE.pt is required to encode {args.src} (e2e-invae-400k.pt)"
                            + (" (--latents encode ignores its vae-in/)" if args.latents == "encode" else ""))
     grid = r // 16
-    if use_moments:
-        tokenizer = {"name": "E2E-INVAE (REPA-E VAE_F16D32)", "source": "release vae-in moments (mean, std)",
+    if use_release_latents:
+        tokenizer = {"name": "E2E-INVAE (REPA-E VAE_F16D32)", "source": "release vae-in sampled latents",
                      "file": None, "sha256": None, "precision": None}
     else:
         tokenizer = {"name": "E2E-INVAE (REPA-E VAE_F16D32)", "source": "encoded", "file": os.path.basename(args.vae),
@@ -158,9 +158,11 @@ def build_settings(args, source: Source, use_moments: bool) -> dict:
         {"format": "jpeg", "quality": JPEG_QUALITY, "subsampling": "4:4:4"} if args.image_format == "jpeg"
         else {"format": "png"})
     shard_size = args.shard_size or default_shard_size(r, args.cache_teacher, teacher["shape"][1] if teacher else 0)
+    posterior = ("one sample per image, drawn by the release's preprocessing (vae-in/), stored as it is"
+                 if use_release_latents else "one sample per image, eps from image_seed(seed, i)")
     return {"format": FORMAT, "version": VERSION, "resolution": r, "crop": CROP_NAME,
             "latent_shape": [32, grid, grid], "latent_dtype": "float32", "latent_scale": LATENT_SCALE,
-            "latent_scale_applied": "at load time", "posterior": "one sample per image, eps from image_seed(seed, i)",
+            "latent_scale_applied": "at load time", "posterior": posterior,
             "seed": args.seed, "shard_size": shard_size, "image": image, "teacher": teacher, "tokenizer": tokenizer,
             "source": source.describe(), "classes": source.classes}
 
@@ -250,13 +252,14 @@ def prepare(args) -> int:
     device = pick_device(args, int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1:  # the barrier before the index; gloo works for CPU and GPU runs alike
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
-    source = list_source(args.src, use_moments=args.latents != "encode")
-    use_moments = source.moments is not None
-    if args.latents == "moments" and not use_moments:
-        raise PrepareError(f"--latents moments: {args.src} has no release vae-in/ (moments) folder")
+    source = list_source(args.src, use_latents=args.latents != "encode")
+    use_release_latents = source.latents is not None
+    if args.latents == "release" and not use_release_latents:
+        raise PrepareError(f"--latents release: {args.src} has no release vae-in/ folder (vae-in/dataset.json and "
+                           f"vae-in/*/img-latents-*.npy)")
     if args.batch < 1 or args.shard_size < 0:
         raise PrepareError(f"--batch {args.batch} must be >= 1 and --shard-size {args.shard_size} >= 0 (0: default)")
-    settings = build_settings(args, source, use_moments)
+    settings = build_settings(args, source, use_release_latents)
     out = args.out
     dist = Dist(rank, world, int(os.environ.get("LOCAL_RANK", "0")), device)
     with locked_output(os.path.join(out, ".lock"), f"the prepared folder {out}", dist):
@@ -265,7 +268,7 @@ def prepare(args) -> int:
         mine = range(rank * n_shards // world, (rank + 1) * n_shards // world)  # this rank's shards
         pending, batches = plan(out, settings, len(source), mine, args.batch)
         # every network is loaded (and can fail) before anything is written
-        vae = load_invae_for(args, device) if pending and not use_moments else None
+        vae = load_invae_for(args, device) if pending and not use_release_latents else None
         teacher = load_teacher_for(args, settings, device) if pending and args.cache_teacher else None
         if rank == 0:
             os.makedirs(os.path.join(out, PARTS), exist_ok=True)
@@ -339,7 +342,7 @@ def encode_shards(args, source: Source, settings: dict, batches: list[list[int]]
             idx = np.array([it["index"] for it in good], np.int64)
             buffer.index.append(idx)
             buffer.label.append(source.labels[idx])
-            buffer.latent.append(encode_latents(good, idx, vae, args, device).numpy())
+            buffer.latent.append(encode_latents(good, idx, vae, args, device, source).numpy())
             if teacher is not None:
                 buffer.teacher.append(teacher_targets(teacher, good, device).numpy())
             if settings["image"]:
@@ -351,16 +354,29 @@ def encode_shards(args, source: Source, settings: dict, batches: list[list[int]]
     return written
 
 
+def release_latents(items: list[dict], source: Source, resolution: int) -> torch.Tensor:
+    """The release's stored samples as they are, float32 [B, 32, r/16, r/16] (each file holds
+    float32 [1, 32, r/16, r/16], already a posterior sample, unscaled); a file of another shape or
+    dtype is an error naming it."""
+    want = (32, resolution // 16, resolution // 16)
+    out = []
+    for it in items:
+        z = it["latent"]
+        if z.shape[:1] == (1,):
+            z = z[0]  # the release's dataset.py squeezes this dim
+        if tuple(z.shape) != want or not np.issubdtype(z.dtype, np.floating):
+            path = os.path.join(source.root, "vae-in", source.latents[it["index"]])
+            raise PrepareError(f"{path} holds {it['latent'].dtype} {tuple(it['latent'].shape)}, expected float32 "
+                               f"(1, {', '.join(map(str, want))}) at --resolution {resolution} (a sampled INVAE latent)")
+        out.append(z)
+    return torch.from_numpy(np.stack(out).astype(np.float32, copy=False))
+
+
 @torch.no_grad()
-def encode_latents(items: list[dict], idx: np.ndarray, vae, args, device: torch.device) -> torch.Tensor:
+def encode_latents(items: list[dict], idx: np.ndarray, vae, args, device: torch.device, source: Source) -> torch.Tensor:
     """One posterior sample per item, float32 [B, 32, r/16, r/16] on the CPU, unscaled."""
-    if vae is None:  # release layout: moments = concat(mean, std) along channels
-        moments = torch.from_numpy(np.stack([it["moments"] for it in items])).float()
-        c = moments.shape[1] // 2
-        if moments.shape[1] != 64 or tuple(moments.shape[2:]) != (args.resolution // 16,) * 2:
-            raise PrepareError(f"vae-in moments are {tuple(moments.shape[1:])}, expected (64, {args.resolution // 16}, "
-                               f"{args.resolution // 16}) at --resolution {args.resolution}")
-        return posterior_sample(moments[:, :c], moments[:, c:], args.seed, idx)
+    if vae is None:  # release layout: its vae-in/ samples
+        return release_latents(items, source, args.resolution)
     from srdit.model.invae import pixels_from_uint8
 
     pixels = torch.from_numpy(np.stack([it["crop"] for it in items])).to(device).permute(0, 3, 1, 2)  # [B,3,r,r] u8

@@ -4,13 +4,27 @@ layout, listed in a fixed order, and one source sample loaded and cropped (in a 
 ImageNet-style folder: one subfolder per class (synset); labels are the positions of the
 subfolder names in sorted order; files are the images of each subfolder, sorted by name.
 
-Release layout (REPA/REPA-E `dataset_tools`, what the SR-DiT release trains on):
-    images/00000/img00000000.png ...            ADM-cropped images
-    vae-in/00000/img-mean-std-00000000.npy ...  INVAE posterior (mean, std): [64, r/16, r/16]
-    vae-in/dataset.json                          {"labels": [["00000/img-mean-std-00000000.npy", 0], ...]}
-Samples are the images in sorted path order, each paired with the .npy of the same number.
-With vae-in/ the latent is drawn from those moments (no re-encoding); without it, labels come
-from images/dataset.json (keyed by image path) and the images are encoded with --vae.
+Release layout: what the SR-DiT release (SwayStar123/SpeedrunDiT) trains on, written by its
+preprocessing/dataset_tools.py (`convert`, then `encode`) and read by its dataset.py:
+    images/00000/img00000000.png ...              ADM centre crops (`--transform
+                                                   center-crop-dhariwal`), uncompressed PNG
+    images/dataset.json                            {"labels": [["00000/img00000000.png", 0], ...]}
+    vae-in/00000/img-latents-00000000.npy ...     float32 [1, 32, r/16, r/16]: ONE INVAE posterior
+                                                   sample (mean + std * eps, drawn once by `encode`),
+                                                   NOT scaled (0.3099 is applied at load)
+    vae-in/dataset.json                            {"labels": [["00000/img-latents-00000000.npy", 0], ...]}
+Samples pair the i-th image with the i-th latent, both lists in sorted path order (as the
+release's dataset.py does: the numbers in the names need not agree, since `encode` numbers the
+latents by position in the sorted image listing while `convert` keeps the source index, which
+has gaps where an image failed); the label is the latent's, from vae-in/dataset.json. The latent
+is stored as it is (no re-sampling). With `--latents encode`, or without vae-in/, the images are
+encoded with --vae (labels from vae-in/dataset.json if present, else images/dataset.json).
+
+No version of the release wrote INVAE (mean, std) moments as .npy files, so srdit reads none:
+its git history before the INVAE change (the REG code it forked) wrote
+`vae-sd/*/img-mean-std-*.npy` moments of the SD-VAE (sd-vae-ft-mse, [8, r/8, r/8]), another
+tokenizer; REPA-E's cache_latents.py writes INVAE moments [64, r/16, r/16] under those names
+inside one HDF5 file, not as a folder of .npy files.
 """
 from __future__ import annotations
 
@@ -40,7 +54,7 @@ class Source:
     files: list[str]  # image paths relative to image_root
     labels: np.ndarray  # int64 [N]
     classes: list[str]
-    moments: list[str] | None = None  # release vae-in .npy paths relative to root/vae-in, or None
+    latents: list[str] | None = None  # release vae-in/ latent files (relative to it), paired by position, or None
 
     @property
     def image_root(self) -> str:
@@ -54,22 +68,24 @@ class Source:
         for path, label in zip(self.files, self.labels.tolist()):
             listing.update(f"{path}\t{label}\n".encode())
         return {"path": os.path.abspath(self.root), "layout": self.layout, "files": len(self.files),
-                "listing_sha256": listing.hexdigest(), "latents": "vae-in moments" if self.moments else "encoded"}
+                "listing_sha256": listing.hexdigest(),
+                "latents": "release vae-in sampled latents" if self.latents else "encoded"}
 
 
 def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_images(root: str) -> list[str]:
+def _walk_files(root: str, extensions: tuple[str, ...]) -> list[str]:
     found = []
     for folder, dirs, names in os.walk(root):
         dirs.sort()
-        found += [os.path.relpath(os.path.join(folder, n), root).replace(os.sep, "/") for n in names if _is_image(n)]
+        found += [os.path.relpath(os.path.join(folder, n), root).replace(os.sep, "/") for n in names
+                  if not n.startswith(".") and n.lower().endswith(extensions)]
     return sorted(found)
 
 
-def list_source(root, *, use_moments: bool = True) -> Source:
+def list_source(root, *, use_latents: bool = True) -> Source:
     """The source folder's samples in their fixed order (see the module docstring)."""
     root = os.fspath(root)
     if not os.path.isdir(root):
@@ -77,7 +93,7 @@ def list_source(root, *, use_moments: bool = True) -> Source:
     if os.path.isdir(os.path.join(root, "images")) and (
             os.path.isfile(os.path.join(root, "vae-in", "dataset.json"))
             or os.path.isfile(os.path.join(root, "images", "dataset.json"))):
-        return _list_release(root, use_moments)
+        return _list_release(root, use_latents)
     return _list_imagenet(root)
 
 
@@ -96,42 +112,44 @@ def _list_imagenet(root: str) -> Source:
     return Source(root, "imagenet", files, np.asarray(labels, np.int64), classes)
 
 
-def _moments_name(image_path: str) -> str:
-    """00000/img00000000.png -> 00000/img-mean-std-00000000.npy (REPA's naming)."""
-    folder, name = os.path.split(image_path)
-    stem = os.path.splitext(name)[0]
-    if stem.startswith("img"):
-        stem = "img-mean-std-" + stem[3:]
-    return f"{folder}/{stem}.npy" if folder else f"{stem}.npy"
-
-
 def _read_labels(path: str) -> dict[str, int]:
-    with open(path) as f:
-        labels = json.load(f).get("labels")
-    if not labels:
-        raise SourceError(f"{path} holds no labels (expected {{\"labels\": [[path, label], ...]}})")
-    return {str(p).replace("\\", "/"): int(label) for p, label in labels}
+    try:
+        with open(path, encoding="utf-8") as f:
+            labels = json.load(f).get("labels")
+        table = {str(p).replace("\\", "/"): int(label) for p, label in labels or ()}
+    except (ValueError, TypeError, AttributeError) as error:
+        raise SourceError(f"{path} is not a labels file ({type(error).__name__}: {error}); expected "
+                          f"{{\"labels\": [[path, label], ...]}}") from None
+    if not table:
+        raise SourceError(f"{path} holds no labels (expected {{\"labels\": [[path, label], ...]}}; the release's "
+                          f"dataset_tools.py writes null when a source image had no label)")
+    return table
 
 
-def _list_release(root: str, use_moments: bool) -> Source:
-    files = _walk_images(os.path.join(root, "images"))
+def _list_release(root: str, use_latents: bool) -> Source:
+    files = _walk_files(os.path.join(root, "images"), IMAGE_EXTENSIONS)
     if not files:
         raise SourceError(f"{os.path.join(root, 'images')} holds no images")
-    vae_json = os.path.join(root, "vae-in", "dataset.json")
-    if os.path.isfile(vae_json):  # labels keyed by the moments' names
-        table, keys = _read_labels(vae_json), [_moments_name(p) for p in files]
+    vae_in = os.path.join(root, "vae-in")
+    vae_json = os.path.join(vae_in, "dataset.json")
+    if os.path.isfile(vae_json):  # labels keyed by the latents' names, latents paired by position
+        table, keys = _read_labels(vae_json), _walk_files(vae_in, (".npy",))
+        if len(keys) != len(files):
+            raise SourceError(f"{root}: images/ holds {len(files):,} images but vae-in/ {len(keys):,} latent files "
+                              f"(the release pairs them by sorted position, so the counts must agree)")
+        where = vae_json
     else:
-        table, keys = _read_labels(os.path.join(root, "images", "dataset.json")), files
-    moments = keys if use_moments and os.path.isfile(vae_json) else None
+        table, keys, where = _read_labels(os.path.join(root, "images", "dataset.json")), files, "images/dataset.json"
     missing = [k for k in keys if k not in table]
     if missing:
-        raise SourceError(f"{len(missing)} sample(s) of {root} have no label, e.g. {missing[0]} "
-                          f"(images/ and the dataset.json do not match)")
+        raise SourceError(f"{len(missing):,} sample(s) of {root} have no label in {where}, e.g. {missing[0]} "
+                          f"(the folder and its dataset.json do not match)")
     labels = np.asarray([table[k] for k in keys], np.int64)
     if labels.min() < 0:
-        raise SourceError(f"{root}: negative label {labels.min()} in its dataset.json")
+        raise SourceError(f"{root}: negative label {labels.min()} in {where}")
     classes = [str(c) for c in range(int(labels.max()) + 1)]
-    return Source(root, "release", files, labels, classes, moments)
+    latents = keys if use_latents and os.path.isfile(vae_json) else None
+    return Source(root, "release", files, labels, classes, latents)
 
 
 # ------------------------------------------------------------------------------------------
@@ -150,8 +168,8 @@ def encode_image(crop: np.ndarray, image_format: str) -> np.ndarray:
 
 class SourceSamples:
     """Map-style dataset over source indices: the ADM crop, its encoded bytes and (release
-    layout) the moments; any failure is returned as an error string, never raised, so one bad
-    file does not stop the run."""
+    layout) the stored latent as its file holds it; any failure is returned as an
+    error string, never raised, so one bad file does not stop the run."""
 
     def __init__(self, source: Source, resolution: int, image_format: str | None):
         self.source, self.resolution, self.image_format = source, resolution, image_format
@@ -166,11 +184,11 @@ class SourceSamples:
             with Image.open(path) as image:
                 image.load()
                 crop = center_crop_dhariwal(image, self.resolution)  # [r, r, 3] uint8
-            item = {"index": i, "error": None, "crop": crop, "encoded": None, "moments": None}
+            item = {"index": i, "error": None, "crop": crop, "encoded": None, "latent": None}
             if self.image_format:
                 item["encoded"] = encode_image(crop, self.image_format)
-            if src.moments is not None:
-                item["moments"] = np.load(os.path.join(src.root, "vae-in", src.moments[i]))
+            if src.latents is not None:  # the release's stored sample; its shape is checked by prepare
+                item["latent"] = np.load(os.path.join(src.root, "vae-in", src.latents[i]), allow_pickle=False)
             return item
         except Exception as error:  # noqa: BLE001 - any unreadable file is skipped and logged
             return {"index": i, "error": f"{type(error).__name__}: {error}".replace("\n", " ")}

@@ -169,43 +169,80 @@ def test_cached_teacher_targets_are_the_teachers_output(prepared_teacher, prepar
     np.testing.assert_allclose(raw["latent"], shard_arrays(prepared[0])["latent"], atol=1e-5, rtol=1e-5)
 
 
-def release_layout(root, labels, r=64, seed=0):
-    """A REPA/REPA-E preprocessed folder: images/00000/img*.png, vae-in/00000/img-mean-std-*.npy
-    holding concat(mean, std) [64, r/16, r/16], vae-in/dataset.json."""
+def release_layout(root, labels, r=64, seed=0, skipped=2):
+    """A folder exactly as the release's preprocessing/dataset_tools.py writes it: `convert` ->
+    images/00000/img<8-digit source index>.png (uncompressed PNG; source image `skipped` failed,
+    so its number is missing) + images/dataset.json; `encode` -> vae-in/00000/img-latents-<8-digit
+    position in the sorted images>.npy holding float32 [1, 32, r/16, r/16] (one posterior sample,
+    unscaled) + vae-in/dataset.json {"labels": [[latent name, label], ...]}.
+    Returns (pixels [r, r, 3], latent [1, 32, r/16, r/16]) per sample, in sample order."""
     rng = np.random.default_rng(seed)
     (root / "images" / "00000").mkdir(parents=True)
     (root / "vae-in" / "00000").mkdir(parents=True)
-    moments, entries = [], []
-    for i, label in enumerate(labels):
+    numbers = [n for n in range(len(labels) + 1) if n != skipped]
+    samples, image_labels, latent_labels = [], [], []
+    for position, (number, label) in enumerate(zip(numbers, labels)):
         pixels = (rng.random((r, r, 3)) * 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / "images" / "00000" / f"img{i:08d}.png")
-        m = np.concatenate([rng.standard_normal((32, r // 16, r // 16)),
-                            rng.uniform(0.1, 1.0, (32, r // 16, r // 16))]).astype(np.float32)
-        np.save(root / "vae-in" / "00000" / f"img-mean-std-{i:08d}.npy", m)
-        moments.append(m)
-        entries.append([f"00000/img-mean-std-{i:08d}.npy", label])
-    (root / "vae-in" / "dataset.json").write_text(json.dumps({"labels": entries}))
-    return moments
+        name = f"{number:08d}"[:5] + f"/img{number:08d}.png"
+        Image.fromarray(pixels).save(root / "images" / name, format="png", compress_level=0, optimize=False)
+        z = rng.standard_normal((1, 32, r // 16, r // 16)).astype(np.float32)
+        latent_name = f"{position:08d}"[:5] + f"/img-latents-{position:08d}.npy"
+        np.save(root / "vae-in" / latent_name, z)
+        samples.append((pixels, z))
+        image_labels.append([name, label])
+        latent_labels.append([latent_name, label])
+    (root / "images" / "dataset.json").write_text(json.dumps({"labels": image_labels}))
+    (root / "vae-in" / "dataset.json").write_text(json.dumps({"labels": latent_labels}))
+    return samples
 
 
-def test_release_layout_uses_its_vae_in_moments(tmp_path, run_prepare):
+def test_release_layout_imports_its_sampled_latents_and_exact_images(tmp_path, run_prepare):
+    """The release's own preprocessed folder: latents as stored (scaled only at load, as the
+    release's sample_posterior does), labels from vae-in/dataset.json, the i-th image with the
+    i-th latent in sorted order (the numbers differ after a skipped image)."""
     labels = [3, 1, 0, 1, 2]
-    moments = release_layout(tmp_path / "release", labels)
+    samples = release_layout(tmp_path / "release", labels)
+    assert sorted(os.listdir(tmp_path / "release" / "images" / "00000"))[2] == "img00000003.png"
     code, text = run_prepare("--src", tmp_path / "release", "--out", tmp_path / "out", "--resolution", 64,
                              "--workers", 0)
     assert code == 0, text
     ds = ShardDataset(tmp_path / "out")
     assert ds.labels.tolist() == labels and ds.num_classes == 4
-    assert index_of(tmp_path / "out")["tokenizer"]["source"] == "release vae-in moments (mean, std)"
-    for i, m in enumerate(moments):
-        eps = torch.randn(32, 4, 4, generator=torch.Generator().manual_seed(image_seed(0, i)))
-        expected = (torch.from_numpy(m[:32]) + torch.from_numpy(m[32:]) * eps) * LATENT_SCALE
-        torch.testing.assert_close(ds[i]["latent"], expected, atol=1e-6, rtol=1e-6)
-        png = np.array(Image.open(tmp_path / "release" / "images" / "00000" / f"img{i:08d}.png"))
-        assert (ds[i]["image"].permute(1, 2, 0).float() - torch.from_numpy(png).float()).abs().mean() < 12  # JPEG of noise
+    index = index_of(tmp_path / "out")
+    assert index["tokenizer"]["source"] == "release vae-in sampled latents" and index["tokenizer"]["file"] is None
+    assert index["source"]["layout"] == "release" and index["source"]["latents"] == "release vae-in sampled latents"
+    for i, (pixels, z) in enumerate(samples):
+        item = ds[i]
+        assert torch.equal(item["latent"], torch.from_numpy(z[0] * np.float32(LATENT_SCALE)))  # no re-sampling
+        error = (item["image"].float() - torch.from_numpy(pixels).permute(2, 0, 1).float()).abs()
+        assert error.mean() < 12  # JPEG of noise
+    # the seed draws nothing: the stored samples are the latents
+    code, text = run_prepare("--src", tmp_path / "release", "--out", tmp_path / "seed1", "--resolution", 64,
+                             "--workers", 0, "--seed", 1, "--latents", "release")
+    assert code == 0, text
+    assert torch.equal(ShardDataset(tmp_path / "seed1").batch(range(5))["latent"], ds.batch(range(5))["latent"])
     code, text = run_prepare("--src", tmp_path / "release", "--out", tmp_path / "out2", "--resolution", 64,
                              "--latents", "encode")
     assert code == 2 and "--vae INVAE.pt is required" in text
+
+
+def test_release_layouts_that_do_not_fit_are_one_line_errors(tmp_path, imagenet_src, run_prepare):
+    root = tmp_path / "release"
+    release_layout(root, [0, 1, 2])
+    code, text = run_prepare("--src", root, "--out", tmp_path / "o1", "--resolution", 128, "--workers", 0)
+    assert code == 2 and "img-latents-00000000.npy holds float32 (1, 32, 4, 4), expected float32 (1, 32, 8, 8)" in text
+    os.remove(root / "vae-in" / "00000" / "img-latents-00000002.npy")
+    code, text = run_prepare("--src", root, "--out", tmp_path / "o2", "--resolution", 64, "--workers", 0)
+    assert code == 2 and "images/ holds 3 images but vae-in/ 2 latent files" in text
+    # INVAE (mean, std) moments under REPA-E's names are not a release layout: named, not sampled
+    np.save(root / "vae-in" / "00000" / "img-latents-00000002.npy", np.zeros((64, 4, 4), np.float32))
+    code, text = run_prepare("--src", root, "--out", tmp_path / "o3", "--resolution", 64, "--workers", 0)
+    assert code == 2 and "img-latents-00000002.npy holds float32 (64, 4, 4)" in text
+    (root / "vae-in" / "dataset.json").write_text('{"labels": null}')
+    code, text = run_prepare("--src", root, "--out", tmp_path / "o4", "--resolution", 64, "--workers", 0)
+    assert code == 2 and "vae-in/dataset.json holds no labels" in text
+    code, text = run_prepare("--src", imagenet_src, "--out", tmp_path / "o5", "--resolution", 64, "--latents", "release")
+    assert code == 2 and "has no release vae-in/ folder" in text
 
 
 def test_the_real_command_at_256_px(tmp_path, weights):
