@@ -3,9 +3,11 @@
 Pipeline, one per rank, batch = one micro-batch:
 
     external_source (this rank's micro-batch m, from ShardDataset.read of GlobalBatches' indices)
-      -> JPEG bytes -> decoders.image(device="mixed": nvJPEG on the GPU) -> uint8 HWC
+      -> raw crops uint8 CHW (format "raw", no decoder) -> .gpu() -> "image" uint8 [B, 3, r, r]
+      -> or PNG/JPEG bytes -> decoders.image(device="mixed": nvJPEG on the GPU) -> uint8 HWC
            -> transpose -> "image" uint8 [B, 3, r, r]         (default; the teacher resizes/normalises)
-           -> or resize (cubic) + normalise -> "teacher_input" float [B, 3, S, S]   (teacher_input=S)
+      -> either, with teacher_input=S: (HWC) resize (cubic) + normalise -> "teacher_input" float
+           [B, 3, S, S]
       -> cached targets -> .gpu() -> "teacher" float16 [B, 1 + P, D]
       -> latents (scaled) / labels -> .gpu()
 
@@ -44,7 +46,7 @@ class _Source:
         step, j = divmod(info.iteration, self.plan.accum)
         idx = self.plan.indices(self.start_step + step)[j * self.plan.micro:(j + 1) * self.plan.micro]
         raw = self.plan.dataset.read(idx)
-        first = raw["teacher"] if "teacher" in raw else raw["image_bytes"]
+        first = raw["teacher"] if "teacher" in raw else raw["image"] if "image" in raw else raw["image_bytes"]
         return first, raw["latent"], raw["label"]
 
 
@@ -66,6 +68,7 @@ class DaliBatches:
         self.accum, self.step, self.device = accum, start_step, torch.device(device)
         gpu = self.device.type == "cuda"
         kind = dataset.kind
+        raw_images = kind == "image" and dataset.image_format == "raw"
         if teacher_input and kind != "image":
             raise ValueError("teacher_input needs shards with images (these hold cached teacher targets)")
         names = ["teacher" if kind == "teacher" else "teacher_input" if teacher_input else "image", "latent", "label"]
@@ -80,8 +83,13 @@ class DaliBatches:
                 **({"parallel": True, "prefetch_queue_depth": 2 * workers} if workers > 0 else {}))
             if kind == "teacher":
                 out = first.gpu() if gpu else first
+            elif raw_images and not teacher_input:
+                out = first.gpu() if gpu else first  # [3, r, r] uint8 as stored: no decoder
             else:
-                out = fn.decoders.image(first, device="mixed" if gpu else "cpu", output_type=types.RGB)  # [r, r, 3]
+                if raw_images:  # [3, r, r] -> [r, r, 3] for the resize
+                    out = fn.transpose(first.gpu() if gpu else first, perm=[1, 2, 0], output_layout="HWC")
+                else:
+                    out = fn.decoders.image(first, device="mixed" if gpu else "cpu", output_type=types.RGB)  # [r, r, 3]
                 if teacher_input:
                     out = fn.resize(out, resize_x=teacher_input, resize_y=teacher_input, interp_type=types.INTERP_CUBIC,
                                     antialias=False, dtype=types.FLOAT)

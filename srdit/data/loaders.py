@@ -13,6 +13,9 @@ s (the training checkpoint's "data" entry already stores it).
             decodes JPEGs on the GPU with torchvision.io.decode_jpeg
   dali      DaliBatches (srdit/data/dali.py): DALI reads through the      DALI installed and a GPU
             same ShardDataset.read, nvJPEG "mixed" decode on the GPU
+
+Raw images (the default format) are read as uint8 [B, 3, r, r] by ShardDataset.read itself: no
+backend decodes anything, every backend copies them as they are.
 """
 from __future__ import annotations
 
@@ -70,7 +73,8 @@ class TorchBatches:
 
     decode="cpu": PIL in the workers (bit-identical to ShardDataset items); decode="gpu": the
     workers hand over JPEG bytes and torchvision.io.decode_jpeg decodes them on the GPU (nvJPEG;
-    pixels may differ from PIL's by rounding).
+    pixels may differ from PIL's by rounding). Raw shards need neither: the workers gather the
+    uint8 crops.
     """
 
     def __init__(self, dataset, global_batch: int, *, rank: int = 0, world: int = 1, accum: int = 1, seed: int = 0,
@@ -82,7 +86,8 @@ class TorchBatches:
             raise ValueError(f"decode={decode!r} is not 'cpu' or 'gpu'")
         self.gpu_decode = decode == "gpu" and getattr(dataset, "kind", None) == "image"
         if self.gpu_decode and (self.device.type != "cuda" or dataset.image_format != "jpeg"):
-            raise ValueError("decode='gpu' needs a CUDA device and JPEG shards")
+            raise ValueError(f"decode='gpu' needs a CUDA device and JPEG shards (device {self.device.type}, "
+                             f"image format {dataset.image_format}; raw shards have nothing to decode)")
         self.loader = torch.utils.data.DataLoader(
             _MicroBatches(dataset, self.gpu_decode), sampler=_MicroBatchIndices(self.plan, start_step), batch_size=None,
             num_workers=workers, pin_memory=self.device.type == "cuda", prefetch_factor=prefetch if workers else None,

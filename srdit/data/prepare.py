@@ -3,8 +3,10 @@
 
 Turns an ImageNet-style folder (or the release's preprocessed layout, see srdit/data/sources.py)
 into shards (srdit/data/shards.py) holding per sample: label, one INVAE posterior sample of the
-ADM centre crop (unscaled; 0.3099 is applied when loading), and either the crop as JPEG q95
-4:4:4 (or PNG) for the online teacher or the cached DINOv2 targets [1 + (r/16)^2, 768] in fp16.
+ADM centre crop (unscaled; 0.3099 is applied when loading), and either the crop for the online
+teacher (--image-format raw, the default: uint8 as it is, the exact pixels the release's teacher
+reads from its lossless PNGs; png: the same pixels, smaller, decoded on the CPU; jpeg: q95 4:4:4,
+the smallest, lossy) or the cached DINOv2 targets [1 + (r/16)^2, 768] in fp16.
 
 - Order: samples are the source listing in order; shard k holds source indices
   [k S, (k+1) S) (S = --shard-size) minus unreadable files, which are skipped, counted and
@@ -33,6 +35,7 @@ import torch
 from srdit.data.crop import CROP_NAME
 from srdit.data.shards import (
     FORMAT,
+    IMAGE_FORMATS,
     INDEX,
     PARTS,
     VERIFIED,
@@ -89,7 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="position-table resampling (timm = the release's REPA teacher; data.teacher_pos_interp)")
     p.add_argument("--latents", default="auto", choices=("auto", "encode", "release"),
                    help="auto: the release's vae-in/ sampled latents when present (release: required), else encode with --vae")
-    p.add_argument("--image-format", default="jpeg", choices=("jpeg", "png"), help="stored crops: JPEG q95 4:4:4 or PNG")
+    p.add_argument("--image-format", default="raw", choices=IMAGE_FORMATS,
+                   help="stored crops: raw uint8 (exact, nothing to decode, 3 r^2 bytes), png (exact, ~57%% of raw's "
+                        "bytes, slowest to decode) or jpeg (q95 4:4:4, ~21%%, lossy); see docs/data.md")
     p.add_argument("--batch", type=int, default=64, help="images per encoder batch")
     p.add_argument("--shard-size", type=int, default=0, help="samples per shard (default: <= 4096 and ~1 GiB)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image posterior noise")
@@ -120,9 +125,16 @@ def main(argv=None) -> int:
 # ------------------------------------------------------------------------------------------
 # settings: what the output depends on; a resumed run must match them
 # ------------------------------------------------------------------------------------------
-def default_shard_size(resolution: int, cache_teacher: bool, teacher_dim: int) -> int:
+# stored bytes per pixel of a crop: raw exactly 3; PNG and JPEG the mean over photo crops (docs/data.md)
+IMAGE_BYTES_PER_PIXEL = {"raw": 3.0, "png": 1.75, "jpeg": 0.65}
+
+
+def default_shard_size(resolution: int, cache_teacher: bool, teacher_dim: int, image_format: str = "raw") -> int:
+    """Samples per shard: a power of two, <= 4096, about SHARD_BYTES per shard (raw: 4,096 at
+    256 px, 1,024 at 512 px)."""
     grid = resolution // 16
-    per_sample = 32 * grid * grid * 4 + (2 * (1 + grid * grid) * teacher_dim if cache_teacher else 1.5 * grid * grid * 256)
+    image = 2 * (1 + grid * grid) * teacher_dim if cache_teacher else IMAGE_BYTES_PER_PIXEL[image_format] * resolution ** 2
+    per_sample = 32 * grid * grid * 4 + 24 + image  # latent, label, source index, image offset
     return int(min(4096, 2 ** math.floor(math.log2(max(1, SHARD_BYTES // per_sample)))))
 
 
@@ -154,10 +166,12 @@ def build_settings(args, source: Source, use_release_latents: bool) -> dict:
         teacher = {"arch": args.teacher_arch, "file": os.path.basename(args.teacher), "sha256": _file_sha(args.teacher),
                    "img_size": grid * 14, "pos_interp": args.teacher_pos_interp,
                    "precision": "bf16 autocast on CUDA, fp32 on CPU", "shape": [1 + grid * grid, dim], "dtype": "float16"}
-    image = None if args.cache_teacher else (
-        {"format": "jpeg", "quality": JPEG_QUALITY, "subsampling": "4:4:4"} if args.image_format == "jpeg"
-        else {"format": "png"})
-    shard_size = args.shard_size or default_shard_size(r, args.cache_teacher, teacher["shape"][1] if teacher else 0)
+    image = None if args.cache_teacher else {
+        "raw": {"format": "raw", "dtype": "uint8", "shape": [3, r, r], "exact": True},
+        "png": {"format": "png", "exact": True},
+        "jpeg": {"format": "jpeg", "quality": JPEG_QUALITY, "subsampling": "4:4:4", "exact": False}}[args.image_format]
+    shard_size = args.shard_size or default_shard_size(r, args.cache_teacher, teacher["shape"][1] if teacher else 0,
+                                                       args.image_format)
     posterior = ("one sample per image, drawn by the release's preprocessing (vae-in/), stored as it is"
                  if use_release_latents else "one sample per image, eps from image_seed(seed, i)")
     return {"format": FORMAT, "version": VERSION, "resolution": r, "crop": CROP_NAME,
@@ -220,7 +234,8 @@ class ShardBuffer:
             return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros((0, *shape), dtype)
 
         arrays = {}
-        if s["image"]:
+        raw = s["image"] is not None and s["image"]["format"] == "raw"
+        if s["image"] and not raw:
             sizes = [len(b) for b in self.images]
             arrays["image_offsets"] = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
         arrays["source_index"] = cat(self.index, (), np.int64)
@@ -228,7 +243,10 @@ class ShardBuffer:
         arrays["latent"] = cat(self.latent, s["latent_shape"], np.float32)
         if s["teacher"]:
             arrays["teacher"] = cat(self.teacher, s["teacher"]["shape"], np.float16)
-        if s["image"]:
+        if raw:  # [n, 3, r, r]
+            r = s["resolution"]
+            arrays["image"] = np.stack(self.images) if self.images else np.zeros((0, 3, r, r), np.uint8)
+        elif s["image"]:
             arrays["image_bytes"] = cat(self.images, (), np.uint8)
         path = os.path.join(out, shard_name(self.k))
         nbytes, digest = write_shard(path, arrays, {"format": FORMAT, "version": VERSION, "shard": self.k,

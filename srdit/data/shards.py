@@ -17,19 +17,28 @@ tensor in place (`np.memmap`, no parsing, no copy): random access to sample i is
 
     tensor          dtype  shape                 per sample (256 px)
     image_offsets   I64    [n + 1]               8 B: sample i's image is image_bytes[o[i]:o[i+1]]
+                                                 (png and jpeg only)
     source_index    I64    [n]                   8 B: position in the sorted source listing
     label           I64    [n]                   8 B
     latent          F32    [n, 32, r/16, r/16]   32,768 B: one posterior sample, NOT scaled
     teacher         F16    [n, 1+(r/16)^2, D]    394,752 B (cached teacher only)
-    image_bytes     U8     [sum of image sizes]  the crop, JPEG q95 4:4:4 (or PNG); absent when
-                                                 the teacher is cached
+    image           U8     [n, 3, r, r]          196,608 B: the crop as it is, CHW (format "raw",
+                                                 the default: a batch is a gather, no decode)
+    image_bytes     U8     [sum of image sizes]  the crop as PNG (lossless) or JPEG q95 4:4:4
+                                                 (formats "png", "jpeg")
 
-Every tensor's byte size is a multiple of 8 except image_bytes, which is last, so every tensor
-starts 8-byte aligned. The latent scale (config.LATENT_SCALE = 0.3099) is applied when reading.
+No image tensor when the teacher is cached. Every tensor's byte size is a multiple of 8 except
+image_bytes, which is last, so every tensor starts 8-byte aligned (3 r^2 is a multiple of 8 for
+any r that is a multiple of 16). The latent scale (config.LATENT_SCALE = 0.3099) is applied when
+reading.
 
-index.json: format, version, resolution, latent shape/dtype/scale, image encoding, teacher and
-tokenizer identities (file name, sha256, settings), seed, crop, source description, classes,
-sample and skipped counts, and per shard: file, samples, bytes, sha256, source range.
+Versions: 2 added format "raw" (the `image` tensor) and the release's sampled latents as a
+source; version 1 directories (JPEG or PNG only) are read as they are.
+
+index.json: format, version, resolution, latent shape/dtype/scale, image format ("image":
+{"format": "raw" | "png" | "jpeg", ...} or null), teacher and tokenizer identities (file name,
+sha256, settings), seed, crop, source description, classes, sample and skipped counts, and per
+shard: file, samples, bytes, sha256, source range.
 """
 from __future__ import annotations
 
@@ -48,7 +57,10 @@ from srdit.config import LATENT_SCALE
 from srdit.io import atomic_write, sha256_file, write_json
 
 FORMAT = "srdit-shards"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 is version 2 without format "raw"
+IMAGE_FORMATS = ("raw", "png", "jpeg")
+EXACT_FORMATS = ("raw", "png")  # the teacher sees the crop's own pixels, as in the release
 INDEX = "index.json"
 PARTS = "parts"
 VERIFIED = ".verified.json"
@@ -135,10 +147,13 @@ def read_index(root: str) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ShardError(f"{path} is not a readable index ({type(error).__name__}: {error}); rerun the "
                          "same `python -m srdit.data.prepare` command to write it again (finished shards are kept)") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != VERSION:
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") not in READABLE_VERSIONS:
         index = index if isinstance(index, dict) else {}
-        raise ShardError(f"{path} is not a {FORMAT} v{VERSION} index (format {index.get('format')!r}, "
-                         f"version {index.get('version')!r})")
+        raise ShardError(f"{path} is not a {FORMAT} index of version {' or '.join(map(str, READABLE_VERSIONS))} "
+                         f"(format {index.get('format')!r}, version {index.get('version')!r}; a newer srdit wrote it?)")
+    image = index.get("image")
+    if image is not None and (not isinstance(image, dict) or image.get("format") not in IMAGE_FORMATS):
+        raise ShardError(f"{path}: unknown image format {image!r} (expected one of {IMAGE_FORMATS})")
     return index
 
 
@@ -203,7 +218,7 @@ def verify_checksums(root: str, index: dict, mode: str = "auto", threads: int = 
 # the reader
 # ------------------------------------------------------------------------------------------
 def decode_image(data) -> np.ndarray:
-    """Encoded JPEG/PNG bytes -> uint8 [3, H, W] (CHW)."""
+    """Encoded JPEG/PNG bytes -> uint8 [3, H, W] (CHW). (Format "raw" needs no decoding.)"""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
@@ -217,7 +232,10 @@ class ShardDataset:
 
     Item i is {"latent": float32 [32, r/16, r/16] scaled by 0.3099, "label": int, and either
     "image": uint8 [3, r, r] or "teacher": float16 [1 + (r/16)^2, D]}. Samples are numbered
-    shard by shard in index order.
+    shard by shard in index order. `image_format` says how the images are stored: "raw" (the
+    crop's bytes, read without decoding), "png", "jpeg", or None (cached teacher);
+    `exact_images` is True when the teacher sees the crop's own pixels (raw, png), as the
+    release's teacher does (it reads lossless PNGs).
 
     Opening checks the directory against index.json (missing, unindexed or resized shards are
     errors), the shard checksums (`verify`, see verify_checksums), every shard header against
@@ -234,6 +252,7 @@ class ShardDataset:
         self.latent_shape = tuple(index["latent_shape"])
         self.teacher_shape = tuple(index["teacher"]["shape"]) if index.get("teacher") else None
         self.image_format = index["image"]["format"] if index.get("image") else None
+        self.exact_images = self.image_format in EXACT_FORMATS
         self.kind = "teacher" if self.teacher_shape else "image"
         self.classes = list(index["classes"])
         self.num_classes = len(self.classes)
@@ -247,6 +266,8 @@ class ShardDataset:
             want = {"label": (n,), "latent": (n, *self.latent_shape)}
             if self.kind == "teacher":
                 want["teacher"] = (n, *self.teacher_shape)
+            elif self.image_format == "raw":
+                want["image"] = (n, 3, self.resolution, self.resolution)
             else:
                 want["image_offsets"] = (n + 1,)
             for name, shape in want.items():
@@ -296,13 +317,16 @@ class ShardDataset:
     # -- reading ---------------------------------------------------------------------------
     def read(self, indices) -> dict:
         """Samples as numpy, images left encoded: {"latent": float32 [B, ...] (scaled),
-        "label": int64 [B], and "teacher": float16 [B, T, D] or "image_bytes": a list of B
-        uint8 arrays (views into the mapped shards)}. What every loader is built on."""
+        "label": int64 [B], and "teacher": float16 [B, T, D], or "image": uint8 [B, 3, r, r]
+        (format raw), or "image_bytes": a list of B uint8 arrays (PNG/JPEG, views into the
+        mapped shards)}. What every loader is built on."""
         shard, local = self.locate(indices)
         b = len(shard)
         out = {"latent": np.empty((b, *self.latent_shape), np.float32), "label": np.empty(b, np.int64)}
         if self.kind == "teacher":
             out["teacher"] = np.empty((b, *self.teacher_shape), np.float16)
+        elif self.image_format == "raw":
+            out["image"] = np.empty((b, 3, self.resolution, self.resolution), np.uint8)
         else:
             out["image_bytes"] = [None] * b
         for k in np.unique(shard):
@@ -312,6 +336,8 @@ class ShardDataset:
             out["label"][rows] = a["label"][pos]
             if self.kind == "teacher":
                 out["teacher"][rows] = a["teacher"][pos]
+            elif self.image_format == "raw":
+                out["image"][rows] = a["image"][pos]  # a copy out of the page cache, no decode
             else:
                 offsets = a["image_offsets"]
                 for row, p in zip(rows, pos):
@@ -321,11 +347,14 @@ class ShardDataset:
 
     def batch(self, indices) -> dict:
         """Many items at once, stacked as torch tensors (the loader's fast path): "latent",
-        "label" (int64) and "image" (uint8 [B, 3, r, r], decoded with PIL) or "teacher"."""
+        "label" (int64) and "image" (uint8 [B, 3, r, r]: raw as read, PNG/JPEG decoded with PIL)
+        or "teacher"."""
         raw = self.read(indices)
         out = {"latent": torch.from_numpy(raw["latent"]), "label": torch.from_numpy(raw["label"])}
         if self.kind == "teacher":
             out["teacher"] = torch.from_numpy(raw["teacher"])
+        elif self.image_format == "raw":
+            out["image"] = torch.from_numpy(raw["image"])
         else:
             r = self.resolution
             images = np.empty((len(raw["label"]), 3, r, r), np.uint8)

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from srdit.data.crop import center_crop_dhariwal
+from srdit.data.shards import IMAGE_FORMATS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 JPEG_QUALITY = 95  # JPEG quality of the stored crops, 4:4:4 chroma (no subsampling), baseline
@@ -156,8 +157,13 @@ def _list_release(root: str, use_latents: bool) -> Source:
 # one sample (runs in a DataLoader worker)
 # ------------------------------------------------------------------------------------------
 def encode_image(crop: np.ndarray, image_format: str) -> np.ndarray:
-    """uint8 [r, r, 3] -> encoded bytes as a uint8 array: baseline JPEG q95 with 4:4:4 chroma,
-    or PNG."""
+    """uint8 [r, r, 3] -> what a shard stores: "raw" the crop itself as uint8 [3, r, r] (CHW, the
+    batch layout: nothing to decode), else encoded bytes as a uint8 array: baseline JPEG q95 with
+    4:4:4 chroma, or PNG (zlib level 6, lossless)."""
+    if image_format == "raw":
+        return np.ascontiguousarray(crop.transpose(2, 0, 1))
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image format {image_format!r} is not one of {IMAGE_FORMATS}")
     buffer = io.BytesIO()
     if image_format == "jpeg":
         Image.fromarray(crop).save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
@@ -167,8 +173,8 @@ def encode_image(crop: np.ndarray, image_format: str) -> np.ndarray:
 
 
 class SourceSamples:
-    """Map-style dataset over source indices: the ADM crop, its encoded bytes and (release
-    layout) the stored latent as its file holds it; any failure is returned as an
+    """Map-style dataset over source indices: the ADM crop, the image as stored (encode_image)
+    and (release layout) the stored latent as its file holds it; any failure is returned as an
     error string, never raised, so one bad file does not stop the run."""
 
     def __init__(self, source: Source, resolution: int, image_format: str | None):

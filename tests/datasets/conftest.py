@@ -71,10 +71,20 @@ def run_prepare():
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, imagenet_src, weights):
-    """Images + latents, 4 samples per shard: (directory, command output)."""
+    """Images (the default format, raw) + latents, 4 samples per shard: (directory, command output)."""
     out = tmp_path_factory.mktemp("prepared") / "in64"
     code, text = _run_prepare("--src", imagenet_src, "--out", out, "--resolution", RES, "--vae", weights["vae"],
                              "--batch", 5, "--shard-size", 4, "--workers", 0)
+    assert code == 0, text
+    return out, text
+
+
+@pytest.fixture(scope="session")
+def prepared_jpeg(tmp_path_factory, imagenet_src, weights):
+    """As `prepared`, with the images stored as JPEG q95 4:4:4 (--image-format jpeg)."""
+    out = tmp_path_factory.mktemp("prepared") / "in64-jpeg"
+    code, text = _run_prepare("--src", imagenet_src, "--out", out, "--resolution", RES, "--vae", weights["vae"],
+                             "--batch", 5, "--shard-size", 4, "--workers", 0, "--image-format", "jpeg")
     assert code == 0, text
     return out, text
 

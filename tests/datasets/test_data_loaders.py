@@ -1,5 +1,6 @@
 """Every loader yields GlobalBatches' samples in GlobalBatches' order: in-process, DataLoader
-workers, and DALI (CPU mode, device_id=None); resuming at step s continues exactly."""
+workers, and DALI (CPU mode, device_id=None); resuming at step s continues exactly. For each
+kind of shard: raw images (the default, no decoder anywhere), JPEG images, cached targets."""
 import pytest
 import torch
 
@@ -27,15 +28,16 @@ def assert_same(a, b):
 
 
 @pytest.fixture(scope="module")
-def datasets(prepared, prepared_teacher):
-    return {"image": ShardDataset(prepared[0]), "teacher": ShardDataset(prepared_teacher[0])}
+def datasets(prepared, prepared_jpeg, prepared_teacher):
+    return {"image": ShardDataset(prepared[0]), "jpeg": ShardDataset(prepared_jpeg[0]),
+            "teacher": ShardDataset(prepared_teacher[0])}
 
 
 def reference(ds, start=0, **kw):
     return run(GlobalBatches(ds, G, seed=7, start_step=start, **kw), STEPS - start)
 
 
-@pytest.mark.parametrize("kind", ["image", "teacher"])
+@pytest.mark.parametrize("kind", ["image", "jpeg", "teacher"])
 def test_dataloader_workers_equal_global_batches_and_resume_exactly(datasets, kind):
     ds = datasets[kind]
     ref = reference(ds, accum=2)
@@ -59,10 +61,11 @@ def test_every_epoch_is_a_permutation_and_ranks_split_each_global_batch(datasets
 
 
 @DALI
-@pytest.mark.parametrize("kind, workers", [("image", 0), ("teacher", 0), ("image", 2)])
+@pytest.mark.parametrize("kind, workers", [("image", 0), ("jpeg", 0), ("teacher", 0), ("image", 2), ("jpeg", 2)])
 def test_dali_cpu_mode_equals_the_pytorch_fallback(datasets, kind, workers):
-    """Same seed -> the same samples in the same order, bit for bit (CPU JPEG decode: the same
-    libjpeg-turbo as PIL); workers=2 runs the source in DALI's spawned worker processes."""
+    """Same seed -> the same samples in the same order, bit for bit (raw crops pass through with
+    no decoder; CPU JPEG decode: the same libjpeg-turbo as PIL); workers=2 runs the source in
+    DALI's spawned worker processes."""
     from srdit.data.dali import DaliBatches
 
     ds = datasets[kind]
@@ -75,12 +78,13 @@ def test_dali_cpu_mode_equals_the_pytorch_fallback(datasets, kind, workers):
 
 
 @DALI
-def test_dali_teacher_input_is_close_to_the_teachers_own_preprocessing(datasets):
+@pytest.mark.parametrize("kind", ["image", "jpeg"])
+def test_dali_teacher_input_is_close_to_the_teachers_own_preprocessing(datasets, kind):
     """DALI's cubic resize is Catmull-Rom (a = -0.5), torch's bicubic a = -0.75: close, not equal."""
     from srdit.data.dali import DaliBatches
     from srdit.model.dinov2 import build_dinov2
 
-    ds = datasets["image"]
+    ds = datasets[kind]
     batch = DaliBatches(ds, G, seed=7, device="cpu", teacher_input=56).next_step()[0]
     expected = build_dinov2("vitb14", 56).preprocess(reference(ds)[0]["image"])
     error = (batch["teacher_input"] - expected).abs() * 0.226 * 255  # back to pixel levels
@@ -91,8 +95,9 @@ def test_auto_backend_without_a_gpu_is_the_pytorch_fallback(datasets):
     ds = datasets["teacher"]
     assert isinstance(make_batches(ds, G, workers=2), TorchBatches)
     assert isinstance(make_batches(ds, G, workers=0), GlobalBatches)
-    with pytest.raises(ValueError, match="decode='gpu' needs a CUDA device"):
-        TorchBatches(datasets["image"], G, decode="gpu")
+    for kind in ("image", "jpeg"):
+        with pytest.raises(ValueError, match="decode='gpu' needs a CUDA device and JPEG shards"):
+            TorchBatches(datasets[kind], G, decode="gpu")
 
 
 def test_dali_is_optional(datasets, monkeypatch):

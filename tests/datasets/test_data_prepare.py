@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -47,10 +48,13 @@ def crop_of(src, i, r=64):
 def test_index_shards_and_summary(prepared, weights):
     out, text = prepared
     index = index_of(out)
-    assert index["format"] == "srdit-shards" and index["resolution"] == 64 and index["latent_shape"] == [32, 4, 4]
+    assert index["format"] == "srdit-shards" and index["version"] == 2 and index["resolution"] == 64
+    assert index["latent_shape"] == [32, 4, 4]
     assert index["samples"] == 12 and index["skipped"] == 2 and index["source"]["files"] == 14
     assert index["classes"] == ["n01000000", "n02000000", "n03000000"]
-    assert index["image"] == {"format": "jpeg", "quality": 95, "subsampling": "4:4:4"} and index["teacher"] is None
+    # the default stores the crops as they are (the pixels the release's teacher reads from its PNGs)
+    assert index["image"] == {"format": "raw", "dtype": "uint8", "shape": [3, 64, 64], "exact": True}
+    assert index["teacher"] is None
     assert index["tokenizer"]["sha256"] == sha256_file(weights["vae"]) and index["latent_scale"] == LATENT_SCALE
     assert [s["file"] for s in index["shards"]] == [f"shard-00000{k}.safetensors" for k in range(4)]
     assert [s["samples"] for s in index["shards"]] == [4, 3, 4, 1]
@@ -61,6 +65,7 @@ def test_index_shards_and_summary(prepared, weights):
     safetensors = pytest.importorskip("safetensors")  # the shards are plain safetensors files
     with safetensors.safe_open(os.path.join(out, "shard-000001.safetensors"), "np") as f:
         assert f.get_tensor("latent").shape == (3, 32, 4, 4) and f.metadata()["format"] == "srdit-shards"
+        assert f.get_tensor("image").shape == (3, 3, 64, 64) and f.get_tensor("image").dtype == np.uint8
 
 
 def test_unreadable_images_are_skipped_counted_and_logged(prepared):
@@ -73,9 +78,11 @@ def test_unreadable_images_are_skipped_counted_and_logged(prepared):
 
 
 def test_items_follow_the_contract(prepared, imagenet_src):
+    """Default format raw: every image is the exact crop, read without decoding."""
     out, _ = prepared
     ds = ShardDataset(out)
     assert len(ds) == 12 and ds.kind == "image" and ds.num_classes == 3
+    assert ds.image_format == "raw" and ds.exact_images
     raw = shard_arrays(out)
     for i in range(len(ds)):
         item = ds[i]
@@ -84,11 +91,33 @@ def test_items_follow_the_contract(prepared, imagenet_src):
         assert torch.equal(item["latent"], torch.from_numpy(raw["latent"][i]) * LATENT_SCALE)  # scaled at load
         assert isinstance(item["label"], int) and item["label"] == int(SOURCE[raw["source_index"][i]][2]) - 1  # n0k: k-1
         assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 64, 64)
-        crop = torch.from_numpy(crop_of(imagenet_src, raw["source_index"][i]).copy()).permute(2, 0, 1).float()
-        error = (item["image"].float() - crop).abs()
-        assert error.mean() < 3 and error.max() < 40  # JPEG q95 4:4:4 of the exact crop (sharp test images)
+        crop = torch.from_numpy(crop_of(imagenet_src, raw["source_index"][i]).copy()).permute(2, 0, 1)
+        assert torch.equal(item["image"], crop)  # the exact pixels
     batch = ds.batch([11, 0, 5])
     assert batch["label"].tolist() == [2, 0, 1] and batch["image"].shape == (3, 3, 64, 64)
+    assert torch.equal(batch["image"][1], ds[0]["image"])
+    with mock.patch("srdit.data.shards.decode_image", side_effect=AssertionError("decoded")):
+        ds.batch(range(12))  # raw crops are never decoded
+
+
+def test_png_is_exact_and_jpeg_close(prepared, prepared_jpeg, imagenet_src, weights, run_prepare, tmp_path):
+    """--image-format png stores the same pixels as raw; jpeg (q95 4:4:4) close ones. The index
+    and ShardDataset name the format; the latents do not depend on it."""
+    code, text = run_prepare("--src", imagenet_src, "--out", tmp_path / "png", "--resolution", 64, "--vae",
+                             weights["vae"], "--batch", 5, "--shard-size", 4, "--workers", 0, "--image-format", "png")
+    assert code == 0, text
+    exact, png, jpeg = ShardDataset(prepared[0]), ShardDataset(tmp_path / "png"), ShardDataset(prepared_jpeg[0])
+    assert (png.image_format, png.exact_images, jpeg.image_format, jpeg.exact_images) == ("png", True, "jpeg", False)
+    assert index_of(prepared_jpeg[0])["image"] == {"format": "jpeg", "quality": 95, "subsampling": "4:4:4",
+                                                   "exact": False}
+    everything = range(len(exact))
+    a, b, c = exact.batch(everything), png.batch(everything), jpeg.batch(everything)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["latent"], c["latent"])
+    error = (c["image"].float() - a["image"].float()).abs()
+    assert 0 < error.mean() < 3 and error.max() < 40  # JPEG q95 4:4:4 of the exact crop (sharp test images)
+    sizes = {name: index_of(d)["bytes"] for name, d in (("raw", prepared[0]), ("png", tmp_path / "png"),
+                                                         ("jpeg", prepared_jpeg[0]))}
+    assert sizes["jpeg"] < sizes["png"] < sizes["raw"]
 
 
 def test_posterior_sample_uses_a_per_image_seed(prepared, imagenet_src, weights):
@@ -124,7 +153,7 @@ def test_torchrun_two_ranks_with_other_batches_give_the_same_samples(prepared, i
     np.testing.assert_allclose(a["latent"], b["latent"], atol=1e-5, rtol=1e-5)
     for k in range(4):
         x, y = (open_shard(os.path.join(d, f"shard-00000{k}.safetensors")) for d in (prepared[0], out))
-        assert np.array_equal(x["image_bytes"], y["image_bytes"]) and np.array_equal(x["image_offsets"], y["image_offsets"])
+        assert np.array_equal(x["image"], y["image"])
 
 
 def test_resume_skips_finished_shards_and_redoes_a_missing_one(prepared, imagenet_src, weights, run_prepare, tmp_path):
@@ -199,7 +228,7 @@ def release_layout(root, labels, r=64, seed=0, skipped=2):
 def test_release_layout_imports_its_sampled_latents_and_exact_images(tmp_path, run_prepare):
     """The release's own preprocessed folder: latents as stored (scaled only at load, as the
     release's sample_posterior does), labels from vae-in/dataset.json, the i-th image with the
-    i-th latent in sorted order (the numbers differ after a skipped image)."""
+    i-th latent in sorted order (the numbers differ after a skipped image), pixels exact."""
     labels = [3, 1, 0, 1, 2]
     samples = release_layout(tmp_path / "release", labels)
     assert sorted(os.listdir(tmp_path / "release" / "images" / "00000"))[2] == "img00000003.png"
@@ -207,15 +236,14 @@ def test_release_layout_imports_its_sampled_latents_and_exact_images(tmp_path, r
                              "--workers", 0)
     assert code == 0, text
     ds = ShardDataset(tmp_path / "out")
-    assert ds.labels.tolist() == labels and ds.num_classes == 4
+    assert ds.labels.tolist() == labels and ds.num_classes == 4 and ds.image_format == "raw"
     index = index_of(tmp_path / "out")
     assert index["tokenizer"]["source"] == "release vae-in sampled latents" and index["tokenizer"]["file"] is None
     assert index["source"]["layout"] == "release" and index["source"]["latents"] == "release vae-in sampled latents"
     for i, (pixels, z) in enumerate(samples):
         item = ds[i]
         assert torch.equal(item["latent"], torch.from_numpy(z[0] * np.float32(LATENT_SCALE)))  # no re-sampling
-        error = (item["image"].float() - torch.from_numpy(pixels).permute(2, 0, 1).float()).abs()
-        assert error.mean() < 12  # JPEG of noise
+        assert torch.equal(item["image"], torch.from_numpy(pixels).permute(2, 0, 1))  # the teacher's exact pixels
     # the seed draws nothing: the stored samples are the latents
     code, text = run_prepare("--src", tmp_path / "release", "--out", tmp_path / "seed1", "--resolution", 64,
                              "--workers", 0, "--seed", 1, "--latents", "release")

@@ -62,3 +62,27 @@ def test_labels_out_of_range_name_the_shard_and_sample(prepared):
         ShardDataset(prepared[0], num_classes=2)
     with pytest.raises(IndexError, match="sample 12 is out of range"):
         ShardDataset(prepared[0])[12]
+
+
+def test_version_1_directories_are_read_and_newer_or_unknown_ones_refused(prepared_jpeg, tmp_path):
+    """Version 1 (JPEG/PNG only, before format raw) reads as it is; an index from a newer srdit or
+    with an unknown image format is one error naming the file."""
+    import json
+
+    out = tmp_path / "v1"
+    shutil.copytree(prepared_jpeg[0], out)
+    index = json.loads((out / "index.json").read_text())
+    v1_image = {k: v for k, v in index["image"].items() if k != "exact"}  # what version 1 wrote
+
+    def write(version, image):
+        (out / "index.json").write_text(json.dumps({**index, "version": version, "image": image}))
+
+    write(1, v1_image)
+    ds = ShardDataset(out)
+    assert ds.image_format == "jpeg" and not ds.exact_images and ds[0]["image"].shape == (3, 64, 64)
+    write(3, v1_image)
+    with pytest.raises(ShardError, match=r"not a srdit-shards index of version 1 or 2 \(format 'srdit-shards', version 3"):
+        ShardDataset(out)
+    write(2, {"format": "webp"})
+    with pytest.raises(ShardError, match=r"index.json: unknown image format"):
+        ShardDataset(out)
