@@ -51,12 +51,9 @@ import triton
 import triton.language as tl
 
 from srdit.kernels.reference import default_rms_eps
-from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, head_rows, interpreting,
+from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, head_rows, index_dtype,
                                         load_rope_tables, rms_normalize, rms_normalize_bwd, rotate_pairs, row_launch,
                                         tl_compute_dtype, unit_last_stride)
-
-GPU_TILE = 2048  # elements per program on a GPU: q, k, v, tables and grads are live at once
-
 
 # --------------------------------------------------------------------------- kernels
 
@@ -87,7 +84,7 @@ def _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_v0_
     """lam, the v0 token index t of each row (v0_ids[b, n] when routed, else n) and v0 at it."""
     lam = tl.load(lam_ptr).to(COMPUTE)
     if HAS_V0_IDS:
-        t = tl.load(v0_ids_ptr + b * stride_v0_ids_b + n * stride_v0_ids_n, mask=row_mask, other=0)
+        t = tl.load(v0_ids_ptr + b * stride_v0_ids_b + n * stride_v0_ids_n, mask=row_mask, other=0).to(n.dtype)
     else:
         t = n
     v0 = tl.load(v0_ptr + (b * stride_v0_b + t * stride_v0_t + h * stride_v0_h)[:, None] + d[None, :],
@@ -95,7 +92,7 @@ def _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_v0_
     return lam, t, v0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: one compile for every batch
 def _attention_prologue_fwd_kernel(
     qkv_ptr, q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, ids_ptr, v0_ptr, v0_ids_ptr, lam_ptr,
     n_rows, N, H, Dh, eps,
@@ -103,9 +100,9 @@ def _attention_prologue_fwd_kernel(
     stride_v0_b, stride_v0_t, stride_v0_h, stride_v0_ids_b, stride_v0_ids_n,
     HAS_NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_ROPE: tl.constexpr,
     HAS_V0: tl.constexpr, HAS_V0_IDS: tl.constexpr,
-    COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPUTE: tl.constexpr, INDEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    r, d, row_mask, d_mask, mask, b, n, h = head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
+    r, d, row_mask, d_mask, mask, b, n, h = head_rows(n_rows, N, H, Dh, INDEX, ROWS, BLOCK_D)
     D = H * Dh
     x_offs = (b * stride_qkv_b + n * stride_qkv_n + h * Dh)[:, None] + d[None, :]  # q part of qkv
     out_offs = r[:, None] * Dh + d[None, :]  # contiguous [B,N,H,Dh]
@@ -132,7 +129,7 @@ def _attention_prologue_fwd_kernel(
     tl.store(v_ptr + out_offs, v.to(out_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _attention_prologue_bwd_kernel(
     dq_ptr, dk_ptr, dv_ptr, qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, ids_ptr, v0_ptr, v0_ids_ptr, lam_ptr,
     dqkv_ptr, dqw_part_ptr, dkw_part_ptr, dv0_ptr, dlam_part_ptr,
@@ -142,10 +139,10 @@ def _attention_prologue_bwd_kernel(
     stride_v0_b, stride_v0_t, stride_v0_h, stride_v0_ids_b, stride_v0_ids_n, stride_dv0_b, stride_dv0_t, stride_dv0_h,
     HAS_NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_ROPE: tl.constexpr,
     HAS_V0: tl.constexpr, HAS_V0_IDS: tl.constexpr,
-    COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPUTE: tl.constexpr, INDEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    r, d, row_mask, d_mask, mask, b, n, h = head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
+    r, d, row_mask, d_mask, mask, b, n, h = head_rows(n_rows, N, H, Dh, INDEX, ROWS, BLOCK_D)
     token = b * N + n
     D = H * Dh
     x_offs = (b * stride_qkv_b + n * stride_qkv_n + h * Dh)[:, None] + d[None, :]
@@ -190,11 +187,6 @@ def _attention_prologue_bwd_kernel(
 # --------------------------------------------------------------------------- host launchers
 
 
-def _launch_settings(n_rows: int, head_dim: int):
-    max_rows = None if interpreting() else max(1, GPU_TILE // triton.next_power_of_2(head_dim))
-    return row_launch(n_rows, head_dim, max_rows=max_rows)
-
-
 def _flags(q_weight, k_weight, cos, v0, v0_ids) -> dict:
     return dict(HAS_NORM=q_weight is not None, HAS_QW=q_weight is not None, HAS_KW=q_weight is not None and
                 k_weight is not None, HAS_ROPE=cos is not None, HAS_V0=v0 is not None,
@@ -222,7 +214,7 @@ def _launch_fwd(qkv, heads, q_weight=None, k_weight=None, cos=None, sin=None, ro
         return out
     if cos is not None:
         cos, sin = cos.contiguous(), sin.contiguous()
-    launch = _launch_settings(n_rows, Dh)
+    launch = row_launch(n_rows, Dh, "attention_prologue_fwd")
     q, k, v = out
     _attention_prologue_fwd_kernel[launch.grid](
         qkv, q, k, v, q_weight, k_weight, cos, sin, rope_ids, v0, v0_ids, lam,
@@ -230,7 +222,8 @@ def _launch_fwd(qkv, heads, q_weight=None, k_weight=None, cos=None, sin=None, ro
         qkv.stride(0), qkv.stride(1), *_strides2(rope_ids), cos.stride(0) if cos is not None else 0,
         *_strides3(v0), *_strides2(v0_ids),
         **_flags(q_weight, k_weight, cos, v0, v0_ids),
-        COMPUTE=tl_compute_dtype(qkv.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+        COMPUTE=tl_compute_dtype(qkv.dtype), INDEX=index_dtype(qkv, v0, q), ROWS=launch.rows, BLOCK_D=launch.block_d,
+        num_warps=launch.num_warps,
     )
     return out
 
@@ -249,7 +242,7 @@ def _launch_bwd(dq, dk, dv, qkv, heads, q_weight=None, k_weight=None, cos=None, 
     flags = _flags(q_weight, k_weight, cos, v0, v0_ids)
     accum = compute_dtype(qkv.dtype)
     n_rows = B * N * heads
-    launch = _launch_settings(max(n_rows, 1), Dh)
+    launch = row_launch(max(n_rows, 1), Dh, "attention_prologue_bwd")
     programs = launch.grid[0]
     dqkv = alloc((B, N, three_d), qkv.dtype, qkv.device)
 
@@ -276,7 +269,8 @@ def _launch_bwd(dq, dk, dv, qkv, heads, q_weight=None, k_weight=None, cos=None, 
             cos.stride(0) if cos is not None else 0,
             *_strides3(v0), *_strides2(v0_ids), *_strides3(dv0 if flags["HAS_V0"] else None),
             **flags,
-            COMPUTE=tl_compute_dtype(qkv.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+            COMPUTE=tl_compute_dtype(qkv.dtype), INDEX=index_dtype(qkv, v0, dv0, dq, dk, dv), ROWS=launch.rows,
+            BLOCK_D=launch.block_d, num_warps=launch.num_warps,
         )
     if flags["HAS_QW"]:
         dqw = dqw.sum(0).to(q_weight.dtype)

@@ -43,26 +43,27 @@ import triton
 import triton.language as tl
 
 from srdit.kernels.reference import default_rms_eps
-from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, rms_normalize, rms_normalize_bwd,
-                                        row_launch, split_launch, tl_compute_dtype, unit_last_stride)
+from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, index_dtype, rms_normalize,
+                                        rms_normalize_bwd, row_launch, split_launch, tl_compute_dtype,
+                                        unit_last_stride)
 
 Tensor = torch.Tensor
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: one compile for every batch
 def _rmsnorm_modulate_fwd_kernel(
     x_ptr, f_ptr, gate_ptr, shift_ptr, scale_ptr, w_ptr,  # inputs: x, f [R,D]; gate, shift, scale [B,D]; w [D]
     y_ptr, x_new_ptr, rstd_ptr,  # outputs: y [R,D], x_new [R,D] (residual only), rstd [R] in COMPUTE
     n_rows, N, D, stride_gate_b, stride_shift_b, stride_scale_b, eps,
     HAS_MOD: tl.constexpr, HAS_W: tl.constexpr, RESIDUAL: tl.constexpr,
-    COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPUTE: tl.constexpr, INDEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    rows = tl.program_id(0).to(INDEX) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     row_mask = rows < n_rows
     col_mask = cols < D
     mask = row_mask[:, None] & col_mask[None, :]
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]  # [ROWS, BLOCK_D]
+    offs = rows[:, None] * D + cols[None, :]  # [ROWS, BLOCK_D]
     b = rows // N  # batch of each row: a tile may span batches
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     if RESIDUAL:
@@ -82,7 +83,7 @@ def _rmsnorm_modulate_fwd_kernel(
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_group", "tiles_per_program"])  # batch-dependent
 def _rmsnorm_modulate_bwd_kernel(
     # inputs: dy, x (x_new for the residual variant), dx_new, f [R,D]; rstd [R]; scale, gate [B,D]; w [D]
     dy_ptr, x_ptr, rstd_ptr, scale_ptr, w_ptr, dx_new_ptr, f_ptr, gate_ptr,
@@ -90,7 +91,7 @@ def _rmsnorm_modulate_bwd_kernel(
     dx_ptr, df_ptr, dshift_part_ptr, dscale_part_ptr, dw_part_ptr, dgate_part_ptr,
     rows_per_group, D, stride_scale_b, stride_gate_b, tiles_per_program,
     HAS_MOD: tl.constexpr, HAS_W: tl.constexpr, RESIDUAL: tl.constexpr, HAS_DXN: tl.constexpr,
-    COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPUTE: tl.constexpr, INDEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     group = tl.program_id(0)  # batch element (0 when nothing is per batch)
     split = tl.program_id(1)
@@ -113,7 +114,7 @@ def _rmsnorm_modulate_bwd_kernel(
     for t in range(0, tiles_per_program):
         n = (first_tile + t) * ROWS + tl.arange(0, ROWS)  # row within the group
         row_mask = n < rows_per_group
-        rows = group.to(tl.int64) * rows_per_group + n
+        rows = group.to(INDEX) * rows_per_group + n
         mask = row_mask[:, None] & col_mask[None, :]
         offs = rows[:, None] * D + cols[None, :]
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -140,7 +141,7 @@ def _rmsnorm_modulate_bwd_kernel(
             acc_scale += tl.sum(dy * xw, axis=0)
         if HAS_W:
             acc_w += tl.sum(g * xhat, axis=0)
-    part = (group * tl.num_programs(1) + split).to(tl.int64) * D + cols  # row (group, split) of [G, S, D]
+    part = (group * tl.num_programs(1) + split).to(INDEX) * D + cols  # row (group, split) of [G, S, D]
     if HAS_MOD:
         tl.store(dshift_part_ptr + part, acc_shift, mask=col_mask)
         tl.store(dscale_part_ptr + part, acc_scale, mask=col_mask)
@@ -187,7 +188,7 @@ def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, alloc=empty_
     rstd = alloc((R,), compute_dtype(x.dtype), x.device)
     if R == 0:
         return x_new, y, rstd
-    launch = row_launch(R, D)
+    launch = row_launch(R, D, "rmsnorm_fwd")
     _rmsnorm_modulate_fwd_kernel[launch.grid](
         x, f if residual else x, gate if residual else x, shift if shift is not None else x,
         scale if scale is not None else x, weight if weight is not None else x,
@@ -195,7 +196,8 @@ def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, alloc=empty_
         R, N, D, gate.stride(0) if residual else 0, shift.stride(0) if shift is not None else 0,
         scale.stride(0) if scale is not None else 0, eps,
         HAS_MOD=shift is not None, HAS_W=weight is not None, RESIDUAL=residual,
-        COMPUTE=tl_compute_dtype(x.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+        COMPUTE=tl_compute_dtype(x.dtype), INDEX=index_dtype(x, f, gate, shift, scale), ROWS=launch.rows,
+        BLOCK_D=launch.block_d, num_warps=launch.num_warps,
     )
     return x_new, y, rstd
 
@@ -224,7 +226,7 @@ def _launch_bwd(dy, x, rstd, scale, weight, dx_new=None, f=None, gate=None, *, a
 
         return dx, df, zeros(gate), zeros(scale), zeros(scale), zeros(weight)
     rows_per_group = R // G
-    launch = row_launch(rows_per_group, D)
+    launch = row_launch(rows_per_group, D, "rmsnorm_bwd")
     split = split_launch(G, triton.cdiv(rows_per_group, launch.rows), x.device, programs=programs)
 
     def partial(wanted):
@@ -240,7 +242,8 @@ def _launch_bwd(dy, x, rstd, scale, weight, dx_new=None, f=None, gate=None, *, a
         rows_per_group, D, scale.stride(0) if scale is not None else 0, gate.stride(0) if residual else 0,
         split.tiles_per_program,
         HAS_MOD=scale is not None, HAS_W=weight is not None, RESIDUAL=residual, HAS_DXN=dx_new is not None,
-        COMPUTE=tl_compute_dtype(x.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+        COMPUTE=tl_compute_dtype(x.dtype), INDEX=index_dtype(x, f, gate, scale), ROWS=launch.rows,
+        BLOCK_D=launch.block_d, num_warps=launch.num_warps,
     )
     dshift = pshift.sum(1).to(scale.dtype) if pshift is not None else None  # [B, D]
     dscale = pscale.sum(1).to(scale.dtype) if pscale is not None else None  # [B, D]

@@ -28,16 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
-from srdit.kernels.triton_utils import (empty_output, head_rows, load_rope_tables, rotate_pairs, row_launch,
-                                        tl_compute_dtype, unit_last_stride)
+from srdit.kernels.triton_utils import (empty_output, head_rows, index_dtype, load_rope_tables, rotate_pairs,
+                                        row_launch, tl_compute_dtype, unit_last_stride)
 
 
 @triton.jit
 def _rope_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
                stride_x_b, stride_x_n, stride_x_h, stride_ids_b, stride_ids_n, stride_cos_p,
-               TRANSPOSE: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+               TRANSPOSE: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_D: tl.constexpr):
     """out = RoPE(x) (or its transpose) for this program's (token, head) rows; out contiguous."""
-    r, d, row_mask, d_mask, mask, b, n, h = head_rows(n_rows, N, H, Dh, ROWS, BLOCK_D)
+    r, d, row_mask, d_mask, mask, b, n, h = head_rows(n_rows, N, H, Dh, INDEX, ROWS, BLOCK_D)
     x_offs = (b * stride_x_b + n * stride_x_n + h * stride_x_h)[:, None] + d[None, :]
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(COMPUTE)
     c, s = load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ids_b, stride_ids_n, stride_cos_p, d, row_mask,
@@ -46,22 +47,22 @@ def _rope_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
     tl.store(out_ptr + r[:, None] * Dh + d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: one compile for every batch
 def _apply_rope_fwd_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
                            stride_x_b, stride_x_n, stride_x_h, stride_ids_b, stride_ids_n, stride_cos_p,
-                           COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                           COMPUTE: tl.constexpr, INDEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     _rope_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
                stride_x_b, stride_x_n, stride_x_h, stride_ids_b, stride_ids_n, stride_cos_p,
-               False, COMPUTE, ROWS, BLOCK_D)
+               False, COMPUTE, INDEX, ROWS, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _apply_rope_bwd_kernel(dout_ptr, dx_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
                            stride_dout_b, stride_dout_n, stride_dout_h, stride_ids_b, stride_ids_n, stride_cos_p,
-                           COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                           COMPUTE: tl.constexpr, INDEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     _rope_rows(dout_ptr, dx_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
                stride_dout_b, stride_dout_n, stride_dout_h, stride_ids_b, stride_ids_n, stride_cos_p,
-               True, COMPUTE, ROWS, BLOCK_D)
+               True, COMPUTE, INDEX, ROWS, BLOCK_D)
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_ids: torch.Tensor) -> None:
@@ -86,11 +87,12 @@ def _launch(kernel, x, cos, sin, rope_ids, alloc):
     if n_rows == 0:
         return out
     cos, sin = cos.contiguous(), sin.contiguous()
-    launch = row_launch(n_rows, Dh)
+    launch = row_launch(n_rows, Dh, "apply_rope")
     kernel[launch.grid](
         x, out, cos, sin, rope_ids, n_rows, N, H, Dh,
         x.stride(0), x.stride(1), x.stride(2), rope_ids.stride(0), rope_ids.stride(1), cos.stride(0),
-        COMPUTE=tl_compute_dtype(x.dtype), ROWS=launch.rows, BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+        COMPUTE=tl_compute_dtype(x.dtype), INDEX=index_dtype(x, out), ROWS=launch.rows, BLOCK_D=launch.block_d,
+        num_warps=launch.num_warps,
     )
     return out
 

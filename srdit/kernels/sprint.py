@@ -70,68 +70,69 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, row_launch, split_launch,
-                                        tl_compute_dtype)
+from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, index_dtype, row_launch,
+                                        split_launch, tl_compute_dtype)
 
 
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: one compile for every batch
 def _gather_tokens_fwd_kernel(x_ptr, ids_ptr, out_ptr, n_rows, K, T, F, stride_x_b, stride_x_t,
-                              BLOCK_F: tl.constexpr, ROWS: tl.constexpr):
+                              BLOCK_F: tl.constexpr, ROWS: tl.constexpr, INDEX: tl.constexpr):
     """out[r] = x[r // K, ids[r]] for the ROWS kept rows r = b*K + k of this program."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [R]
+    rows = tl.program_id(0).to(INDEX) * ROWS + tl.arange(0, ROWS)  # [R]
     cols = tl.arange(0, BLOCK_F)  # [BF]
     row_mask = rows < n_rows
     col_mask = cols < F
-    src = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # [R]
+    src = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(INDEX)  # [R]
     in_range = row_mask & (src >= 0) & (src < T)  # never read outside x, whatever the ids
-    b = (rows // K).to(tl.int64)
+    b = rows // K
     src_off = b * stride_x_b + src * stride_x_t  # [R]
     v = tl.load(x_ptr + src_off[:, None] + cols[None, :], mask=in_range[:, None] & col_mask[None, :], other=0.0)
-    dst_off = rows.to(tl.int64) * F  # [R]
+    dst_off = rows * F  # [R]
     tl.store(out_ptr + dst_off[:, None] + cols[None, :], v, mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _gather_tokens_bwd_kernel(dout_ptr, ids_ptr, dx_ptr, n_rows, K, T, F,
-                              BLOCK_F: tl.constexpr, ROWS: tl.constexpr):
+                              BLOCK_F: tl.constexpr, ROWS: tl.constexpr, INDEX: tl.constexpr):
     """dx[r // K, ids[r]] = dout[r] (dx zero-filled; ids unique within a sample)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [R]
+    rows = tl.program_id(0).to(INDEX) * ROWS + tl.arange(0, ROWS)  # [R]
     cols = tl.arange(0, BLOCK_F)
     row_mask = rows < n_rows
     col_mask = cols < F
-    dst = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # [R]
+    dst = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(INDEX)  # [R]
     in_range = row_mask & (dst >= 0) & (dst < T)
-    b = (rows // K).to(tl.int64)
-    d = tl.load(dout_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :], mask=row_mask[:, None] & col_mask[None, :])
+    b = rows // K
+    d = tl.load(dout_ptr + rows[:, None] * F + cols[None, :], mask=row_mask[:, None] & col_mask[None, :])
     tl.store(dx_ptr + ((b * T + dst) * F)[:, None] + cols[None, :], d, mask=in_range[:, None] & col_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: one compile for every batch
 def _sprint_fuse_fwd_kernel(out_ptr, gw2_ptr, mw2_ptr, ids_ptr, n_rows, K, T, D,
-                            BLOCK_D: tl.constexpr, ROWS: tl.constexpr, COMPUTE: tl.constexpr):
+                            BLOCK_D: tl.constexpr, ROWS: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr):
     """In place on out [B*T, D] (= x_enc W1^T + b + mW2 everywhere): out[b*T + ids[r]] += gW2[r] - mW2
     for the ROWS kept rows r = b*K + k of this program, in COMPUTE (fp32; fp64 for fp64 inputs)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [R]
+    rows = tl.program_id(0).to(INDEX) * ROWS + tl.arange(0, ROWS)  # [R]
     cols = tl.arange(0, BLOCK_D)
     row_mask = rows < n_rows
     col_mask = cols < D
-    t = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # [R]
+    t = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(INDEX)  # [R]
     in_range = row_mask & (t >= 0) & (t < T)
-    b = (rows // K).to(tl.int64)
+    b = rows // K
     mask = in_range[:, None] & col_mask[None, :]
     dst = ((b * T + t) * D)[:, None] + cols[None, :]  # [R, BD]
     base = tl.load(out_ptr + dst, mask=mask, other=0.0).to(COMPUTE)
-    gw2 = tl.load(gw2_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+    gw2 = tl.load(gw2_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
     mw2 = tl.load(mw2_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)  # [BD]
     tl.store(out_ptr + dst, (base + gw2 - mw2[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "tiles_per_program"])  # batch-dependent
 def _sprint_fuse_bwd_kernel(dout_ptr, ids_ptr, dkept_ptr, sums_part_ptr, n_rows, K, T, D, tiles_per_program,
-                            BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COMPUTE: tl.constexpr):
+                            BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COMPUTE: tl.constexpr,
+                            INDEX: tl.constexpr):
     """One pass over dout [B*T, D]: dkept[b*K + k] = dout[b*T + ids[b, k]], and this program's COMPUTE
     column sums of dout over its rows (sums_part[pid, 0]) and over its dropped rows (sums_part[pid, 1]).
     Grid (1, programs) from split_launch: program pid loops over tiles_per_program row tiles."""
@@ -143,24 +144,24 @@ def _sprint_fuse_bwd_kernel(dout_ptr, ids_ptr, dkept_ptr, sums_part_ptr, n_rows,
     acc_all = tl.zeros([ROWS, BLOCK_D], dtype=COMPUTE)
     acc_drop = tl.zeros([ROWS, BLOCK_D], dtype=COMPUTE)
     for i in range(tiles_per_program):
-        rows = (pid * tiles_per_program + i) * ROWS + tl.arange(0, ROWS)  # [R]
+        rows = (pid.to(INDEX) * tiles_per_program + i) * ROWS + tl.arange(0, ROWS)  # [R]
         row_mask = rows < n_rows
         b = rows // T
         t = rows - b * T
         # is token t of sample b kept, and in which slot? compare with the K ids of the sample
-        kept_ids = tl.load(ids_ptr + b.to(tl.int64)[:, None] * K + kk[None, :],
+        kept_ids = tl.load(ids_ptr + b[:, None] * K + kk[None, :],
                            mask=row_mask[:, None] & k_mask[None, :], other=-1)  # [R, BK]
         hit = kept_ids == t[:, None]
         kept = tl.sum(hit.to(tl.int32), axis=1) > 0  # [R]
         slot = tl.sum(tl.where(hit, kk[None, :], 0), axis=1)  # [R], valid where kept
         mask = row_mask[:, None] & col_mask[None, :]
-        d = tl.load(dout_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        d = tl.load(dout_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
         da = d.to(COMPUTE)
         acc_all += da
         acc_drop += tl.where(kept[:, None], 0.0, da)
-        dst = (b.to(tl.int64) * K + slot) * D  # [R]
+        dst = (b * K + slot) * D  # [R]
         tl.store(dkept_ptr + dst[:, None] + cols[None, :], d, mask=mask & kept[:, None])
-    part = sums_part_ptr + pid * 2 * D + cols
+    part = sums_part_ptr + pid.to(INDEX) * 2 * D + cols
     tl.store(part, tl.sum(acc_all, axis=0), mask=col_mask)
     tl.store(part + D, tl.sum(acc_drop, axis=0), mask=col_mask)
 
@@ -197,10 +198,10 @@ def _launch_gather_fwd(x: torch.Tensor, ids: torch.Tensor, alloc=empty_output) -
         return out
     x3 = _token_rows(x)
     width = x3.shape[2]
-    launch = row_launch(B * K, width)
+    launch = row_launch(B * K, width, "gather_tokens")
     _gather_tokens_fwd_kernel[launch.grid](
         x3, ids.contiguous(), out, B * K, K, T, width, x3.stride(0), x3.stride(1),
-        BLOCK_F=launch.block_d, ROWS=launch.rows, num_warps=launch.num_warps)
+        BLOCK_F=launch.block_d, ROWS=launch.rows, INDEX=index_dtype(x3, out), num_warps=launch.num_warps)
     return out
 
 
@@ -212,10 +213,10 @@ def _launch_gather_bwd(dout: torch.Tensor, ids: torch.Tensor, num_tokens: int, a
         return dx
     d3 = dout.reshape(B, K, -1).contiguous()
     width = d3.shape[2]
-    launch = row_launch(B * K, width)
+    launch = row_launch(B * K, width, "gather_tokens")
     _gather_tokens_bwd_kernel[launch.grid](
         d3, ids.contiguous(), dx, B * K, K, num_tokens, width,
-        BLOCK_F=launch.block_d, ROWS=launch.rows, num_warps=launch.num_warps)
+        BLOCK_F=launch.block_d, ROWS=launch.rows, INDEX=index_dtype(d3, dx), num_warps=launch.num_warps)
     return dx
 
 
@@ -225,10 +226,11 @@ def _launch_fuse_fwd_epilogue(out: torch.Tensor, gw2: torch.Tensor, mw2: torch.T
     K = ids.shape[1]
     if B * K == 0:
         return
-    launch = row_launch(B * K, D)
+    launch = row_launch(B * K, D, "sprint_fuse_fwd")
     _sprint_fuse_fwd_kernel[launch.grid](
         out, gw2.contiguous(), mw2.contiguous(), ids.contiguous(), B * K, K, T, D,
-        BLOCK_D=launch.block_d, ROWS=launch.rows, COMPUTE=tl_compute_dtype(out.dtype), num_warps=launch.num_warps)
+        BLOCK_D=launch.block_d, ROWS=launch.rows, COMPUTE=tl_compute_dtype(out.dtype), INDEX=index_dtype(out, gw2),
+        num_warps=launch.num_warps)
 
 
 def _launch_fuse_bwd_reduce(dout: torch.Tensor, ids: torch.Tensor, alloc=empty_output):
@@ -238,13 +240,13 @@ def _launch_fuse_bwd_reduce(dout: torch.Tensor, ids: torch.Tensor, alloc=empty_o
     K = ids.shape[1]
     dout = dout.contiguous()
     dkept = alloc((B, K, D), dout.dtype, dout.device)
-    launch = row_launch(B * T, D)
+    launch = row_launch(B * T, D, "sprint_fuse_bwd")
     split = split_launch(1, launch.grid[0], dout.device)  # one group: the sums run over all rows
     part = alloc((split.splits, 2, D), compute_dtype(dout.dtype), dout.device)
     _sprint_fuse_bwd_kernel[split.grid](
         dout, ids.contiguous(), dkept, part, B * T, K, T, D, split.tiles_per_program,
         BLOCK_D=launch.block_d, BLOCK_K=triton.next_power_of_2(max(K, 1)), ROWS=launch.rows,
-        COMPUTE=tl_compute_dtype(dout.dtype), num_warps=launch.num_warps)
+        COMPUTE=tl_compute_dtype(dout.dtype), INDEX=index_dtype(dout, dkept), num_warps=launch.num_warps)
     sums = part.sum(0)  # [2, D]
     return dkept, sums[0], sums[1]
 

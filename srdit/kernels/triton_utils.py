@@ -2,8 +2,11 @@
 output allocation, and the @triton.jit pieces more than one kernel uses.
 
 Host side
-    row_launch, split_launch    launch settings of row kernels and of row kernels that also sum
+    GPU_TILES, row_launch, split_launch
+                                launch settings of row kernels and of row kernels that also sum
                                 over rows; both fail, naming the limit, outside their range
+    gpu_settings                the switch: GPU settings on a GPU, or anywhere with SRDIT_LAUNCH=gpu
+    index_dtype                 int32 offsets where every tensor is below 2^31 elements, else int64
     compute_dtype, tl_compute_dtype
                                 the dtype kernels compute and accumulate in: fp32, or fp64 for
                                 fp64 tensors (so gradcheck runs the same kernels)
@@ -39,14 +42,54 @@ import triton
 import triton.language as tl
 
 MAX_ROW_WIDTH = 16384  # one row must fit in registers/SRAM of one program
+INT32_LIMIT = 2**31  # element offsets below this are computed in int32 (index_dtype)
 
 
 # --------------------------------------------------------------------------- launch settings
+
+LAUNCH_ENV = "SRDIT_LAUNCH"  # "gpu": the GPU's launch settings even under the interpreter
+GPU_SM_COUNT = 132  # SMs of an H100 SXM / H200: the GPU settings' program count away from a GPU
+INTERPRETER_ELEMENTS = 16384  # elements per program under the interpreter (its cost is per program)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A kernel's launch settings on a GPU: at most `elements` (ROWS * BLOCK_D) per program, and
+    `warps` warps."""
+    elements: int
+    warps: int = 4
+
+
+# Every kernel's GPU settings, forward and backward apart: the largest tile that fits the
+# register budget (<= 128 registers per thread, no spills, for both fp32 and bf16 on sm_90a and
+# sm_100a: bench/compile_check.py, enforced in CI) with 4 warps. bench/kernels.py --sweep times
+# the candidates of each on a GPU; a winner is recorded in bench/RESULTS.md and set here.
+GPU_TILES = {
+    "rmsnorm_fwd": Tile(4096),
+    "rmsnorm_bwd": Tile(1024),
+    "apply_rope": Tile(4096),
+    "attention_prologue_fwd": Tile(1024),
+    "attention_prologue_bwd": Tile(1024),
+    "gather_tokens": Tile(4096),
+    "sprint_fuse_fwd": Tile(4096),
+    "sprint_fuse_bwd": Tile(2048),
+}
 
 
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (the CPU interpreter used by the test suite)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gpu_settings() -> bool:
+    """True when launchers pick the GPU's settings (GPU_TILES; split_launch's programs per SM):
+    on a GPU, and under the interpreter with SRDIT_LAUNCH=gpu, which is how the tests run the
+    settings a GPU runs (and bench/compile_check.py records them). Unset or "auto": the
+    interpreter's own larger tiles and 4 programs when interpreting."""
+    value = os.environ.get(LAUNCH_ENV, "auto")
+    if value not in ("auto", "gpu"):
+        raise ValueError(f"{LAUNCH_ENV}={value!r}: use 'gpu' (GPU launch settings everywhere) or 'auto'")
+    return value == "gpu" or not interpreting()
 
 
 @dataclass(frozen=True)
@@ -57,9 +100,12 @@ class RowLaunch:
     grid: tuple[int]
 
 
-def row_launch(n_rows: int, width: int, *, max_rows: int | None = None) -> RowLaunch:
-    """Launch settings for a kernel over `n_rows` rows of `width` elements each: one row in one
-    power-of-two block, ~4K elements per program on a GPU (~16K under the interpreter).
+def row_launch(n_rows: int, width: int, kernel: str) -> RowLaunch:
+    """Launch settings of `kernel` (a key of GPU_TILES) over `n_rows` rows of `width` elements:
+    one row in one power-of-two block, GPU_TILES[kernel] elements per program on a GPU (never
+    fewer than one row; a function of the width only, so the compiled specialisation does not
+    depend on the batch), INTERPRETER_ELEMENTS under the interpreter (capped by the rows there
+    are).
 
     Fails, naming the limit, outside the supported range instead of launching a wrong kernel.
     """
@@ -68,11 +114,12 @@ def row_launch(n_rows: int, width: int, *, max_rows: int | None = None) -> RowLa
     if width > MAX_ROW_WIDTH:
         raise ValueError(f"row width {width} exceeds {MAX_ROW_WIDTH}; this kernel keeps a row in one program")
     block_d = triton.next_power_of_2(width)
-    target = 16384 if interpreting() else 4096
-    rows = max(1, min(target // block_d, triton.next_power_of_2(n_rows)))
-    if max_rows is not None:
-        rows = min(rows, max_rows)
-    num_warps = 4 if block_d * rows <= 4096 else 8
+    if gpu_settings():
+        tile = GPU_TILES[kernel]
+        rows, num_warps = max(1, tile.elements // block_d), tile.warps
+    else:
+        rows = max(1, min(INTERPRETER_ELEMENTS // block_d, triton.next_power_of_2(n_rows)))
+        num_warps = 4
     return RowLaunch(block_d, rows, num_warps, (triton.cdiv(n_rows, rows),))
 
 
@@ -89,12 +136,13 @@ def split_launch(n_groups: int, tiles_per_group: int, device, *, programs: int |
     partial sum, so the partial buffer is [groups, splits, D] and the final sum is deterministic.
 
     `programs` is the total wanted (at least one per group, at most one per tile). None: ~4 per SM
-    on a GPU, 4 on the CPU.
+    with the GPU settings (the device's SMs on a GPU, GPU_SM_COUNT elsewhere), 4 under the
+    interpreter.
     """
     if n_groups < 1 or tiles_per_group < 1:
         raise ValueError(f"split launch needs n_groups >= 1 and tiles_per_group >= 1, "
                          f"got {n_groups}, {tiles_per_group}")
-    target = programs or (4 * _sm_count(device) if str(device).startswith("cuda") else 4)
+    target = programs or (4 * sm_count(device) if gpu_settings() else 4)
     splits = min(tiles_per_group, triton.cdiv(target, n_groups))
     tiles = triton.cdiv(tiles_per_group, splits)
     splits = triton.cdiv(tiles_per_group, tiles)  # no program without a tile
@@ -106,9 +154,24 @@ def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _sm_count(device) -> int:
+def sm_count(device) -> int:
+    """SMs of a CUDA device; GPU_SM_COUNT for any other (the GPU settings away from a GPU)."""
     device = torch.device(device)
+    if device.type != "cuda":
+        return GPU_SM_COUNT
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def index_dtype(*tensors):
+    """tl.int32 when every element offset into `tensors` (None skipped), and the masked offsets a
+    launch computes past their end, stay below INT32_LIMIT (all of SR-DiT's: its largest
+    tensor, qkv at B = 256, 512 px, has 604M elements), else
+    tl.int64: the kernels' INDEX constexpr. 32-bit offsets halve the registers an address takes
+    and turn 64-bit divisions into 32-bit ones."""
+    span = max((1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + t.storage_offset()
+                if t.numel() else 0) for t in tensors if t is not None)
+    # twice the span: room for the masked offsets of a last tile (or a split's last tiles) past the end
+    return tl.int32 if 2 * span < INT32_LIMIT else tl.int64
 
 
 # --------------------------------------------------------------------------- dtypes and buffers
@@ -149,10 +212,11 @@ def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 @triton.jit
-def head_rows(n_rows, N, H, Dh, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's (token, head) rows of a [B, N, H, Dh] layout: row ids r [ROWS] (int64),
-    lanes d [BLOCK_D], the row, lane and tile masks, and the coordinates b, n, h of each row."""
-    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+def head_rows(n_rows, N, H, Dh, INDEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (token, head) rows of a [B, N, H, Dh] layout: row ids r [ROWS] (INDEX, so
+    that the divisions by H and N are 32-bit ones with index_dtype's int32), lanes d [BLOCK_D],
+    the row, lane and tile masks, and the coordinates b, n, h of each row."""
+    r = tl.program_id(0).to(INDEX) * ROWS + tl.arange(0, ROWS)
     d = tl.arange(0, BLOCK_D)
     row_mask = r < n_rows
     d_mask = d < Dh
@@ -165,7 +229,7 @@ def load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ids_b, stride_ids_n
                      COMPUTE: tl.constexpr):
     """cos/sin rows [ROWS, BLOCK_D] in COMPUTE for tokens (b, n) at table row ids[b, n]; rows with
     a negative id get c = 1, s = 0 (not rotated). sin has cos's layout (row stride stride_cos_p)."""
-    pos = tl.load(ids_ptr + b * stride_ids_b + n * stride_ids_n, mask=row_mask, other=-1)  # [ROWS]
+    pos = tl.load(ids_ptr + b * stride_ids_b + n * stride_ids_n, mask=row_mask, other=-1).to(b.dtype)  # [ROWS]
     mask = (row_mask & (pos >= 0))[:, None] & d_mask[None, :]
     offs = pos[:, None] * stride_cos_p + d[None, :]
     c = tl.load(cos_ptr + offs, mask=mask, other=1.0).to(COMPUTE)

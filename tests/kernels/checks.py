@@ -1,12 +1,15 @@
 """Shared pieces of the kernel correctness suite (STYLE 3), imported by every test_<op>.py: one tolerance table, poisoning,
-relative errors against the float64 eager twin, and the device the suite runs on.
+relative errors against the float64 eager twin, the device the suite runs on, and the `gpu_launch` fixture.
 
 Tolerances are on ||out - ref|| / ||ref|| against the twin evaluated in float64 (DESIGN.md):
 fp32 1e-5; fp16/bf16 1e-2. Gradients reduced over many rows (dshift, dscale, dweight, dlambda)
 sum N partial products in a different order from the reference, so their error grows like
 sqrt(N) ulps; at the sizes tested (N <= 2k rows) that stays inside the same bounds.
 """
+import pytest
 import torch
+
+from srdit.kernels.triton_utils import LAUNCH_ENV, gpu_settings
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
@@ -41,3 +44,13 @@ def poisoned(shape, dtype, device):
 def rand(*shape, dtype):
     """Fresh standard-normal inputs on the suite's device (never zeros)."""
     return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+
+@pytest.fixture
+def gpu_launch(monkeypatch):
+    """The launch settings a GPU runs, also under the interpreter (SRDIT_LAUNCH=gpu): GPU_TILES'
+    rows and warps, and split_launch's 4 programs per SM of a GPU_SM_COUNT-SM card. Each kernel
+    file runs its checks once this way, on a shape with a partial last tile and, for the kernels
+    that loop over row tiles, more than one tile per program (the tests assert both)."""
+    monkeypatch.setenv(LAUNCH_ENV, "gpu")
+    assert gpu_settings()

@@ -12,9 +12,11 @@ from unittest import mock
 import pytest
 import torch
 
-from checks import DEVICE, DTYPES, TOLERANCES, assert_close, poisoned
+from checks import DEVICE, DTYPES, TOLERANCES, assert_close, gpu_launch, poisoned  # noqa: F401 (a fixture)
 from srdit.kernels import reference
 from srdit.kernels.attention_prologue import _launch_bwd, _launch_fwd, attention_prologue
+from srdit.kernels import triton_utils
+from srdit.kernels.triton_utils import row_launch
 
 NAMES = ("q", "k", "v", "v_raw", "dqkv", "dq_weight", "dk_weight", "dv0", "dlam")
 
@@ -182,6 +184,23 @@ SHAPES = [
 def test_shapes(dtype, shape):
     B, N, H, Dh, vr, T = shape
     _check(_inputs(B, N, H, Dh, dtype, vr=vr, T=T, with_cls=(True, False)), dtype)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], (2, 65, 2, 64, "routed", 257)], ids=lambda s: "-".join(map(str, s)))
+def test_gpu_launch_settings(gpu_launch, shape):
+    """The GPU's settings (checks.gpu_launch): 16 (token, head) rows of Dh = 64 per program, so
+    the dense 257-token and the routed 65-of-257 shapes leave a partial last tile; forward, every
+    gradient and the poisoned launchers, QK-norm, RoPE and the value residual all on."""
+    B, N, H, Dh, vr, T = shape
+    for kernel in ("attention_prologue_fwd", "attention_prologue_bwd"):
+        assert (B * N * H) % row_launch(B * N * H, Dh, kernel).rows, "the last tile should be partial"
+    _check(_inputs(B, N, H, Dh, torch.float32, vr=vr, T=T, with_cls=(True, False)), torch.float32)
+
+
+def test_int64_offsets(monkeypatch):
+    """int64 offsets (index_dtype's choice from 2^30 elements), forced on a small routed shape."""
+    monkeypatch.setattr(triton_utils, "INT32_LIMIT", 0)
+    _check(_inputs(2, 9, 3, 24, torch.float32, vr="routed", T=17), torch.float32)
 
 
 # every combination of the three switches, the value residual both dense and routed

@@ -10,9 +10,10 @@ import pytest
 import torch
 import triton
 
-from checks import DEVICE, DTYPES, assert_close, poisoned, rand
+from checks import DEVICE, DTYPES, assert_close, gpu_launch, poisoned, rand  # noqa: F401 (a fixture)
 from srdit.kernels import reference as ref
 from srdit.kernels import rmsnorm as rmm
+from srdit.kernels import triton_utils
 from srdit.kernels.triton_utils import row_launch, split_launch
 
 EPS = 1e-6
@@ -118,7 +119,7 @@ def test_backward_row_loop(programs):
     in 2 (the second program's last tile wholly past the batch's end)."""
     shape, dtype = (1, 65, 768), torch.float32
     B, N, D = shape
-    tiles = triton.cdiv(N, row_launch(N, D).rows)
+    tiles = triton.cdiv(N, row_launch(N, D, "rmsnorm_bwd").rows)
     split = split_launch(B, tiles, DEVICE, programs=programs)
     assert split.splits == programs and split.tiles_per_program > 1
     assert programs == 1 or split.tiles_per_program * programs > tiles
@@ -132,6 +133,32 @@ def test_backward_row_loop(programs):
     for name, got in [("x", dx), ("f", df), ("gate", dgate), ("shift", dshift), ("scale", dscale),
                       ("weight", dweight)]:
         assert_close(got, grads[name], dtype, f"d{name}")
+
+
+def test_gpu_launch_settings(gpu_launch):
+    """The launchers with the GPU's settings (checks.gpu_launch), every output and gradient
+    poisoned, in fp32 (the settings do not depend on the dtype). Modulated with the residual, at
+    the 256-px length: 3 x 257 rows of 768, forward tiles of 4 rows (the last one partial),
+    backward 129 programs per batch element looping over 2 one-row tiles (the last program's
+    second tile past the end). Plain RMSNorm with a weight (one group) on 601 rows: 301 programs
+    of 2 tiles, the last one past the end. (Looping needs more tiles than the 528 programs of
+    4 per SM: each check runs ~1000 programs in the interpreter, ~5 s.)"""
+    B, N, D = 3, 257, 768
+    assert (B * N) % row_launch(B * N, D, "rmsnorm_fwd").rows, "the forward's last tile should be partial"
+    for groups, rows_per_group in ((B, N), (1, 601)):
+        tiles = triton.cdiv(rows_per_group, row_launch(rows_per_group, D, "rmsnorm_bwd").rows)
+        split = split_launch(groups, tiles, DEVICE)
+        assert split.tiles_per_program > 1 and split.splits * split.tiles_per_program > tiles
+    test_residual_rmsnorm_modulate_kernels((B, N, D), True, False, torch.float32)
+    test_rmsnorm_modulate_kernels((601, D), False, True, torch.float32)
+
+
+def test_int64_offsets(monkeypatch):
+    """The kernels' int64 offsets, taken for tensors of 2^30 elements or more (index_dtype),
+    forced here on small ones: the same results."""
+    monkeypatch.setattr(triton_utils, "INT32_LIMIT", 0)
+    test_residual_rmsnorm_modulate_kernels((2, 65, 96), True, True, torch.float32)
+    test_rmsnorm_modulate_kernels((5, 96), False, True, torch.float32)
 
 
 # --------------------------------------------------------------------------- custom ops, autograd

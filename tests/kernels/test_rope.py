@@ -8,7 +8,9 @@ import torch
 from srdit.kernels import reference
 from srdit.kernels.rope import _launch_bwd, _launch_fwd, apply_rope
 from srdit.model.sit import VisionRoPE
-from checks import DEVICE, DTYPES, assert_close, poisoned
+from checks import DEVICE, DTYPES, assert_close, gpu_launch, poisoned  # noqa: F401 (a fixture)
+from srdit.kernels import triton_utils
+from srdit.kernels.triton_utils import row_launch
 
 # (B, N, H, Dh, P): the SR-DiT head (H=2 of 12, Dh=64) on the routed length 65 and the full
 # 257-token sequence, one token, and an odd head count with a non-power-of-two head dim
@@ -59,6 +61,21 @@ def test_matches_reference(dtype, shape):
     bwd = _launch_bwd(grad, cos, sin, ids, alloc=poisoned)
     assert_close(fwd, ref, dtype, "out (poisoned)")
     assert_close(bwd, ref_dx, dtype, "dx (poisoned)")
+
+
+def test_gpu_launch_settings(gpu_launch):
+    """The GPU's settings (checks.gpu_launch): 64 (token, head) rows of Dh = 64 per program, so
+    2 x 65 x 2 rows leave a partial last tile; forward, backward and the poisoned launchers."""
+    shape = (2, 65, 2, 64, 256)
+    B, N, H, Dh, _ = shape
+    assert (B * N * H) % row_launch(B * N * H, Dh, "apply_rope").rows, "the last tile should be partial"
+    test_matches_reference(torch.float32, shape)
+
+
+def test_int64_offsets(monkeypatch):
+    """int64 offsets (index_dtype's choice from 2^30 elements), forced on a small shape."""
+    monkeypatch.setattr(triton_utils, "INT32_LIMIT", 0)
+    test_matches_reference(torch.float32, SHAPES[3])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

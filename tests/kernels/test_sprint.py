@@ -16,7 +16,11 @@ enough at these sizes), so fp16 here exercises the same code as on the GPU.
 import pytest
 import torch
 
-from checks import DEVICE, DTYPES, assert_close, poisoned, rand
+import triton
+
+from checks import DEVICE, DTYPES, assert_close, gpu_launch, poisoned, rand  # noqa: F401 (a fixture)
+from srdit.kernels import triton_utils
+from srdit.kernels.triton_utils import row_launch, split_launch
 from srdit.kernels import reference as ref
 from srdit.kernels import sprint
 
@@ -191,6 +195,30 @@ def test_fuse_under_autocast():
     for name, want in grads.items():
         assert leaves[name].grad.dtype == torch.float32, name  # fp32 leaves get fp32 gradients
         assert_close(leaves[name].grad, want, dtype, f"d{name}")
+
+
+def test_gpu_launch_settings(gpu_launch):
+    """The GPU's settings (checks.gpu_launch), outputs poisoned, fp32. gather_tokens and the fused
+    forward epilogue on 3 x 16 kept rows of 40: one partial tile of 64 rows; the fused backward's
+    pass over dout on 5 x 257 rows of 768: 643 tiles of 2 rows for 528 programs, so 322
+    programs of 2 tiles, the last one partly past the end."""
+    for kernel, (rows, width) in {"gather_tokens": (3 * 16, 40), "sprint_fuse_fwd": (3 * 16, 40)}.items():
+        assert rows % row_launch(rows, width, kernel).rows, f"{kernel}: the last tile should be partial"
+    B, T, K, D = 5, 257, 64, 768
+    tiles = triton.cdiv(B * T, row_launch(B * T, D, "sprint_fuse_bwd").rows)
+    split = split_launch(1, tiles, DEVICE)
+    assert split.tiles_per_program > 1 and split.splits * split.tiles_per_program > tiles
+    for layout in ("hidden", "v0_heads"):
+        test_gather_kernels((3, 65, 16, 40), layout, torch.float32)
+    test_fuse_kernels((3, 65, 16, 40), "routed", torch.float32)
+    test_fuse_kernels((B, T, K, D), "routed", torch.float32)
+
+
+def test_int64_offsets(monkeypatch):
+    """int64 offsets (index_dtype's choice from 2^30 elements), forced on small shapes."""
+    monkeypatch.setattr(triton_utils, "INT32_LIMIT", 0)
+    test_gather_kernels(SHAPES[2], "v0_heads", torch.float32)
+    test_fuse_kernels(SHAPES[2], "routed", torch.float32)
 
 
 # --------------------------------------------------------------------------- gradcheck, compile
