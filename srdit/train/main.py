@@ -246,10 +246,21 @@ def open_log(run: Run, args, dataset) -> None:
         f"{flops.train / 1e9:.2f} GFLOP per training image (fwd+bwd)",
         f"teacher: {run.notes['teacher']}",
         f"data: {cfg.data.path or 'embedded scikit-learn digits (1,797 images, 10 classes, 16x16)'}  "
-        f"{len(dataset):,} samples",
+        f"{len(dataset):,} samples  {teacher_pixels(dataset)}",
         f"resumed from {resumed} at step {run.state.step}" if resumed else f"new run in {args.out}",
         "config: " + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=True).strip(),
     ])
+
+
+def teacher_pixels(dataset) -> str:
+    """What the online teacher is fed, for the log: whether its pixels are the crops' own."""
+    if getattr(dataset, "kind", "image") == "teacher":
+        return "teacher targets cached in the shards"
+    fmt = getattr(dataset, "image_format", None)
+    if fmt is None:  # the embedded digits: uint8 pixels in memory
+        return "images: uint8 in memory (exact pixels)"
+    exact = "exact pixels, as the release's PNG crops" if dataset.exact_images else "LOSSY: not the release's pixels"
+    return f"images: {fmt} ({exact})"
 
 
 def train_one_step(run: Run, micro_batches: list[dict]) -> None:

@@ -17,12 +17,14 @@ def records(out):
 
 
 def test_training_steps_on_images_with_the_online_teacher_and_on_cached_targets(prepared, prepared_teacher, weights,
-                                                                               tmp_path):
+                                                                               tmp_path, capsys):
     online, cached = tmp_path / "online", tmp_path / "cached"
     assert main(["--preset", "sr-dit-b1-256", "--out", str(online), "--data", str(prepared[0]), *TINY,
                  f"data.teacher={weights['teacher']}"]) == 0
     assert main(["--preset", "sr-dit-b1-256", "--out", str(cached), "--data", str(prepared_teacher[0]), *TINY,
                  "data.cached_teacher=true"]) == 0
+    log = capsys.readouterr().out  # the log says what the teacher saw
+    assert "images: raw (exact pixels, as the release's PNG crops)" in log and "teacher targets cached" in log
     online, cached = records(online), records(cached)
     assert [r["step"] for r in online] == [r["step"] for r in cached] == [1, 2]
     assert all(r["loss"] == r["loss"] and r["repa"] != 0 and r["cls"] > 0 for r in online + cached)
