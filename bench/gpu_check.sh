@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # One short GPU check, prepared to run as it is (device lease: ~15 minutes in all):
-#   1. the kernel and model tests on the GPU, natively (no interpreter), bf16 included, and the
+#   1. the kernel and model tests on the GPU, natively (no interpreter), bf16 included, with the
+#      GPU launch settings (native runs always take them; SRDIT_LAUNCH=gpu says so), and the
 #      CUDA-graph step against the eager step (tests/train/test_graphs.py)
 #   2. bench/throughput.py, sr-dit-b1-256 at the target's batch 256: eager, kernels, graphs,
 #      cached-teacher, best (kernels + compile + graphs + cached teacher), written row by row
-#   3. bench/kernels.py at SR-DiT-B/1 shapes, batch 32 and 256; throughput again at batch 32
+#   3. bench/kernels.py at SR-DiT-B/1 shapes, batch 32 and 256, with --sweep (each kernel's
+#      candidate launch settings against the default, batch 256): the "after" rows; then the
+#      Triton ops of the commit before issue 11's kernel changes (KERNELS_BEFORE, a git worktree,
+#      when this copy has the history): the "before" rows; throughput again at batch 32
 #      (eager, kernels, graphs)
 #   4. bench/data.py: the loaders alone (synthetic shards; no DALI on the device image)
 #   5. bench/sample.py: samples/s per NFE, decode and metric costs, a 50K-evaluation projection
 # Usage: bash bench/gpu_check.sh OUTDIR   (on the device machine: bash bench/gpu_check.sh "$OUT")
 # Then, back here: python bench/record.py FETCHED_OUTDIR adds the rows to bench/RESULTS.md.
-# Writes OUTDIR/log.txt (everything printed), tests.xml and one JSON per benchmark: 7 files,
+# Writes OUTDIR/log.txt (everything printed), tests.xml and one JSON per benchmark: 8 files,
 # within the device tool's 8-file limit. The step timeouts add up to 500 s: under one device
 # call's 10 minutes, and a lease's 15 leave room for the machine's start and a partial rerun
 # (run one step's command alone). A step cut short keeps what it wrote: throughput.py writes its
@@ -20,7 +24,8 @@ set -uo pipefail
 OUT="${1:?usage: bench/gpu_check.sh OUTDIR}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 SRDIT_LAUNCH=gpu HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+KERNELS_BEFORE=9e48eb2  # the last commit before issue 11's kernel changes
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUT/log.txt"
 status=0
@@ -34,17 +39,20 @@ run() {  # run NAME SECONDS CMD...: append its output to the log, keep going on 
     [ $rc -eq 0 ] || { echo "=== $name FAILED (exit $rc)" | tee -a "$LOG"; status=1; }
 }
 
-run env 20 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
+run env 15 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
     python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", torch.version.cuda)";
     git rev-parse --short=12 HEAD'
 run tests 120 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_model.py tests/train/test_graphs.py \
     --junitxml="$OUT/tests.xml"
-run throughput-b256 200 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 \
+run throughput-b256 170 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 \
     --variants eager kernels graphs cached-teacher best --json "$OUT/throughput_b256.json"
-run kernels 50 python3 bench/kernels.py --batch 32 256 --json "$OUT/kernels.json"
-run throughput-b32 40 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 32 --steps 15 \
+run kernels 75 python3 bench/kernels.py --batch 32 256 --sweep --sweep-batch 256 --iters 10 --json "$OUT/kernels.json"
+run kernels-before 35 bash -c "git worktree add -f /tmp/srdit-kernels-before $KERNELS_BEFORE >/dev/null &&
+    cd /tmp/srdit-kernels-before && python3 bench/kernels.py --batch 32 256 --variants triton --iters 10 \
+    --json '$OUT/kernels_before.json'"
+run throughput-b32 30 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 32 --steps 15 \
     --variants eager kernels graphs --json "$OUT/throughput_b32.json"
-run data 30 python3 bench/data.py --json "$OUT/data.json"
-run sample 40 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json"
+run data 25 python3 bench/data.py --json "$OUT/data.json"
+run sample 30 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json"
 tail -60 "$LOG"
 exit $status

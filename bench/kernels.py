@@ -2,6 +2,14 @@
 eager twins, at SR-DiT-B/1 shapes (D = 768, T = 257 tokens, K = 64 routed, H = 12, Dh = 64).
 
     python bench/kernels.py [--device cuda] [--batch 32 256] [--json OUT]
+    python bench/kernels.py --sweep [--batch 256] [--ops OP ...] [--json OUT]
+
+--sweep times the Triton ops with each candidate launch setting of SWEEP (elements per program
+and warps, per kernel of srdit.kernels.triton_utils.GPU_TILES, forward and backward apart; every
+candidate meets bench/compile_check.py's budget) and reports each against the default. The
+defaults in GPU_TILES stay until a GPU sweep is recorded in bench/RESULTS.md; a winner is then
+set there (and bench/compile_check.py rerun). On the CPU the Triton ops run under the
+interpreter: the sweep runs, its times mean nothing.
 
 Memory-bound ops are scored by achieved GB/s against the card's measured copy bandwidth
 (target: >= 70%); the bytes are the minimum an op must move, forward + backward, with bf16
@@ -18,6 +26,7 @@ import torch
 
 from common import copy_bandwidth_gbps, matmul_tflops, table, time_ms, write_json
 from srdit.kernels import get_ops
+from srdit.kernels.triton_utils import GPU_TILES, Tile
 from srdit.runinfo import environment
 
 D, T, K, H, DH = 768, 257, 64, 12, 64
@@ -109,6 +118,57 @@ CASES = {
 }
 
 
+# candidate GPU settings per kernel (a key of GPU_TILES), the default first; all within the register
+# budget at D = 768 / Dh = 64 (bench/compile_check.py --tiles checks any of them)
+SWEEP = {
+    "rmsnorm_fwd": [Tile(4096), Tile(2048), Tile(4096, 8), Tile(8192, 8)],
+    "rmsnorm_bwd": [Tile(1024), Tile(1024, 8), Tile(2048, 8)],
+    "apply_rope": [Tile(4096), Tile(2048), Tile(8192, 8)],
+    "attention_prologue_fwd": [Tile(1024), Tile(2048, 8), Tile(512)],
+    "attention_prologue_bwd": [Tile(1024), Tile(2048, 8), Tile(512)],
+    "gather_tokens": [Tile(4096), Tile(2048), Tile(8192, 8)],
+    "sprint_fuse_fwd": [Tile(4096), Tile(2048), Tile(8192, 8)],
+    "sprint_fuse_bwd": [Tile(2048), Tile(1024), Tile(4096, 8)],
+}
+SWEPT_BY = {  # the op of CASES whose forward + backward times a kernel
+    "rmsnorm_fwd": "residual_rmsnorm_modulate", "rmsnorm_bwd": "residual_rmsnorm_modulate", "apply_rope": "apply_rope",
+    "attention_prologue_fwd": "attention_prologue", "attention_prologue_bwd": "attention_prologue",
+    "gather_tokens": "gather_tokens", "sprint_fuse_fwd": "sprint_fuse", "sprint_fuse_bwd": "sprint_fuse",
+}
+
+
+def sweep(ops, batches, dtype, device, iters) -> list[dict]:
+    """Forward + backward ms of the Triton op of each kernel with every candidate of SWEEP in turn
+    (the other kernels at their defaults), against the default."""
+    triton_ops = get_ops("triton")
+    rows = []
+    for kernel, candidates in SWEEP.items():
+        name = SWEPT_BY[kernel]
+        if name not in ops:
+            continue
+        case = CASES[name]
+        fn = getattr(triton_ops, "attention_prologue" if name.startswith("attention_prologue") else name)
+        default = GPU_TILES[kernel]
+        for B in batches:
+            inputs = case.make(B, dtype, device)
+            base = None
+            for tile in candidates:
+                GPU_TILES[kernel] = tile
+                try:
+                    ms, iqr = time_ms(fwd_bwd(fn, inputs), device, iters=iters)
+                except Exception as error:  # report, keep sweeping
+                    rows.append({"kernel": kernel, "op": name, "batch": B, "elements": tile.elements,
+                                 "warps": tile.warps, "error": f"{type(error).__name__}: {error}"[:200]})
+                    continue
+                finally:
+                    GPU_TILES[kernel] = default
+                base = ms if tile == default else base
+                rows.append({"kernel": kernel, "op": name, "batch": B, "elements": tile.elements, "warps": tile.warps,
+                             "default": tile == default, "ms": ms, "iqr_ms": iqr,
+                             "vs_default": base / ms if base else float("nan")})
+    return rows
+
+
 def fwd_bwd(fn, inputs):
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
@@ -129,6 +189,8 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=["eager", "triton", "compile"],
                         choices=["eager", "triton", "compile"], help="triton runs on a GPU only")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="also time SWEEP's candidate launch settings")
+    parser.add_argument("--sweep-batch", type=int, nargs="+", default=None, help="batches of the sweep (default --batch)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -171,8 +233,13 @@ def main(argv=None) -> None:
                     row["vs_compile"] = timings.get("compile", float("nan")) / row["ms"]
     print(table(rows, ["op", "batch", "variant", "ms", "iqr_ms", "gb_per_s", "of_copy_bw", "tflops",
                        "vs_eager", "vs_compile", "error"]))
+    sweep_rows = []
+    if args.sweep:
+        sweep_rows = sweep(args.ops, args.sweep_batch or args.batch, dtype, device, args.iters)
+        print(table(sweep_rows, ["kernel", "op", "batch", "elements", "warps", "default", "ms", "iqr_ms", "vs_default",
+                                 "error"]))
     write_json(args.json, {**env, "copy_gbps": copy_gbps, "matmul_tflops": peak_tflops, "dtype": str(dtype),
-                           "rows": rows})
+                           "rows": rows, "sweep": sweep_rows})
 
 
 if __name__ == "__main__":

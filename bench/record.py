@@ -63,6 +63,11 @@ SECTIONS = {
          ("GB/s", value("gb_per_s")), ("% of copy bandwidth", percent("of_copy_bw")), ("vs eager", value("vs_eager")),
          ("vs compile", value("vs_compile")), ("note", note)],
         lambda d: d["rows"]),
+    "Launch settings (`bench/kernels.py --sweep`)": (
+        [("kernel", value("kernel")), ("op", value("op")), ("batch", value("batch")),
+         ("elements", value("elements")), ("warps", value("warps")), ("default", value("default")),
+         ("ms", value("ms")), ("vs default", value("vs_default")), ("note", note)],
+        lambda d: d.get("sweep", [])),
     "Measured peaks (denominators)": (
         [("copy bandwidth (GB/s)", value("copy_gbps", ".0f")), ("bf16 matmul (TFLOP/s)", value("matmul_tflops", ".0f"))],
         lambda d: [d]),
@@ -85,7 +90,10 @@ def sections_of(name: str) -> list[str]:
     if name.startswith("throughput"):
         return ["Training throughput (`bench/throughput.py`)"]
     if name == "kernels":
-        return ["Kernels (`bench/kernels.py`)", "Measured peaks (denominators)"]
+        return ["Kernels (`bench/kernels.py`)", "Launch settings (`bench/kernels.py --sweep`)",
+                "Measured peaks (denominators)"]
+    if name.startswith("kernels_"):  # kernels_before: the same benchmark on an older commit
+        return ["Kernels (`bench/kernels.py`)"]
     return {"data": ["Data loading (`bench/data.py`)"], "sample": ["Sampling (`bench/sample.py`)"]}.get(name, [])
 
 
@@ -146,9 +154,10 @@ def record(outdir: str, results: str, store: str, allow_cpu: bool = False) -> li
         link = f"[{name}]({os.path.relpath(target, os.path.dirname(os.path.abspath(results)))})"
         for title in sections_of(name):
             columns, rows_of = SECTIONS[title]
-            text = add_rows(text, title, ["| " + " | ".join([d["date"], d["device_name"], d["commit"],
-                                                             *(read(d, r) for _, read in columns), link]) + " |"
-                                          for r in rows_of(d)])
+            rows = ["| " + " | ".join([d["date"], d["device_name"], d["commit"],
+                                       *(read(d, r) for _, read in columns), link]) + " |" for r in rows_of(d)]
+            if rows:  # (no sweep in this run: the section keeps its placeholder)
+                text = add_rows(text, title, rows)
     srdit.io.write_text(results, text)  # a kill mid-write must not cost the table
     return stored
 
