@@ -60,19 +60,22 @@ class Tile:
     warps: int = 4
 
 
-# Every kernel's GPU settings, forward and backward apart: the largest tile that fits the
-# register budget (<= 128 registers per thread, no spills, for both fp32 and bf16 on sm_90a and
-# sm_100a: bench/compile_check.py, enforced in CI) with 4 warps. bench/kernels.py --sweep times
-# the candidates of each on a GPU; a winner is recorded in bench/RESULTS.md and set here.
+# Every kernel's GPU settings, forward and backward apart, 4 warps (128 threads) each: tiles that
+# keep a program well inside the register budget (<= 128 registers per thread, no spills, fp32
+# and bf16, sm_90a and sm_100a: bench/compile_check.py, enforced in CI; the figures are in
+# bench/RESULTS.md "Compiled resources"). Values per thread = elements / 128 for each live
+# [ROWS, BLOCK_D] tensor: 8 where 4-6 tensors are live at once (the backward kernels), 16 where
+# 2-4 are, 32 for the kernels that move one tensor. bench/kernels.py --sweep times candidates of
+# each on a GPU; a recorded winner replaces the default here.
 GPU_TILES = {
-    "rmsnorm_fwd": Tile(4096),
-    "rmsnorm_bwd": Tile(1024),
-    "apply_rope": Tile(4096),
-    "attention_prologue_fwd": Tile(1024),
-    "attention_prologue_bwd": Tile(1024),
-    "gather_tokens": Tile(4096),
-    "sprint_fuse_fwd": Tile(4096),
-    "sprint_fuse_bwd": Tile(2048),
+    "rmsnorm_fwd": Tile(2048),  # 2 rows of 1024 (D = 768): x, f, y, shift/scale rows; <= 56 registers
+    "rmsnorm_bwd": Tile(1024),  # 1 row: dy, x, dx_new, f, dx live, plus 4 accumulator rows; <= 96
+    "apply_rope": Tile(4096),  # 64 (token, head) rows of Dh = 64: x and the two table tiles; <= 92
+    "attention_prologue_fwd": Tile(1024),  # 16 rows: q, k, v, v0 and the tables; <= 56
+    "attention_prologue_bwd": Tile(1024),  # 16 rows: three gradients, q, k, v, v0, tables; <= 80
+    "gather_tokens": Tile(4096),  # 4 rows of 1024: a copy; <= 40
+    "sprint_fuse_fwd": Tile(4096),  # 4 rows: base, gW2; <= 62
+    "sprint_fuse_bwd": Tile(2048),  # 2 rows: dout, 2 accumulator tiles, the slot search; <= 80
 }
 
 

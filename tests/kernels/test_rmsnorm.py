@@ -138,7 +138,7 @@ def test_backward_row_loop(programs):
 def test_gpu_launch_settings(gpu_launch):
     """The launchers with the GPU's settings (checks.gpu_launch), every output and gradient
     poisoned, in fp32 (the settings do not depend on the dtype). Modulated with the residual, at
-    the 256-px length: 3 x 257 rows of 768, forward tiles of 4 rows (the last one partial),
+    the 256-px length: 3 x 257 rows of 768, forward tiles of 2 rows (the last one partial),
     backward 129 programs per batch element looping over 2 one-row tiles (the last program's
     second tile past the end). Plain RMSNorm with a weight (one group) on 601 rows: 301 programs
     of 2 tiles, the last one past the end. (Looping needs more tiles than the 528 programs of
