@@ -7,6 +7,7 @@ CUDA events on a GPU and perf_counter on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -62,6 +63,17 @@ def matmul_tflops(device: torch.device, n: int = 8192) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     ms, _ = time_ms(lambda: a @ b, device, warmup=3, iters=10)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+@contextlib.contextmanager
+def flush_denormals():
+    """Denormals flushed to zero on the CPU: tools that intercept kernel launches leave outputs
+    uninitialised, and denormals in them make CPU GEMMs slow."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def write_json(path: str | None, payload: dict, quiet: bool = False) -> None:

@@ -73,7 +73,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from common import table, write_json  # noqa: E402  (also puts the repository on sys.path)
+from common import flush_denormals, table, write_json  # noqa: E402  (also puts the repository on sys.path)
 
 TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "sm_100a": GPUTarget("cuda", 100, 32)}  # H100/H200, B200
 PRESETS = ("sr-dit-b1-256", "sr-dit-b1-512")
@@ -262,7 +262,7 @@ def record_contract_ops(recorder: Recorder, cfg, batch: int, precisions) -> None
 def record(presets, targets, precisions, *, batch: int = 2, depth: int | None = None, sampling: bool = True,
            extra=()) -> Recorder:
     recorder = Recorder(targets)
-    with _flush_denormals():  # uninitialised kernel outputs may hold denormals: slow CPU GEMMs
+    with flush_denormals():  # uninitialised kernel outputs may hold denormals: slow CPU GEMMs
         for name in presets:
             cfg = _config(name, batch, depth, extra)
             record_training(recorder, cfg, batch, precisions)
@@ -272,13 +272,6 @@ def record(presets, targets, precisions, *, batch: int = 2, depth: int | None = 
     return recorder
 
 
-@contextlib.contextmanager
-def _flush_denormals():
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
 
 
 # --------------------------------------------------------------------------- 2.-3. compile

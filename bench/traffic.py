@@ -1,0 +1,453 @@
+"""Bytes, launches and FLOPs of one training step, COUNTED on the CPU, and a roofline MODEL of
+its time on an H200. Not a measurement of speed: bench/throughput.py measures on a GPU.
+
+    python bench/traffic.py [--preset sr-dit-b1-256] [--batch 256] [--variants eager kernels ...]
+                            [--top 20] [--json OUT]
+
+What runs. The training step srdit trains with (srdit.train.assemble.build_step, the variants of
+bench/throughput.py that need no GPU: eager, kernels, cached-teacher, kernels+cached), one routed
+step (the path-drop branch, 5% of steps, is counted with --path-drop), at two small batches on
+the CPU, with the dtypes of a GPU run: bf16 autocast with CUDA's per-op policy
+(bench/cuda_autocast.py) around the teacher and the forward, fp32 master weights, gradients and
+optimizer. Each op's bytes and FLOPs are then extrapolated to --batch along the line through the
+two small batches (every op's shapes are affine in the batch; tests/bench/test_traffic.py checks
+the line against a third batch). Launches do not depend on the batch.
+
+What counts (a TorchDispatchMode below autograd and autocast sees every op a GPU would run):
+  - launched ops: views and metadata ops (a result that only aliases an input, empty tensors,
+    profiler marks) count zero; a multi-tensor op (torch._foreach_*, fused AdamW) counts the
+    launches CUDA's multi_tensor_apply makes (chunks of 65,536 elements, 320 blocks and a depth-
+    dependent number of tensors per launch); a Triton kernel of srdit's fused ops is intercepted
+    at its launch (nothing runs: its outputs stay uninitialised, which no count depends on) and
+    counts one launch, the aten ops around it (cuBLAS GEMMs inside sprint_fuse) count as themselves;
+    an SDPA forward or backward counts one launch (FlashAttention's backward is 2 to 3 kernels).
+  - bytes: what each op reads (its tensor inputs, the elements a strided view covers; not the
+    destination of copy_/fill_ or an out= argument) plus what it writes (its new outputs and the
+    inputs it mutates). A Triton kernel moves its tensor arguments once each (srdit's kernels read
+    or write each argument once), so a fused op counts its kernel's reads and writes: the formula
+    in the op's docstring (tests/bench/test_traffic.py checks the two agree).
+  - FLOPs: torch's flop counter's formulas (GEMMs, attention); elementwise FLOPs are left out
+    (their time is their bytes).
+  - model: sum over ops of max(FLOPs / matmul rate, bytes / copy bandwidth), H200 rates measured by
+    bench/kernels.py when bench/results/ holds such a JSON, else the datasheet's (printed).
+Phases: teacher, forward (the model), loss (noising, losses), backward, clip, optimizer, ema.
+"""
+from __future__ import annotations
+
+import os
+
+# before triton or a kernel file is imported: compiled kernels (JITFunction), whose launches the
+# counter intercepts; under the interpreter they would run, and their numpy copies would count
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import glob  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from common import ROOT, flush_denormals, table, write_json  # noqa: E402
+from cuda_autocast import cuda_autocast_on_cpu  # noqa: E402
+from throughput import VARIANTS  # noqa: E402
+
+PHASES = ("teacher", "forward", "loss", "backward", "clip", "optimizer", "ema")
+# srdit.train.step's phase names (torch.profiler ranges) -> the phases above; the model's own
+# forward inside "forward+loss" is marked by hooks on the model
+STEP_PHASES = {"teacher": "teacher", "forward+loss": "loss", "backward": "backward", "clip": "clip",
+               "optimizer": "optimizer", "ema": "ema"}
+COUNTED_VARIANTS = {**{v: VARIANTS[v] for v in ("eager", "kernels", "cached-teacher")},
+                    "kernels+cached": dict(kernels="triton", compile=False, cached=True, graphs=False)}
+H200_DATASHEET = {"matmul_tflops": 989.0, "copy_gbps": 4800.0, "source": "H200 SXM datasheet: 989 TFLOP/s dense "
+                  "bf16, 4.8 TB/s HBM3e"}
+SMALL_BATCHES = (2, 4)
+
+# CUDA's multi_tensor_apply (ATen/native/cuda/MultiTensorApply.cuh): tensors per launch by list depth
+MULTI_TENSOR_MAX_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
+MULTI_TENSOR_MAX_BLOCKS = 320
+MULTI_TENSOR_CHUNK = 65536
+# Triton kernels that touch a [B, T, ...] or [B*T, D] tensor argument only at the token rows an
+# index argument selects: pointer argument -> (index argument, "r" read or written once | "rw" both)
+GATHERED = {
+    "_attention_prologue_fwd_kernel": {"v0_ptr": ("v0_ids_ptr", "r")},
+    "_attention_prologue_bwd_kernel": {"v0_ptr": ("v0_ids_ptr", "r"), "dv0_ptr": ("v0_ids_ptr", "r")},
+    "_gather_tokens_fwd_kernel": {"x_ptr": ("ids_ptr", "r")},
+    "_gather_tokens_bwd_kernel": {"dx_ptr": ("ids_ptr", "r")},
+    "_sprint_fuse_fwd_kernel": {"out_ptr": ("ids_ptr", "rw")},
+}
+WRITE_ONLY_FIRST = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "random_", "exponential_"}
+NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "resize_",
+             "set_", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+             "is_same_size", "_has_compatible_shallow_copy_type"}
+
+
+@dataclasses.dataclass
+class Op:
+    phase: str
+    name: str
+    launches: int
+    bytes: float
+    flops: float
+
+
+def unique_bytes(t: torch.Tensor) -> int:
+    """Bytes of the elements a strided view covers (a broadcast dimension is read once)."""
+    if t.numel() == 0:
+        return 0
+    n = t.element_size()
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def multi_tensor_launches(numels: list[int], depth: int) -> int:
+    """Kernels CUDA's multi_tensor_apply launches for tensors of these sizes: it fills a launch
+    with up to MAX_TENSORS[depth] tensors and MAX_BLOCKS chunks, then launches."""
+    max_tensors = MULTI_TENSOR_MAX_TENSORS[min(depth, 5)]
+    launches = tensors = blocks = 0
+    for numel in numels:
+        if numel == 0:
+            continue
+        tensors += 1
+        chunks = -(-numel // MULTI_TENSOR_CHUNK)
+        for chunk in range(chunks):
+            blocks += 1
+            last_chunk = chunk == chunks - 1
+            if blocks == MULTI_TENSOR_MAX_BLOCKS or (tensors == max_tensors and last_chunk):
+                launches += 1
+                blocks = 0
+                tensors = 1 if not last_chunk else 0  # a tensor cut mid-way carries on in the next launch
+    return launches + (1 if blocks else 0)
+
+
+def foreach_launches(name: str, lists: list[list[torch.Tensor]]) -> int:
+    """Kernels a CUDA multi-tensor op launches. torch's fast route (multi_tensor_apply) needs the
+    lists to agree tensor by tensor in shape, stride and dtype; otherwise it runs one op per tensor
+    (as the EMA's per-parameter 0-dim weights make it: a launch per parameter). Fused AdamW always
+    takes the fast route (its step counts are not a list of the kernel). _foreach_norm adds the
+    kernel that finishes its per-tensor sums."""
+    first = lists[0]
+    fast = name.startswith("_fused_") or all(
+        len(other) == len(first) and all(a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+                                         for a, b in zip(first, other)) for other in lists[1:])
+    if not fast:
+        return len(first)
+    return multi_tensor_launches([t.numel() for t in first], len(lists)) + int(name.startswith("_foreach_norm"))
+
+
+def _flops(func, args, kwargs, out) -> float:
+    name = func._schema.name.split("::")[-1]
+    if name == "_scaled_dot_product_flash_attention_for_cpu":  # torch counts the CUDA kernels only
+        q, k, v = args[:3]
+        return sdpa_flop_count(q.shape, k.shape, v.shape)
+    if name == "_scaled_dot_product_flash_attention_for_cpu_backward":
+        grad_out, q, k, v = args[:4]
+        return sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape)
+    formula = flop_registry.get(func._overloadpacket)
+    if formula is None:
+        return 0
+    return formula(*args, **(kwargs or {}), out_val=out)
+
+
+class Counter(TorchDispatchMode):
+    """Counts every op (and every intercepted Triton launch) into `ops`, by phase."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[Op] = []
+        self.phases: list[str | None] = []  # the stack of profiler ranges (None: not a phase)
+        self.model_depth = 0  # > 0 inside the model's forward
+
+    @property
+    def phase(self) -> str:
+        if self.model_depth and "loss" in self.phases:
+            return "forward"
+        named = [p for p in self.phases if p]
+        return named[-1] if named else "other"
+
+    def launch(self, name: str, arguments: dict) -> None:
+        """A Triton kernel: one launch, each tensor argument moved once (GATHERED: only the rows
+        its ids select)."""
+        seen, moved = set(), 0
+        gathered = GATHERED.get(name, {})
+        for arg, t in arguments.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+            ids = arguments.get(gathered[arg][0]) if arg in gathered else None
+            if ids is None:
+                moved += unique_bytes(t)
+            else:
+                rows = t.shape[0] if t.dim() == 2 else t.shape[0] * t.shape[1]
+                moved += unique_bytes(t) / rows * ids.numel() * (2 if gathered[arg][1] == "rw" else 1)
+        self.ops.append(Op(self.phase, name, 1, moved, 0))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "profiler":
+            return self._profiler_mark(func, args, kwargs)
+        if func.namespace == "srdit":  # a fused op: its Triton launches and the aten ops around them
+            opdef = torch._library.custom_ops._maybe_get_opdef(func._schema.name)
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.ops.append(self._count(func, args, kwargs, out))
+        return out
+
+    def _profiler_mark(self, func, args, kwargs):
+        out = func(*args, **kwargs)
+        if func._overloadpacket.__name__ == "_record_function_enter_new":
+            self.phases.append(STEP_PHASES.get(args[0]))
+        elif func._overloadpacket.__name__ == "_record_function_exit" and self.phases:
+            self.phases.pop()
+        return out
+
+    def _count(self, func, args, kwargs, out) -> Op:
+        schema = func._schema
+        name = schema.name.split("::")[-1]
+        op_name = f"{name}.{func._overloadname}" if func._overloadname != "default" else name
+        returns = schema.returns
+        views_only = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+        if views_only or name in NO_KERNEL or func.namespace == "prim":
+            return Op(self.phase, op_name, 0, 0, 0)
+        read = written = 0
+        lists = []  # the tensor lists of a multi-tensor op, inputs then outputs
+        bound = list(zip(schema.arguments, args)) + [(a, kwargs[a.name]) for a in schema.arguments if a.name in kwargs]
+        for i, (arg, value) in enumerate(bound):
+            mutated = arg.alias_info is not None and arg.alias_info.is_write
+            write_only = mutated and (arg.kwarg_only or (i == 0 and name in WRITE_ONLY_FIRST))
+            tensors = list(_tensors(value))
+            if isinstance(value, (list, tuple)) and tensors and arg.name != "state_steps":
+                lists.append(tensors)
+            for t in tensors:
+                size = unique_bytes(t)
+                read += 0 if write_only else size
+                written += size if mutated else 0
+        for ret, value in zip(returns, out if isinstance(out, (list, tuple)) and len(returns) > 1 else (out,)):
+            if ret.alias_info is None:
+                tensors = list(_tensors(value))
+                written += sum(unique_bytes(t) for t in tensors)
+                # an output list is an operand of the kernel (depth) unless it holds per-tensor results
+                if isinstance(value, (list, tuple)) and tensors and lists and \
+                        [t.shape for t in tensors] == [t.shape for t in lists[0]]:
+                    lists.append(tensors)
+        launches = 1
+        if name.startswith(("_foreach_", "_fused_")) and lists:
+            launches = foreach_launches(name, lists)
+        return Op(self.phase, op_name, launches, read + written, _flops(func, args, kwargs, out))
+
+    @contextlib.contextmanager
+    def counting(self, model: torch.nn.Module):
+        """Count while active: dispatched ops, Triton launches (intercepted, not run) and the
+        model's forward (hooks) as its own phase."""
+        original = JITFunction.run
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            self.launch(fn.fn.__qualname__, {**dict(zip(fn.arg_names, args)), **kwargs})
+
+        def enter(module, inputs):
+            self.model_depth += 1
+
+        def leave(module, inputs, output):
+            self.model_depth -= 1
+
+        hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
+        JITFunction.run = run
+        try:
+            with self:
+                yield self
+        finally:
+            JITFunction.run = original
+            for hook in hooks:
+                hook.remove()
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = False,
+               overrides=()) -> list[Op]:
+    """The ops of one training step of `variant` at `batch` (see the module docstring)."""
+    from srdit.config import apply_overrides, preset
+    from srdit.model import build_model
+    from srdit.train.assemble import build_step
+    from srdit.train.inputs import build_teacher, synthetic_batch
+    from srdit.train.loss import draw_step_noise
+
+    spec = COUNTED_VARIANTS[variant]
+    fused = spec["kernels"] == "triton"
+    cfg = apply_overrides(preset(preset_name), [
+        f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}", f"train.global_batch={batch}",
+        f"data.cached_teacher={spec['cached']}", "train.compile=false", "train.cuda_graphs=false", *overrides])
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    teacher, _ = build_teacher(cfg, device, random_init=True)
+    with _env_var("TRITON_INTERPRET", "1"):  # check_runtime allows Triton on the CPU only so; nothing runs
+        runner = build_step(cfg, model, teacher, device=device)
+    if cfg.train.precision == "bf16":
+        runner.autocast = cuda_autocast_on_cpu  # what StepRunner uses on a GPU, with CUDA's policy
+    data = synthetic_batch(cfg, batch, device, spec["cached"], generator=torch.Generator().manual_seed(0))
+    m = cfg.model
+    noise = draw_step_noise(batch, (m.in_channels, m.input_size, m.input_size), m, cfg.train, device=device,
+                            generator=torch.Generator().manual_seed(1), host_generator=torch.Generator().manual_seed(2))
+    noise = dataclasses.replace(noise, path_drop=path_drop)
+    with flush_denormals():
+        with Counter().counting(model):  # warm-up, not counted: optimizer state and lazy buffers come first
+            runner.run([data], noise)
+        counter = Counter()
+        with counter.counting(model):
+            runner.run([data], noise)
+    return counter.ops
+
+
+@contextlib.contextmanager
+def _env_var(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def extrapolate(small: dict[int, list[Op]], batch: int) -> list[Op]:
+    """Each op's bytes and FLOPs on the line through the two small batches, at `batch`."""
+    (b1, ops1), (b2, ops2) = sorted(small.items())
+    if [(o.phase, o.name, o.launches) for o in ops1] != [(o.phase, o.name, o.launches) for o in ops2]:
+        raise RuntimeError(f"the step launches different ops at batch {b1} and {b2}: it cannot be scaled")
+    scale = (batch - b1) / (b2 - b1)
+    return [Op(a.phase, a.name, a.launches, a.bytes + (b.bytes - a.bytes) * scale,
+               a.flops + (b.flops - a.flops) * scale) for a, b in zip(ops1, ops2)]
+
+
+def count_variant(preset_name: str, variant: str, batch: int, *, path_drop: bool = False,
+                  small=SMALL_BATCHES, overrides=()) -> list[Op]:
+    return extrapolate({b: count_step(preset_name, variant, b, path_drop=path_drop, overrides=overrides)
+                        for b in small}, batch)
+
+
+# --------------------------------------------------------------------------- model and report
+
+
+def h200_rates(results_dir: str = os.path.join(ROOT, "bench", "results")) -> dict:
+    """The newest H200 copy bandwidth and bf16 matmul rate bench/kernels.py recorded, else the datasheet."""
+    found = []
+    for path in glob.glob(os.path.join(results_dir, "*.json")):
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and "H200" in str(d.get("device_name", "")) and d.get("copy_gbps") \
+                and d.get("matmul_tflops"):
+            found.append((d.get("date", ""), path, d))
+    if not found:
+        return dict(H200_DATASHEET)
+    _, path, d = max(found)
+    return {"matmul_tflops": d["matmul_tflops"], "copy_gbps": d["copy_gbps"],
+            "source": f"measured by bench/kernels.py: {os.path.relpath(path, ROOT)}"}
+
+
+def modelled_ms(op: Op, rates: dict) -> float:
+    return max(op.flops / (rates["matmul_tflops"] * 1e12), op.bytes / (rates["copy_gbps"] * 1e9)) * 1e3
+
+
+def summarize(ops: list[Op], rates: dict, batch: int) -> dict:
+    """Totals per phase and in all: launches, bytes (and per image), FLOPs, modelled ms."""
+    phases = collections.OrderedDict((p, dict(launches=0, bytes=0.0, flops=0.0, model_ms=0.0)) for p in PHASES)
+    for op in ops:
+        row = phases.setdefault(op.phase, dict(launches=0, bytes=0.0, flops=0.0, model_ms=0.0))
+        row["launches"] += op.launches
+        row["bytes"] += op.bytes
+        row["flops"] += op.flops
+        row["model_ms"] += modelled_ms(op, rates)
+    total = {k: sum(r[k] for r in phases.values()) for k in ("launches", "bytes", "flops", "model_ms")}
+    total["bytes_per_image"] = total["bytes"] / batch
+    return {"phases": phases, "total": total}
+
+
+def top_ops(ops: list[Op], rates: dict, n: int) -> list[dict]:
+    """The n (phase, op) pairs that move the most bytes, summed over their calls."""
+    merged: dict[tuple, dict] = {}
+    for op in ops:
+        row = merged.setdefault((op.phase, op.name), dict(phase=op.phase, op=op.name, calls=0, launches=0,
+                                                           bytes=0.0, flops=0.0, model_ms=0.0))
+        row["calls"] += 1
+        row["launches"] += op.launches
+        row["bytes"] += op.bytes
+        row["flops"] += op.flops
+        row["model_ms"] += modelled_ms(op, rates)
+    return sorted(merged.values(), key=lambda r: -r["bytes"])[:n]
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.2f}"
+
+
+def report(variant: str, summary: dict, tops: list[dict], batch: int) -> str:
+    rows = [dict(phase=p, launches=r["launches"], GB=_gb(r["bytes"]), GFLOP=f"{r['flops'] / 1e9:.0f}",
+                 model_ms=f"{r['model_ms']:.2f}") for p, r in summary["phases"].items() if r["launches"]]
+    t = summary["total"]
+    rows.append(dict(phase="total", launches=t["launches"], GB=_gb(t["bytes"]), GFLOP=f"{t['flops'] / 1e9:.0f}",
+                     model_ms=f"{t['model_ms']:.2f}"))
+    lines = [f"== {variant}: {t['bytes_per_image'] / 1e6:.1f} MB per image, {t['launches']} launches per step, "
+             f"modelled {t['model_ms']:.1f} ms per step of {batch} (a count and a model, not a measurement)",
+             table(rows, ["phase", "launches", "GB", "GFLOP", "model_ms"]), f"top {len(tops)} ops by bytes:",
+             table([dict(r, GB=_gb(r["bytes"]), model_ms=f"{r['model_ms']:.2f}") for r in tops],
+                   ["phase", "op", "calls", "launches", "GB", "model_ms"])]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="sr-dit-b1-256")
+    parser.add_argument("--batch", type=int, default=256, help="the step's batch the counts are scaled to")
+    parser.add_argument("--variants", nargs="+", default=list(COUNTED_VARIANTS), choices=list(COUNTED_VARIANTS))
+    parser.add_argument("--path-drop", action="store_true", help="count the path-drop branch (5%% of steps)")
+    parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    from srdit.runinfo import environment
+
+    env = environment(torch.device("cpu"))
+    rates = h200_rates()
+    print(f"counted on the CPU ({env['device_name']}), torch {env['torch']}, commit {env['commit']}: "
+          f"{args.preset}, batch {args.batch} (scaled from {SMALL_BATCHES}), "
+          f"{'path-drop' if args.path_drop else 'routed'} step, bf16 autocast with CUDA's policy")
+    print(f"roofline rates: {rates['matmul_tflops']:.0f} TFLOP/s, {rates['copy_gbps']:.0f} GB/s ({rates['source']})")
+    results = []
+    for variant in args.variants:
+        ops = count_variant(args.preset, variant, args.batch, path_drop=args.path_drop)
+        summary, tops = summarize(ops, rates, args.batch), top_ops(ops, rates, args.top)
+        print(report(variant, summary, tops, args.batch), flush=True)
+        results.append({"variant": variant, **summary["total"], "phases": summary["phases"], "top": tops})
+    write_json(args.json, {**env, "kind": "count (CPU), not a measurement", "preset": args.preset,
+                           "batch": args.batch, "path_drop": args.path_drop, "small_batches": list(SMALL_BATCHES),
+                           "rates": rates, "variants": results})
+
+
+if __name__ == "__main__":
+    main()

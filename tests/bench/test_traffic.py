@@ -1,0 +1,114 @@
+"""bench/traffic.py counts what a GPU step would move and launch, on the CPU: its counting rules
+against closed forms, the fused ops' docstring formulas against the counter, the scaling from
+small batches against a direct count, CUDA's autocast policy on the CPU, and the CLI at the
+quickstart preset. The counter intercepts compiled Triton launches, so its checks run in
+subprocesses without TRITON_INTERPRET (tests/bench/traffic_checks.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from cuda_autocast import CUDA_POLICY, cuda_autocast_on_cpu, differing_ops  # noqa: E402
+
+
+def run_python(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SRDIT_LAUNCH")}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "bench"), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def checks():
+    stdout = run_python(os.path.join(ROOT, "tests", "bench", "traffic_checks.py"))
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [
+    "add", "views_free", "mm", "copy_", "in_place", "broadcast_read_once", "foreach_fast", "foreach_per_tensor",
+    "foreach_norm", "launches_closed_form"])
+def test_counting_rules(checks, name):
+    counted, expected = checks[name]
+    assert counted == expected
+
+
+@pytest.mark.parametrize("name", [
+    "rmsnorm_modulate_fwd", "residual_rmsnorm_modulate_fwd", "apply_rope_fwd", "apply_rope_bwd", "gather_tokens_fwd",
+    "gather_tokens_bwd", "attention_prologue_fwd"])
+def test_fused_ops_count_their_docstring_formula(checks, name):
+    counted, formula = checks[name]
+    assert counted == formula
+
+
+SCALING = """
+import json, traffic
+out = {}
+for variant in ("eager", "kernels"):
+    direct = traffic.count_step("quickstart", variant, 6)
+    scaled = traffic.extrapolate({b: traffic.count_step("quickstart", variant, b) for b in (2, 4)}, 6)
+    out[variant] = [[o.phase, o.name, o.launches, o.bytes, o.flops] for o in direct], \\
+                   [[o.phase, o.name, o.launches, o.bytes, o.flops] for o in scaled]
+print(json.dumps(out))
+"""
+
+
+def test_counts_scale_linearly_in_the_batch():
+    """Every op's bytes and FLOPs at batch 6 lie on the line through batches 2 and 4 (what lets
+    the counter run small and report batch 256), and the ops launched do not change."""
+    out = json.loads(run_python("-c", SCALING).strip().splitlines()[-1])
+    for variant, (direct, scaled) in out.items():
+        assert [o[:3] for o in direct] == [o[:3] for o in scaled], variant
+        for d, s in zip(direct, scaled):
+            assert d[3] == pytest.approx(s[3], rel=1e-9, abs=1e-6), (variant, d, s)
+            assert d[4] == pytest.approx(s[4], rel=1e-9, abs=1e-6), (variant, d, s)
+
+
+def test_cli_at_the_quickstart_preset(tmp_path):
+    out = tmp_path / "traffic.json"
+    stdout = run_python(os.path.join(ROOT, "bench", "traffic.py"), "--preset", "quickstart", "--batch", "64",
+                        "--variants", "eager", "kernels", "--top", "5", "--json", str(out))
+    assert "a count and a model, not a measurement" in stdout and "datasheet" in stdout
+    data = json.loads(out.read_text())
+    assert data["kind"].startswith("count") and data["batch"] == 64
+    rows = {v["variant"]: v for v in data["variants"]}
+    for row in rows.values():
+        assert set(row["phases"]) >= {"teacher", "forward", "loss", "backward", "clip", "optimizer", "ema"}
+        assert row["launches"] == sum(p["launches"] for p in row["phases"].values())
+        assert len(row["top"]) == 5 and row["model_ms"] > 0 and row["flops"] > 0
+    assert rows["kernels"]["bytes_per_image"] < rows["eager"]["bytes_per_image"]
+    assert rows["kernels"]["launches"] < rows["eager"]["launches"]
+
+
+def test_cuda_autocast_places_every_op_whose_policy_differs():
+    cuda_only, _ = differing_ops()
+    assert cuda_only <= set(CUDA_POLICY), sorted(cuda_only - set(CUDA_POLICY))
+
+
+def test_cuda_autocast_on_cpu_gives_cuda_dtypes_and_restores_the_cpu_policy():
+    x, w = torch.randn(4, 8).bfloat16(), torch.randn(8, 8)
+
+    def dtypes():
+        return {"linear": torch.nn.functional.linear(w, w).dtype, "pow": x.pow(2).dtype, "rsqrt": x.rsqrt().dtype,
+                "sum": x.sum(-1).dtype, "softmax": x.softmax(-1).dtype, "exp": x.exp().dtype,
+                "normalize": torch.nn.functional.normalize(x, dim=-1).dtype, "mul": (x * x).dtype,
+                "cat": torch.cat([x, x]).dtype, "layer_norm": torch.nn.functional.layer_norm(x, (8,)).dtype}
+
+    b16, f32 = torch.bfloat16, torch.float32
+    # torch's autocast op reference, "CUDA Ops that can autocast to float32"; elementwise ops and
+    # cat keep their inputs' dtype; linear runs in bf16
+    cuda = {"linear": b16, "pow": f32, "rsqrt": f32, "sum": f32, "softmax": f32, "exp": f32, "normalize": f32,
+            "mul": b16, "cat": b16, "layer_norm": f32}
+    with torch.autocast("cpu", dtype=b16):
+        cpu = dtypes()
+    with cuda_autocast_on_cpu():
+        assert dtypes() == cuda
+    with torch.autocast("cpu", dtype=b16):
+        assert dtypes() == cpu  # the CPU's own policy is back
+    assert cpu["pow"] == b16  # the CPU policy does differ: the emulation is needed
