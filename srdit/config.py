@@ -74,6 +74,7 @@ RANGES = {
     "model.sprint_encoder_depth": _NATURAL, "model.sprint_decoder_depth": _NATURAL,
     "data.latent_scale": _POSITIVE, "data.teacher_resolution": _COUNT, "data.num_workers": _NATURAL,
     "train.max_steps": _NATURAL, "train.global_batch": _COUNT, "train.grad_accum": _COUNT, "train.lr": _POSITIVE,
+    "train.lr_decay_steps": _NATURAL,
     "train.beta1": _PROBABILITY, "train.beta2": _PROBABILITY, "train.adam_eps": _POSITIVE,
     "train.weight_decay": _NATURAL, "train.grad_clip": _NATURAL, "train.ema_decay": _PROBABILITY,
     "train.label_dropout": _PROBABILITY, "train.path_drop_prob": _PROBABILITY, "train.x0_t_min": "(0, 1)",
@@ -224,6 +225,8 @@ class TrainConfig:
     grad_accum: int = 1
     optimizer: str = "adamw"
     lr: float = 1e-4
+    # 0: constant lr (the release); N: the lr falls linearly to ~0 over the last N steps of max_steps
+    lr_decay_steps: int = field(default=0, metadata=RESUMABLE)
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-8

@@ -30,7 +30,7 @@ from srdit.train import checkpoint
 from srdit.train.assemble import build_step, check_runtime
 from srdit.train.inputs import build_dataset, build_teacher
 from srdit.train.loss import draw_step_noise, loss_weights
-from srdit.train.optim import EMA, Optimizers
+from srdit.train.optim import EMA, Optimizers, lr_factor
 from srdit.train.runlog import RunLog, plot_loss_curve
 from srdit.train.sample_grid import write_sample_grid
 from srdit.train.step import DeviceMetrics
@@ -276,6 +276,7 @@ def train_one_step(run: Run, micro_batches: list[dict]) -> None:
             run.step.prime(micro_batches, noise)
             run.log.print(f"captured {len(run.step.graphs)} CUDA graph(s) of the whole step in "
                           f"{time.perf_counter() - began:.1f} s")
+    state.optimizers.set_lr_factor(lr_factor(state.step, t.max_steps, t.lr_decay_steps))
     run.metrics.add(run.step.run(micro_batches, noise))
     state.step += 1
     run.log.step()

@@ -29,6 +29,15 @@ def _muon_params(model: nn.Module):
     return muon, adam
 
 
+def lr_factor(step: int, max_steps: int, decay_steps: int) -> float:
+    """The learning rate of the update after `step` updates, as a fraction of train.lr: 1, then
+    (with decay_steps > 0) falling linearly over the last decay_steps updates, to 1/decay_steps
+    at the last (train.lr_decay_steps; 0 keeps it constant, as the release does)."""
+    if decay_steps <= 0:
+        return 1.0
+    return min(1.0, max(max_steps - step, 1) / decay_steps)
+
+
 class Optimizers:
     """One or two torch optimizers stepped together, with a device-side skip flag."""
 
@@ -37,7 +46,10 @@ class Optimizers:
         # capturable: fused AdamW's math is the same either way; torch only refuses graph capture
         # without it (and warns when a capturable optimizer steps outside a graph)
         self.capturable = cfg.cuda_graphs
-        adam_kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        # a decaying lr is a device tensor that set_lr_factor fills in place: a captured CUDA
+        # graph reads it at every replay (a float would be baked into the graph)
+        lr = torch.tensor(cfg.lr, device=device) if cfg.lr_decay_steps > 0 else cfg.lr
+        adam_kw = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                        capturable=self.capturable)
         if cfg.optimizer == "adamw":
             self.optimizers = [torch.optim.AdamW(params, **adam_kw, fused=True)]
@@ -54,10 +66,20 @@ class Optimizers:
                 raise RuntimeError("train.optimizer=prodigy needs the package prodigyopt: pip install prodigyopt") from None
             self.optimizers = [Prodigy(params, lr=1.0, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)]
         self.device_skip = all(isinstance(o, torch.optim.AdamW) for o in self.optimizers)
+        self.base_lrs = [[float(g["lr"]) for g in o.param_groups] for o in self.optimizers]
 
     @property
     def lr(self) -> float:
-        return self.optimizers[-1].param_groups[0]["lr"]
+        return float(self.optimizers[-1].param_groups[0]["lr"])
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Every group's lr = its initial lr * factor (no host sync: a tensor lr is filled)."""
+        for opt, bases in zip(self.optimizers, self.base_lrs):
+            for group, base in zip(opt.param_groups, bases):
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(base * factor)
+                else:
+                    group["lr"] = base * factor
 
     def step(self, found_inf: torch.Tensor) -> None:
         """Apply the update unless found_inf (a float 0-dim device tensor) is 1."""

@@ -1,6 +1,7 @@
 """Settings whose value 0 means "off" are off, not a degenerate version of on."""
 import os
 
+import pytest
 import torch
 from runners import build_runner, step_noise, synthetic_batch
 from test_train import run
@@ -58,3 +59,16 @@ def test_ema_release_arithmetic_is_the_releases_and_lerp_the_exact_average():
         lerp.update(torch.zeros(()))
     assert torch.equal(lerp.model.weight, constant.weight)
     assert not torch.equal(release.model.weight, constant.weight)
+
+
+def test_lr_decay_steps_zero_keeps_the_lr_and_n_decays_it_over_the_last_n_updates(tmp_path):
+    import json
+
+    from srdit.train.optim import lr_factor
+
+    assert [lr_factor(s, 10, 0) for s in range(10)] == [1.0] * 10  # the release's constant lr
+    assert [lr_factor(s, 10, 4) for s in range(10)] == [1.0] * 7 + [0.75, 0.5, 0.25]
+    assert run(tmp_path, "train.max_steps=4", "train.log_every=1", "train.lr=1e-3", "train.lr_decay_steps=3") == 0
+    with open(tmp_path / "metrics.jsonl") as f:
+        logged = [json.loads(line)["lr"] for line in f]
+    assert logged == pytest.approx([1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3], rel=1e-6)  # a tensor lr is fp32
