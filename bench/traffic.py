@@ -302,10 +302,10 @@ def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = 
     torch.manual_seed(0)
     model = build_model(cfg)
     teacher, _ = build_teacher(cfg, device, random_init=True)
+    # bf16: the autocast StepRunner uses on a GPU, with CUDA's policy
+    autocast = cuda_autocast_on_cpu if cfg.train.precision == "bf16" else None
     with _env_var("TRITON_INTERPRET", "1"):  # check_runtime allows Triton on the CPU only so; nothing runs
-        runner = build_step(cfg, model, teacher, device=device)
-    if cfg.train.precision == "bf16":
-        runner.autocast = cuda_autocast_on_cpu  # what StepRunner uses on a GPU, with CUDA's policy
+        runner = build_step(cfg, model, teacher, device=device, autocast=autocast)
     data = synthetic_batch(cfg, batch, device, spec["cached"], generator=torch.Generator().manual_seed(0))
     m = cfg.model
     noise = draw_step_noise(batch, (m.in_channels, m.input_size, m.input_size), m, cfg.train, device=device,

@@ -51,12 +51,13 @@ def check_runtime(cfg: Config, device: torch.device, world: int, *, graph_type=N
 
 def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | None, *, device: torch.device,
                rank: int = 0, world: int = 1, optimizers=None, ema: EMA | None = None,
-               compile_backend: str = "inductor", graph_type=None):
+               compile_backend: str = "inductor", graph_type=None, autocast=None):
     """The step of `cfg` for `model` (unwrapped, on `device`): a StepRunner, or a GraphedStep
     with train.cuda_graphs; either has `.run(micro_batches, noise)`, `.model`, `.ema` and
     `.optimizers`. optimizers/ema: built from cfg.train when None. compile_backend: torch.compile's
     backend (tests use "aot_eager"); graph_type: what captures graphs (None: CUDA; tests pass
-    srdit.train.graphs.EagerReplay)."""
+    srdit.train.graphs.EagerReplay); autocast: a context factory for the teacher and the forward
+    (None: srdit.train.step.step_autocast; bench/traffic.py gives CUDA's bf16 policy on the CPU)."""
     check_runtime(cfg, device, world, graph_type=graph_type)
     optimizers = optimizers if optimizers is not None else Optimizers(model, cfg.train, device)
     ema = ema if ema is not None else EMA(model, cfg.train.ema_decay, cfg.train.ema_update)
@@ -69,7 +70,8 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
         train_model = torch.compile(train_model, mode=mode, backend=compile_backend)
         if teacher is not None:
             teacher = torch.compile(teacher, mode=mode, backend=compile_backend)
-    runner = StepRunner(cfg, model, train_model, teacher, optimizers, ema, rank=rank, world=world, device=device)
+    runner = StepRunner(cfg, model, train_model, teacher, optimizers, ema, rank=rank, world=world, device=device,
+                        autocast=autocast)
     if cfg.train.cuda_graphs:
         runner = graphs.GraphedStep(runner, graph_type=graph_type)
     return runner

@@ -72,15 +72,22 @@ class DeviceMetrics:
         return out
 
 
+def step_autocast(cfg: Config, device: torch.device):
+    """What the teacher and the forward run under: bf16 autocast on a GPU with train.precision=bf16
+    (fp32 master weights, gradients and optimizer), else nothing (fp32)."""
+    if device.type == "cuda" and cfg.train.precision == "bf16":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 class StepRunner:
     def __init__(self, cfg: Config, model: nn.Module, train_model: nn.Module, teacher: nn.Module | None,
-                 optimizers: Optimizers, ema: EMA, *, rank: int, world: int, device: torch.device):
+                 optimizers: Optimizers, ema: EMA, *, rank: int, world: int, device: torch.device, autocast=None):
         self.cfg, self.model, self.train_model, self.teacher = cfg, model, train_model, teacher
         self.optimizers, self.ema = optimizers, ema
         self.rank, self.world, self.device = rank, world, device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        bf16 = device.type == "cuda" and cfg.train.precision == "bf16"
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.autocast = autocast if autocast is not None else step_autocast(cfg, device)
 
     @torch.no_grad()
     def teacher_targets(self, batch: dict) -> torch.Tensor | None:
