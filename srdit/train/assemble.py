@@ -4,6 +4,9 @@ bench/throughput.py, profiling/profile_step.py and the tests all get their step 
 `build_step`, so what is measured and tested is what trains.
 
 Order, and why:
+  0. The parameters become views of one flat buffer (flatten_parameters), before the EMA and the
+     optimizers see them: the EMA's update is then one kernel for the whole model (a launch per
+     parameter otherwise). srdit.train makes its EMA before build_step, so it flattens first too.
   1. DDP around the model (several processes). Every parameter gets a gradient every step, also
      on path-drop steps (zeros for the skipped routed blocks), so no find_unused_parameters.
      Gradients live in DDP's buckets (gradient_as_bucket_view: no copy in or out).
@@ -23,7 +26,7 @@ import torch
 
 from srdit.config import Config, ConfigError
 from srdit.train import graphs
-from srdit.train.optim import EMA, Optimizers
+from srdit.train.optim import EMA, Optimizers, flatten_parameters
 from srdit.train.step import StepRunner
 
 GPU_ONLY_ATTENTION = ("cudnn", "flash", "fa3", "fa4")
@@ -59,6 +62,8 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
     srdit.train.graphs.EagerReplay); autocast: a context factory for the teacher and the forward
     (None: srdit.train.step.step_autocast; bench/traffic.py gives CUDA's bf16 policy on the CPU)."""
     check_runtime(cfg, device, world, graph_type=graph_type)
+    if optimizers is None and ema is None:
+        flatten_parameters(model)  # before the EMA sees the weights: its update becomes one kernel
     optimizers = optimizers if optimizers is not None else Optimizers(model, cfg.train, device)
     ema = ema if ema is not None else EMA(model, cfg.train.ema_decay, cfg.train.ema_update)
     train_model = model

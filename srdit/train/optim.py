@@ -104,23 +104,64 @@ class Optimizers:
                     group["capturable"] = self.capturable
 
 
+def flatten_parameters(module: nn.Module) -> nn.Module:
+    """Every parameter of `module` becomes a view of one contiguous buffer, in parameters()
+    order, values unchanged (in place: optimizers and hooks keep the same Parameter objects).
+    Then an update of all weights at once (the EMA) is one kernel over one tensor instead of a
+    launch per parameter. Call it before the EMA and the optimizers are made. Parameters of
+    several dtypes or devices are left as they are."""
+    params = list(module.parameters())
+    if not params or len({(p.dtype, p.device) for p in params}) > 1 or flat_view(params) is not None:
+        return module
+    flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    offset = 0
+    for p in params:
+        view = flat[offset: offset + p.numel()].view_as(p)
+        view.copy_(p.detach())
+        p.data = view
+        offset += p.numel()
+    return module
+
+
+def flat_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One 1-D tensor over `tensors` when they lie back to back in one storage, in order, each
+    contiguous (what flatten_parameters makes), else None."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    end = first.storage_offset()
+    for t in tensors:
+        if (t.dtype != first.dtype or not t.is_contiguous() or t.storage_offset() != end
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        end += t.numel()
+    return first.detach().as_strided((end - first.storage_offset(),), (1,), first.storage_offset())
+
+
 class EMA:
     """fp32 exponential moving average of every parameter (also the frozen pos_embed, as the
     release's EMA does) and a copy of the buffers. `update="release"` computes it as the
     release does, ema * decay + p * (1 - decay) in fp32 (quirk Q5: the coefficients do not sum to
-    exactly 1); "lerp" is the exact average. Either is two or one multi-tensor ops, with the
-    skip flag applied on the device (no host sync)."""
+    exactly 1); "lerp" is the exact average. The skip flag is applied on the device (no host
+    sync). Over flat parameters (flatten_parameters) that is two or one kernels for the whole
+    model; otherwise per-parameter multi-tensor ops, whose 0-dim weights make CUDA launch one
+    kernel per parameter and op."""
 
     def __init__(self, model: nn.Module, decay: float, update: str = "release"):
         if update not in ("release", "lerp"):
             raise ValueError(f"EMA update {update!r} is not 'release' or 'lerp'")
         self.decay, self.update_rule = decay, update
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.model = flatten_parameters(copy.deepcopy(model).float().eval().requires_grad_(False))
         self._ema = list(self.model.parameters())
         # detached views of the master weights, made once: optimizer steps and checkpoint loads
         # write in place, so they stay current without a per-step list of new tensors
         self._src = [p.detach() for p in model.parameters()]
         self._upcast = any(p.dtype != torch.float32 for p in self._src)  # fp32 masters (the trainer): no copies
+        # flat parameters (the model's from flatten_parameters, the copy's made so): one kernel per update
+        # for the whole model, the same arithmetic per element as the per-parameter lists
+        self._flat = None if self._upcast else (flat_view(self._ema), flat_view(self._src))
+        if self._flat is not None and None in self._flat:
+            self._flat = None
         device = self._ema[0].device if self._ema else torch.device("cpu")
         # the release's fp32 coefficients: decay and (1 - decay) computed in float64, then rounded
         self._keep = torch.tensor(decay, dtype=torch.float32, device=device)
@@ -129,8 +170,15 @@ class EMA:
     @torch.no_grad()
     def update(self, found_inf: torch.Tensor) -> None:
         """One step; found_inf (a float 0-dim device tensor) = 1 leaves the average unchanged."""
-        src = [p.float() for p in self._src] if self._upcast else self._src
         take = self._take * (1.0 - found_inf)  # 0 on skipped steps
+        if self._flat is not None:
+            ema, src = self._flat
+            if self.update_rule == "lerp":
+                ema.lerp_(src, take)
+            else:
+                ema.mul_(torch.where(found_inf > 0, torch.ones_like(self._keep), self._keep)).addcmul_(src, take)
+            return
+        src = [p.float() for p in self._src] if self._upcast else self._src
         # one weight tensor per parameter: a bare 0-dim tensor would bind to the Scalar overload,
         # whose conversion reads it on the host (a sync per step, and no CUDA-graph capture)
         if self.update_rule == "lerp":
