@@ -81,11 +81,15 @@ class Optimizers:
                 else:
                     group["lr"] = base * factor
 
-    def step(self, found_inf: torch.Tensor) -> None:
-        """Apply the update unless found_inf (a float 0-dim device tensor) is 1."""
+    def step(self, found_inf: torch.Tensor, grad_scale: torch.Tensor | None = None) -> None:
+        """Apply the update unless found_inf (a float 0-dim device tensor) is 1. grad_scale (a
+        0-dim device tensor, fused AdamW only: device_skip) divides every gradient as the kernel
+        reads it: the step's gradient clipping, at no pass of its own."""
+        if grad_scale is not None and not self.device_skip:
+            raise ValueError("grad_scale needs fused AdamW (Optimizers.device_skip)")
         if self.device_skip:
             for opt in self.optimizers:
-                opt.found_inf, opt.grad_scale = found_inf, None
+                opt.found_inf, opt.grad_scale = found_inf, grad_scale
                 opt.step()
         elif not bool(found_inf):  # host sync: these optimizers cannot skip on the device
             for opt in self.optimizers:

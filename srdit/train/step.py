@@ -89,6 +89,18 @@ class StepRunner:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast = autocast if autocast is not None else step_autocast(cfg, device)
 
+    def clip(self, grad_norm: torch.Tensor) -> torch.Tensor | None:
+        """Gradient clipping to train.grad_clip, as torch's clip_grad_norm_: g * min(1, c / (|g| +
+        1e-6)). Fused AdamW takes it as its grad_scale (it divides each gradient by it as it reads
+        it: no pass of its own over the gradients); other optimizers get clipped gradients."""
+        c = self.cfg.train.grad_clip
+        if c <= 0:
+            return None
+        if self.optimizers.device_skip:
+            return torch.clamp((grad_norm + 1e-6) / c, min=1.0)
+        torch.nn.utils.clip_grads_with_norm_(self.params, c, grad_norm)  # foreach
+        return None
+
     @torch.no_grad()
     def teacher_targets(self, batch: dict) -> torch.Tensor | None:
         """[B, 1 + P, d] DINOv2 class + patch tokens: cached in the batch, or computed from images."""
@@ -121,13 +133,12 @@ class StepRunner:
             for k in LOSS_PARTS:
                 parts_sum[k] += parts[k].float() / accum
         with phase("clip"):
-            if self.cfg.train.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)  # foreach
-            else:  # train.grad_clip=0: clipping off, the norm still measured for the log and the skip flag
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            # measured also with clipping off (train.grad_clip=0): the log and the skip flag use it
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])  # foreach
             found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
+            grad_scale = self.clip(grad_norm)
         with phase("optimizer"):
-            self.optimizers.step(found_inf)
+            self.optimizers.step(found_inf, grad_scale)
         with phase("ema"):
             self.ema.update(found_inf)
         return {"loss": total_sum, **parts_sum, "grad_norm": grad_norm, "skipped": found_inf}

@@ -5,7 +5,8 @@ the host (.item(), bool(t), .tolist(), data-dependent shapes such as nonzero or 
 indexing, a 0-dim tensor passed where a Python number is expected) raises. A step that runs
 through on meta tensors is therefore free of host syncs: the property CUDA-graph capture needs.
 The fused AdamW kernel has no meta implementation; the runner is given an optimizer that records
-the skip flag instead (torch's fused AdamW takes that flag on the device, see srdit.train.optim).
+the skip flag and the clip's grad_scale instead (torch's fused AdamW takes both on the device, see
+srdit.train.optim).
 """
 from types import SimpleNamespace
 
@@ -20,9 +21,11 @@ META = torch.device("meta")
 
 @pytest.mark.parametrize("kernels,cached", [("eager", False), ("eager", True), ("triton", True)])
 def test_a_training_step_reads_nothing_on_the_host(kernels, cached):
-    flags = []  # the skip flag each step hands to the optimizer
+    flags = []  # the skip flag and the clip's grad_scale each step hands to fused AdamW
     cfg, runner = build_runner(META, f"model.kernels={kernels}", f"model.batched_adaln={kernels == 'triton'}",
-                               teacher=not cached, optimizers=SimpleNamespace(step=flags.append))
+                               teacher=not cached, optimizers=SimpleNamespace(
+                                   step=lambda found_inf, grad_scale: flags.append((found_inf, grad_scale)),
+                                   device_skip=True))
     micro, accum = 2, 2
     batches = [synthetic_batch(cfg, micro, META, cached=cached) for _ in range(accum)]
     host = torch.Generator().manual_seed(0)
@@ -32,7 +35,7 @@ def test_a_training_step_reads_nothing_on_the_host(kernels, cached):
         noise.path_drop = path_drop
         values = runner.run(batches, noise)
         metrics.add(values)
-    assert len(flags) == 2 and all(f.device == META and f.dim() == 0 for f in flags)
+    assert len(flags) == 2 and all(t.device == META and t.dim() == 0 for pair in flags for t in pair)
     assert {k: v.device for k, v in values.items()} == {k: META for k in values}
 
 

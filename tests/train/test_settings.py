@@ -116,3 +116,34 @@ def test_flat_parameters_make_the_ema_one_kernel_with_the_same_arithmetic():
             assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters())), (rule, step)
         a.load_state_dict(b.state_dict())
         assert flat_view(list(a.model.parameters())) is not None
+
+
+def test_grad_clip_as_adamw_grad_scale_is_clip_grad_norm_then_the_step():
+    """The clip rides in fused AdamW's grad_scale (no pass of its own over the gradients): the
+    update equals torch's clip_grad_norm_ followed by the plain step, to fp32 rounding (a division
+    by the scale instead of a product with its inverse)."""
+    import copy
+
+    from srdit.config import preset
+    from srdit.train.optim import Optimizers
+    from srdit.train.step import StepRunner
+
+    cfg = preset("quickstart")
+    folded, plain = torch.nn.Linear(16, 8), None
+    plain = copy.deepcopy(folded)
+    for model in (folded, plain):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 3.0) + torch.arange(p.numel()).view_as(p) / 7  # norm >> the clip
+    opt_folded, opt_plain = Optimizers(folded, cfg.train, CPU), Optimizers(plain, cfg.train, CPU)
+    runner = StepRunner.__new__(StepRunner)  # only .clip is used: its config and optimizers
+    runner.cfg, runner.optimizers, runner.params = cfg, opt_folded, list(folded.parameters())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in folded.parameters()])
+    scale = runner.clip(norm)
+    assert scale is not None and scale > 1
+    opt_folded.step(torch.zeros(()), scale)
+    torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.train.grad_clip)
+    opt_plain.step(torch.zeros(()))
+    for a, b in zip(folded.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(opt_folded.optimizers[0].state.values(), opt_plain.optimizers[0].state.values()):
+        torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=1e-6, atol=1e-9)
