@@ -34,6 +34,10 @@ refreshed by a load_state_dict post-hook). Two resamplings exist and they do NOT
 The default is "dinov2"; a teacher meant to reproduce the release's REPA/REG targets must be
 built with pos_interp="timm" (the stored pos_embed, and so the file, is the same either way).
 
+How it runs, for the online teacher of a training step (same math; it does not change the file):
+  * precast_gemm_weights(bf16): the patch embedding's and the Linears' weights and biases are
+    stored in bf16 once, so bf16 autocast stops casting them at every call (bit-identical).
+
 Both keep the class row unchanged. Preprocessing of uint8 images is inside `forward`:
 x / 255, ImageNet mean/std, bicubic resize (align_corners=False, no antialias) to img_size,
 in the release's order (normalise, then resize; the two orders agree up to rounding because
@@ -114,6 +118,22 @@ def repa_targets(cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
 
 def _refresh_after_load(module: "DINOv2", _incompatible_keys) -> None:
     module.refresh_pos_embed()
+
+
+def _checkpoint_dtypes(module: "DINOv2", state_dict: dict, prefix: str, _local_metadata) -> None:
+    """state_dict() in the checkpoint's dtype (the class token's, fp32) also after
+    precast_gemm_weights: what is saved keeps the original file's layout (bf16 -> fp32 is exact)."""
+    dtype = module.cls_token.dtype
+    for name, _ in module.named_parameters():
+        key = prefix + name
+        if key in state_dict and state_dict[key].dtype != dtype:
+            state_dict[key] = state_dict[key].to(dtype)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives a GEMM on x's device, None outside autocast."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -210,6 +230,7 @@ class DINOv2(nn.Module):
         self.initialize_weights()
         # Any load (also as a submodule of a larger model) refreshes the resampled table.
         self.register_load_state_dict_post_hook(_refresh_after_load)
+        self.register_state_dict_post_hook(_checkpoint_dtypes)
 
     def initialize_weights(self) -> None:
         """DINOv2's init: trunc-normal(0.02) pos/linears, cls N(0, 1e-6), LayerScale 1.0."""
@@ -235,6 +256,21 @@ class DINOv2(nn.Module):
         self.requires_grad_(False)
         return self
 
+    @torch.no_grad()
+    def precast_gemm_weights(self, dtype: torch.dtype = torch.bfloat16) -> DINOv2:
+        """Store the patch embedding's and every Linear's weight and bias in `dtype`, once, for a
+        teacher that runs under autocast to `dtype` (the training step's bf16): autocast casts
+        them to `dtype` anyway, at every call, because a frozen weight is not in its cast cache
+        (98 copies per teacher forward for ViT-B). Stored, they are not cast, and the outputs are
+        bit-identical. LayerNorm and LayerScale parameters, the tokens and position tables stay
+        fp32. state_dict() still gives the checkpoint's dtypes, and load_state_dict() rounds a
+        file's weights to `dtype` as this does. Afterwards the teacher runs only under that
+        autocast (forward_features refuses to run without it)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.to(dtype)
+        return self
+
     def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [B,3,H,W] -> normalised float [B,3,img_size,img_size] (release order)."""
         if images_uint8.dtype != torch.uint8:
@@ -253,6 +289,10 @@ class DINOv2(nn.Module):
                 f"DINOv2 built for {self.img_size} px got {tuple(x.shape[-2:])}; rebuild with that "
                 "img_size or call forward() on uint8 images (it resizes)"
             )
+        stored = self.patch_embed.proj.weight.dtype
+        if stored != self.cls_token.dtype and autocast_dtype(x) != stored:
+            raise RuntimeError(f"this teacher's GEMM weights are stored in {stored} (precast_gemm_weights): run it "
+                               f"under torch.autocast(dtype={stored}), got autocast dtype {autocast_dtype(x)}")
         x = self.patch_embed(x)  # [B, g*g, D]
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # [B, 1, D]
         x = torch.cat([cls, x], dim=1)  # [B, 1+g*g, D] (cat promotes dtypes, as the hub model)

@@ -253,6 +253,90 @@ def test_dinov2_matches_timm_vision_transformer():
 
 
 # ------------------------------------------------------------------------------------------
+# DINOv2 as the training step runs it (online teacher under bf16 autocast)
+# ------------------------------------------------------------------------------------------
+def trained_like(model: DINOv2, seed: int = 1) -> DINOv2:
+    """Norm weights and biases and LayerScale away from their init (1, 0, 1), as in a trained
+    teacher, so that a norm or gamma left out or mixed up changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif "norm" in name and name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("gamma"):
+                p.copy_(0.5 * torch.rand(p.shape, generator=g))
+    return model
+
+
+def run_counting_casts(model, images, autocast=True):
+    """(cls, patches) under CPU bf16 autocast and no grad, and how many dtype casts (_to_copy) ran."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Casts.n += func.overloadpacket is torch.ops.aten._to_copy
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), Casts():
+        out = model(images)
+    return out, Casts.n
+
+
+GEMM_MODULES = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+def test_precast_gemm_weights_is_bit_identical_under_autocast():
+    """Autocast casts the frozen GEMM weights and biases to bf16 at every call; stored in bf16
+    once, the same bits come out and those casts are gone (2 per Linear or conv), nothing else."""
+    teacher = trained_like(build_dinov2("tiny", 16).freeze())
+    images = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8)
+    before, casts_before = run_counting_casts(teacher, images)
+    assert teacher.precast_gemm_weights(torch.bfloat16) is teacher
+    after, casts_after = run_counting_casts(teacher, images)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    gemms = [m for m in teacher.modules() if isinstance(m, GEMM_MODULES)]
+    assert len(gemms) == 4 * 2 + 1 and casts_before - casts_after == 2 * len(gemms)
+    bf16 = {id(p) for m in gemms for p in m.parameters()}
+    for name, p in teacher.named_parameters():  # norms, LayerScale, tokens, pos_embed stay fp32
+        assert p.dtype == (torch.bfloat16 if id(p) in bf16 else torch.float32), name
+    assert teacher.pos_grid_embed.dtype == torch.float32
+
+
+def test_precast_teacher_keeps_the_checkpoint_layout_and_loads():
+    """state_dict() keeps the original file's layout (fp32, bf16-rounded values for the GEMM
+    weights); loading an fp32 state dict into a precast teacher rounds as precasting does, and
+    still refreshes the position table."""
+    with torch.device("meta"):
+        assert as_layout(build_dinov2("vitb14", 224).precast_gemm_weights().state_dict()) == layout("dinov2_vitb14")
+    teacher = trained_like(build_dinov2("tiny", 16).freeze())
+    original = {k: v.clone() for k, v in teacher.state_dict().items()}
+    saved = teacher.precast_gemm_weights().state_dict()
+    assert as_layout(saved) == as_layout(original)
+    gemm_keys = {f"{n}.{p}" for n, m in teacher.named_modules() if isinstance(m, GEMM_MODULES) for p in ("weight", "bias")}
+    for k, v in saved.items():
+        assert torch.equal(v, original[k].bfloat16().float() if k in gemm_keys else original[k]), k
+    other = build_dinov2("tiny", 16).freeze().precast_gemm_weights()
+    original["pos_embed"] = torch.randn_like(original["pos_embed"])
+    other.load_state_dict(original)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, original[k].bfloat16().float() if k in gemm_keys else original[k]), k
+    torch.testing.assert_close(other.pos_grid_embed, resample_pos_embed(original["pos_embed"], 8, "dinov2"),
+                               rtol=0, atol=0)
+    build_dinov2("tiny", 16).load_state_dict(saved, strict=True)  # what it saves loads anywhere
+
+
+def test_precast_teacher_refuses_to_run_without_its_autocast():
+    teacher = build_dinov2("tiny", 16).freeze().precast_gemm_weights()
+    images = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"stored in torch.bfloat16 .*autocast"):
+        run_counting_casts(teacher, images, autocast=False)
+
+
+# ------------------------------------------------------------------------------------------
 # INVAE loading
 # ------------------------------------------------------------------------------------------
 def test_load_invae_original_format(tmp_path):
