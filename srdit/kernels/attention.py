@@ -125,11 +125,16 @@ def _measure(fn, q, k, v, iters: int = 20) -> float:
 
 
 def resolve_auto(q, k, v) -> str:
-    """The fastest usable backend for this shape (measured on first use, then cached)."""
+    """The fastest usable backend for this shape (measured on first use, then cached). A step
+    that is compiled or captured resolves its shapes before (resolve_auto_for), so a traced graph
+    finds its choice here; a shape first met while tracing gets sdpa (never timed in a trace)."""
     key = (q.device.type, tuple(q.shape), q.dtype)
     if key not in _AUTO:
-        if q.device.type != "cuda" or torch.compiler.is_compiling():
-            return "sdpa"  # nothing to choose on the CPU; never time inside a traced graph
+        if q.device.type != "cuda":
+            _AUTO[key] = "sdpa"  # nothing to choose on the CPU
+            return _AUTO[key]
+        if torch.compiler.is_compiling():
+            return "sdpa"
         timings = {}
         for name in ("sdpa", "cudnn", "flash", "fa3", "fa4"):
             try:
@@ -140,6 +145,16 @@ def resolve_auto(q, k, v) -> str:
             raise RuntimeError(f"attention_backend=auto: no backend ran for q {tuple(q.shape)} {q.dtype}; name one")
         _AUTO[key] = min(timings, key=timings.get)
     return _AUTO[key]
+
+
+def resolve_auto_for(shapes, dtype: torch.dtype, device: torch.device) -> dict[tuple, str]:
+    """Resolve `auto` for q, k, v of each [B, H, N, Dh] shape now, on random inputs: what a
+    compiled or graph-captured step must do before tracing. Returns shape -> backend."""
+    chosen = {}
+    for shape in shapes:
+        q, k, v = (torch.randn(shape, dtype=dtype, device=device) for _ in range(3))
+        chosen[tuple(shape)] = resolve_auto(q, k, v)
+    return chosen
 
 
 def _auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ Order, and why:
      Gradients live in DDP's buckets (gradient_as_bucket_view: no copy in or out).
      static_graph=True made a rank abort at exit now and then (gloo, CPU: "terminate called
      without an active exception"), so it stays off.
-  2. torch.compile around DDP, so that dynamo's DDP optimizer splits the graph at the gradient
+  2. attention_backend=auto is resolved (timed) for the step's shapes, then torch.compile around DDP, so that dynamo's DDP optimizer splits the graph at the gradient
      buckets and all-reduce overlaps backward; the frozen teacher (~36% of a step's FLOPs) is
      compiled too.
   3. CUDA graphs around the whole step (forward, losses, backward, clip, AdamW, EMA), outermost:
@@ -25,6 +25,7 @@ import os
 import torch
 
 from srdit.config import Config, ConfigError
+from srdit.kernels.attention import resolve_auto_for
 from srdit.train import graphs
 from srdit.train.optim import EMA, Optimizers, flatten_parameters
 from srdit.train.step import StepRunner
@@ -62,6 +63,7 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
     srdit.train.graphs.EagerReplay); autocast: a context factory for the teacher and the forward
     (None: srdit.train.step.step_autocast; bench/traffic.py gives CUDA's bf16 policy on the CPU)."""
     check_runtime(cfg, device, world, graph_type=graph_type)
+    attention = resolve_attention(cfg, device, world, autocast)
     if optimizers is None and ema is None:
         flatten_parameters(model)  # before the EMA sees the weights: its update becomes one kernel
     optimizers = optimizers if optimizers is not None else Optimizers(model, cfg.train, device)
@@ -79,4 +81,20 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
                         autocast=autocast)
     if cfg.train.cuda_graphs:
         runner = graphs.GraphedStep(runner, graph_type=graph_type)
+    runner.attention = attention  # for the training log
     return runner
+
+
+def resolve_attention(cfg: Config, device: torch.device, world: int, autocast=None) -> str:
+    """model.attention_backend, with `auto` resolved now for the step's attention shapes (all
+    tokens, and the kept ones of routed blocks), before the model is compiled or captured: a
+    trace cannot time candidates. Returns what the training log says about it."""
+    m, backend = cfg.model, cfg.model.attention_backend
+    if backend != "auto":
+        return backend
+    micro = cfg.train.global_batch // world // cfg.train.grad_accum
+    tokens = [m.num_tokens] + ([m.num_kept] if m.sprint and m.routed_depth else [])
+    bf16 = autocast is not None or (device.type == "cuda" and cfg.train.precision == "bf16")
+    chosen = resolve_auto_for([(micro, m.heads, n, m.head_dim) for n in tokens],
+                              torch.bfloat16 if bf16 else torch.float32, device)
+    return "auto: " + ", ".join(f"{n} tokens -> {chosen[(micro, m.heads, n, m.head_dim)]}" for n in tokens)

@@ -244,7 +244,7 @@ def open_log(run: Run, args, dataset) -> None:
         f"{'  compiled' if t.compile else ''}{'  whole step as CUDA graphs' if t.cuda_graphs else ''}",
         f"preset {args.preset}  model {count_params(run.state.model):,} trainable parameters  "
         f"{flops.train / 1e9:.2f} GFLOP per training image (fwd+bwd)",
-        f"teacher: {run.notes['teacher']}",
+        f"teacher: {run.notes['teacher']}  attention: {getattr(run.step, 'attention', cfg.model.attention_backend)}",
         f"data: {cfg.data.path or 'embedded scikit-learn digits (1,797 images, 10 classes, 16x16)'}  "
         f"{len(dataset):,} samples  {teacher_pixels(dataset)}",
         f"resumed from {resumed} at step {run.state.step}" if resumed else f"new run in {args.out}",

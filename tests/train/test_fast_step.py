@@ -22,3 +22,17 @@ def test_best_variant_computes_the_eager_losses():
         b = best.run([batch], step_noise(cfg, 8, CPU, generator=gens["b"][0], host_generator=gens["b"][1]))
         for name in ("loss", "vel", "repa", "cls", "cfm", "grad_norm"):
             assert abs(a[name].item() - b[name].item()) <= 1e-4 * max(1.0, abs(a[name].item())), (step, name)
+
+
+def test_attention_auto_is_resolved_before_the_model_is_compiled():
+    """`auto` times its candidates for the step's shapes (all tokens and the routed blocks' kept
+    tokens) in build_step, before torch.compile traces the model, which cannot time anything;
+    the choice is what the training log prints."""
+    from srdit.kernels import attention
+
+    attention._AUTO.clear()
+    cfg, runner = build_runner(CPU, "model.attention_backend=auto", "train.compile=true", "train.global_batch=4")
+    m = cfg.model
+    shapes = {(4, m.heads, m.num_tokens, m.head_dim), (4, m.heads, m.num_kept, m.head_dim)}
+    assert {key[1] for key in attention._AUTO} == shapes  # resolved before any step ran
+    assert runner.attention == (f"auto: {m.num_tokens} tokens -> sdpa, {m.num_kept} tokens -> sdpa")
