@@ -17,22 +17,28 @@ residual:  d_r = dx_new_r + dx_r (the gradient of x_new),  dx = d,  df_r = gate_
 
 Precision: every load is upcast to the compute dtype (fp32 for fp16/bf16/fp32 inputs; fp64
 for fp64 inputs, so gradcheck works); rstd, the row sums and all reductions over rows are in
-that dtype; y, x_new, dx, df are stored in their input's dtype. The reductions over rows
+that dtype; x_new, dx, df are stored in their input's dtype, y in the dtype the next GEMM
+consumes: the autocast dtype under autocast (for fp32/fp16/bf16 x; the Linear after the norm
+would cast it there anyway), else x's; rms_norm's y always in x's (the REG token joins the fp32
+stream). y is rounded once from the compute dtype to nearest, ties to even: the bits of the
+cast it replaces (bf16 by integer arithmetic, see _rounded). The reductions over rows
 (dshift, dscale, dweight, dgate) are per-program partial rows [G, S, D] in the compute dtype (G
 batch groups, S programs per group from split_launch; no program's rows cross a batch), summed
 by torch: deterministic, the same bits run to run. Saved for backward: x (or x_new), rstd
 [rows] in the compute dtype, scale, weight (and f, gate for the residual variant); all but rstd
 are tensors the graph holds anyway.
 
-Bytes per call (R = B*N rows, s = bytes per element of x, sm = of shift/scale/gate, sw = of w,
-c = 4 bytes of the compute dtype, S programs per group):
-    rmsnorm_modulate            fwd: read R*D*s + 2*B*D*sm + D*sw;  write R*D*s + R*c
-                                bwd: read 2*R*D*s + R*c + B*D*sm + D*sw;  write R*D*s
+Bytes per call (R = B*N rows, s = bytes per element of x, sy = of y and dy (2 under bf16
+autocast, else s), sm = of shift/scale/gate, sw = of w, c = 4 bytes of the compute dtype, S
+programs per group):
+    rmsnorm_modulate            fwd: read R*D*s + 2*B*D*sm + D*sw;  write R*D*sy + R*c
+                                bwd: read R*D*(s + sy) + R*c + B*D*sm + D*sw;  write R*D*s
                                      + partials 2 * (3*B*S*D*c) (written, then read by the sum)
-    residual_rmsnorm_modulate   fwd: read 2*R*D*s + 3*B*D*sm + D*sw;  write 2*R*D*s + R*c
-                                bwd: read 4*R*D*s + R*c + 2*B*D*sm + D*sw;  write 2*R*D*s
+    residual_rmsnorm_modulate   fwd: read 2*R*D*s + 3*B*D*sm + D*sw;  write R*D*(s + sy) + R*c
+                                bwd: read R*D*(3*s + sy) + R*c + 2*B*D*sm + D*sw;  write 2*R*D*s
                                      + partials 2 * (4*B*S*D*c)
-So ~2 and ~3 passes over [R,D] for the plain op, ~4 and ~6 for the residual one.
+So ~2 and ~3 passes over [R,D] for the plain op, ~4 and ~6 for the residual one (fp32 x, bf16 y:
+1.5 and 2.5, 3.5 and 5.5), and no cast pass of y forward or of dy backward under autocast.
 
 Design notes (why partial sums and not atomics, why the residual add is fused): docs/kernels.md.
 """
@@ -50,10 +56,24 @@ from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output
 Tensor = torch.Tensor
 
 
+@triton.jit
+def _rounded(y, OUT: tl.constexpr):
+    """y in OUT, rounded to nearest, ties to even, as torch's cast and the GPU's cvt.rn round.
+    fp32 -> bf16 by integer arithmetic, because the interpreter's cast truncates (docs/kernels.md):
+    the same code then runs, and is tested bit for bit, on the CPU and on the GPU."""
+    if OUT == tl.bfloat16 and y.dtype == tl.float32:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)  # a carry out of the mantissa raises the exponent, as it should
+        half = tl.where(y == y, bits >> 16, 0x7FC0)  # NaN's mantissa could carry into the sign
+        return half.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(OUT)
+
+
 @triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: one compile for every batch
 def _rmsnorm_modulate_fwd_kernel(
     x_ptr, f_ptr, gate_ptr, shift_ptr, scale_ptr, w_ptr,  # inputs: x, f [R,D]; gate, shift, scale [B,D]; w [D]
-    y_ptr, x_new_ptr, rstd_ptr,  # outputs: y [R,D], x_new [R,D] (residual only), rstd [R] in COMPUTE
+    y_ptr, x_new_ptr, rstd_ptr,  # outputs: y [R,D] (in the next GEMM's dtype), x_new [R,D] (residual only), rstd [R]
     n_rows, N, D, stride_gate_b, stride_shift_b, stride_scale_b, eps,
     HAS_MOD: tl.constexpr, HAS_W: tl.constexpr, RESIDUAL: tl.constexpr,
     COMPUTE: tl.constexpr, INDEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -80,12 +100,12 @@ def _rmsnorm_modulate_fwd_kernel(
         shift = tl.load(shift_ptr + b[:, None] * stride_shift_b + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         scale = tl.load(scale_ptr + b[:, None] * stride_scale_b + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         y = y * (1.0 + scale) + shift
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, _rounded(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["rows_per_group", "tiles_per_program"])  # batch-dependent
 def _rmsnorm_modulate_bwd_kernel(
-    # inputs: dy, x (x_new for the residual variant), dx_new, f [R,D]; rstd [R]; scale, gate [B,D]; w [D]
+    # inputs: dy (in y's dtype), x (x_new for the residual variant), dx_new, f [R,D]; rstd [R]; scale, gate [B,D]; w [D]
     dy_ptr, x_ptr, rstd_ptr, scale_ptr, w_ptr, dx_new_ptr, f_ptr, gate_ptr,
     # outputs: dx, df [R,D]; partial sums of dshift, dscale, dw, dgate [G, S, D] in COMPUTE
     dx_ptr, df_ptr, dshift_part_ptr, dscale_part_ptr, dw_part_ptr, dgate_part_ptr,
@@ -171,9 +191,9 @@ def _check(x, shift, scale, weight, gate=None, f=None) -> None:
         raise ValueError(f"residual_rmsnorm_modulate: f must have x's shape {tuple(x.shape)}, got {tuple(f.shape)}")
 
 
-def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, alloc=empty_output):
-    """Runs the forward kernel; returns (x_new or None, y, rstd). `alloc` makes every output
-    (the tests pass one that fills them with NaN, so an unwritten element fails)."""
+def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, y_dtype=None, alloc=empty_output):
+    """Runs the forward kernel; returns (x_new or None, y in y_dtype (default x's), rstd). `alloc`
+    makes every output (the tests pass one that fills them with NaN, so an unwritten element fails)."""
     _check(x, shift, scale, weight, gate, f)
     residual = gate is not None
     D = x.shape[-1]
@@ -183,7 +203,7 @@ def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, alloc=empty_
     shift, scale, gate = (unit_last_stride(t) for t in (shift, scale, gate))
     weight = weight.contiguous() if weight is not None else None
     f = f.contiguous() if residual else None
-    y = alloc(x.shape, x.dtype, x.device)
+    y = alloc(x.shape, y_dtype or x.dtype, x.device)
     x_new = alloc(x.shape, x.dtype, x.device) if residual else None
     rstd = alloc((R,), compute_dtype(x.dtype), x.device)
     if R == 0:
@@ -204,7 +224,8 @@ def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, alloc=empty_
 
 def _launch_bwd(dy, x, rstd, scale, weight, dx_new=None, f=None, gate=None, *, alloc=empty_output, programs=None):
     """Runs the backward kernel; returns (dx, df, dgate, dshift, dscale, dweight), None where
-    absent. x is the normalised input (x_new for the residual variant); dshift and dscale come
+    absent. x is the normalised input (x_new for the residual variant), dy in y's dtype
+    (x's, or the autocast dtype: it is upcast as it is loaded); dshift and dscale come
     back in scale's dtype, dweight in weight's, dgate in gate's, dx in x's, df in f's.
     `alloc` as in _launch_fwd; `programs` overrides split_launch's total (tests, tuning)."""
     residual = gate is not None
@@ -268,16 +289,16 @@ def _fake_like(t: Optional[Tensor], ref: Tensor) -> Tensor:
 
 @torch.library.custom_op("srdit::rmsnorm_modulate", mutates_args=())
 def _rmsnorm_modulate_op(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], weight: Optional[Tensor],
-                         eps: float) -> tuple[Tensor, Tensor]:
-    _, y, rstd = _launch_fwd(x, shift, scale, weight, eps)
+                         eps: float, y_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    _, y, rstd = _launch_fwd(x, shift, scale, weight, eps, y_dtype=y_dtype)
     return y, rstd
 
 
 @_rmsnorm_modulate_op.register_fake
-def _(x, shift, scale, weight, eps):
+def _(x, shift, scale, weight, eps, y_dtype):
     _check(x, shift, scale, weight)
     rows = x.numel() // x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty((rows,), dtype=compute_dtype(x.dtype))
+    return x.new_empty(x.shape, dtype=y_dtype), x.new_empty((rows,), dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("srdit::rmsnorm_modulate_bwd", mutates_args=())
@@ -293,7 +314,7 @@ def _(dy, x, rstd, scale, weight):
 
 
 def _setup(ctx, inputs, output):
-    x, shift, scale, weight, _ = inputs
+    x, shift, scale, weight, _, _ = inputs
     ctx.shift_dtype = shift.dtype if shift is not None else None
     ctx.save_for_backward(x, output[1], scale, weight)
 
@@ -305,7 +326,7 @@ def _backward(ctx, dy, _drstd):
         dshift = dscale = None
     else:
         dshift = dshift.to(ctx.shift_dtype)
-    return dx, dshift, dscale, dweight if weight is not None else None, None
+    return dx, dshift, dscale, dweight if weight is not None else None, None, None
 
 
 _rmsnorm_modulate_op.register_autograd(_backward, setup_context=_setup)
@@ -313,15 +334,17 @@ _rmsnorm_modulate_op.register_autograd(_backward, setup_context=_setup)
 
 @torch.library.custom_op("srdit::residual_rmsnorm_modulate", mutates_args=())
 def _residual_rmsnorm_modulate_op(x: Tensor, gate: Tensor, f: Tensor, shift: Optional[Tensor], scale: Optional[Tensor],
-                                  weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _launch_fwd(x, shift, scale, weight, eps, gate, f)
+                                  weight: Optional[Tensor], eps: float, y_dtype: torch.dtype
+                                  ) -> tuple[Tensor, Tensor, Tensor]:
+    return _launch_fwd(x, shift, scale, weight, eps, gate, f, y_dtype=y_dtype)
 
 
 @_residual_rmsnorm_modulate_op.register_fake
-def _(x, gate, f, shift, scale, weight, eps):
+def _(x, gate, f, shift, scale, weight, eps, y_dtype):
     _check(x, shift, scale, weight, gate, f)
     rows = x.numel() // x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((rows,), dtype=compute_dtype(x.dtype))
+    return (x.new_empty(x.shape), x.new_empty(x.shape, dtype=y_dtype),
+            x.new_empty((rows,), dtype=compute_dtype(x.dtype)))
 
 
 @torch.library.custom_op("srdit::residual_rmsnorm_modulate_bwd", mutates_args=())
@@ -340,7 +363,7 @@ def _(dx_new, dy, x_new, f, gate, rstd, scale, weight):
 
 
 def _residual_setup(ctx, inputs, output):
-    x, gate, f, shift, scale, weight, _ = inputs
+    x, gate, f, shift, scale, weight, _, _ = inputs
     ctx.shift_dtype = shift.dtype if shift is not None else None
     x_new, _, rstd = output
     ctx.save_for_backward(x_new, f, gate, rstd, scale, weight)
@@ -354,7 +377,7 @@ def _residual_backward(ctx, dx_new, dy, _drstd):
         dshift = dscale = None
     else:
         dshift = dshift.to(ctx.shift_dtype)
-    return dx, dgate, df, dshift, dscale, dweight if weight is not None else None, None
+    return dx, dgate, df, dshift, dscale, dweight if weight is not None else None, None, None
 
 
 _residual_rmsnorm_modulate_op.register_autograd(_residual_backward, setup_context=_residual_setup)
@@ -363,17 +386,33 @@ _residual_rmsnorm_modulate_op.register_autograd(_residual_backward, setup_contex
 # --------------------------------------------------------------------------- public functions
 
 
+def _gemm_dtype(x: Tensor) -> torch.dtype:
+    """What the Linear after the norm consumes: the autocast dtype under autocast (autocast leaves
+    fp64 alone), else x's. Writing y in it saves autocast's cast pass, and in backward the pass
+    that casts the GEMM's bf16 gradient back to x's dtype."""
+    device_type = x.device.type
+    # meta first: is_autocast_enabled raises for it (as in sprint.py's sprint_fuse)
+    if (device_type != "meta" and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and torch.is_autocast_enabled(device_type)):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 def rmsnorm_modulate(x, shift, scale, weight=None, eps=1e-6):
-    """x [B,N,D], shift/scale [B,D] or both None (then x [..., D]): rms_norm(x) * (1 + scale) + shift."""
-    return torch.ops.srdit.rmsnorm_modulate(x, shift, scale, weight, eps)[0]
+    """x [B,N,D], shift/scale [B,D] or both None (then x [..., D]): rms_norm(x) * (1 + scale) + shift,
+    in the autocast dtype under autocast (what the next GEMM reads), else in x's."""
+    return torch.ops.srdit.rmsnorm_modulate(x, shift, scale, weight, eps, _gemm_dtype(x))[0]
 
 
 def residual_rmsnorm_modulate(x, gate, f, shift, scale, weight=None, eps=1e-6):
-    """x, f [B,N,D]; gate, shift, scale [B,D] -> (x_new = x + gate * f, rmsnorm_modulate(x_new, ...))."""
-    x_new, y, _ = torch.ops.srdit.residual_rmsnorm_modulate(x, gate, f, shift, scale, weight, eps)
+    """x, f [B,N,D]; gate, shift, scale [B,D] -> (x_new = x + gate * f, rmsnorm_modulate(x_new, ...));
+    x_new in x's dtype (the residual stream), y as rmsnorm_modulate's."""
+    x_new, y, _ = torch.ops.srdit.residual_rmsnorm_modulate(x, gate, f, shift, scale, weight, eps, _gemm_dtype(x))
     return x_new, y
 
 
 def rms_norm(x, weight=None, eps=None):
-    """Plain RMSNorm over the last dim (the REG token's wg_norm); eps=None is torch's default."""
-    return rmsnorm_modulate(x, None, None, weight, default_rms_eps(x.dtype) if eps is None else eps)
+    """Plain RMSNorm over the last dim (the REG token's wg_norm), in x's dtype: its output joins the
+    residual stream, not a GEMM. eps=None is torch's default."""
+    eps = default_rms_eps(x.dtype) if eps is None else eps
+    return torch.ops.srdit.rmsnorm_modulate(x, None, None, weight, eps, x.dtype)[0]

@@ -79,6 +79,11 @@ ops = counted(lambda: residual_rmsnorm_modulate(x, gate, f, shift, scale_, w))
 # fwd read 2*R*D*s + 3*B*D*sm + D*sw; write 2*R*D*s + R*c
 out["residual_rmsnorm_modulate_fwd"] = [by_name(ops, "_rmsnorm_modulate_fwd_kernel")[0].bytes,
                                         2 * R * D * s + 3 * B * D * s + D * 4 + 2 * R * D * s + R * c]
+x32 = x.float()
+with torch.autocast("cpu", dtype=bf):  # fp32 stream: x_new in fp32 (4 bytes), y in the GEMM's bf16 (sy = 2)
+    ops = counted(lambda: residual_rmsnorm_modulate(x32, gate, f, shift, scale_, w))
+out["residual_rmsnorm_modulate_fwd_autocast"] = [by_name(ops, "_rmsnorm_modulate_fwd_kernel")[0].bytes,
+                                                 R * D * (4 + s) + 3 * B * D * s + D * 4 + R * D * (4 + s) + R * c]
 
 P = 8
 cos, sin = torch.randn(P, Dh), torch.randn(P, Dh)

@@ -9,6 +9,7 @@ Shift, scale and gate are chunks of one [B, 3D] tensor, as the model takes them 
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from checks import DEVICE, DTYPES, assert_close, gpu_launch, poisoned, rand  # noqa: F401 (a fixture)
 from srdit.kernels import reference as ref
@@ -221,6 +222,73 @@ def test_mixed_dtypes(dtype):
     for name, leaf in leaves.items():
         assert leaf.grad.dtype == leaf.dtype, name
         assert_close(leaf.grad, grads[name], dtype, f"d{name}")
+
+
+# --------------------------------------------------------------------------- y in the next GEMM's dtype
+
+
+@triton.jit
+def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, rmm._rounded(tl.load(x_ptr + offs, mask=mask), y_ptr.dtype.element_ty), mask=mask)
+
+
+def test_rounding_to_bf16_is_torchs_bit_for_bit():
+    """The kernels' fp32 -> bf16 rounding against torch's cast on the values where rounding modes
+    differ: ties to even (both parities), a carry out of the mantissa into the exponent, overflow
+    to inf, subnormals, signed zeros, inf and NaN, and random values (the interpreter's own cast
+    truncates: half of these would fail with it)."""
+    bits = [0x3F808000, 0x3F818000, 0x3F80_7FFF, 0x3F80_8001, 0x3FFF_8000, 0x3FFF_FFFF, 0x7F7F_FFFF, 0xFF7F_8000,
+            0x0000_8000, 0x0001_8000, 0x0000_0001, 0x807F_FFFF, 0x0000_0000, 0x8000_0000, 0x7F80_0000, 0xFF80_0000,
+            0x7FC0_0000, 0x7FFF_FFFF, 0xFFFF_FFFF]
+    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = torch.cat([special, torch.randn(4000) * 10.0 ** torch.randint(-30, 30, (4000,))]).to(DEVICE)
+    y = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
+    _round_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    want = x.to(torch.bfloat16)
+    nan = want.isnan()
+    assert torch.equal(y.isnan(), nan)
+    assert torch.equal(y[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("autocast", AUTOCAST_DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_autocast_y_is_the_cast_it_replaces(residual, autocast):
+    """Under autocast y comes out in the autocast dtype, with the bits of the old path (y in x's
+    fp32, then autocast's cast before the next Linear), and dy is taken in that dtype with the
+    gradients of the old path (the Linear's low-precision gradient cast back to fp32 first);
+    x_new stays fp32. rms_norm (the REG token) keeps x's dtype."""
+    shape = (2, 65, 96)
+    inp = make_inputs(shape, torch.float32, has_mod=True, has_weight=False, residual=residual)
+    for name in ("shift", "scale", "gate", "f"):  # adaLN and the branch come out of autocast GEMMs
+        if name in inp:
+            inp[name] = inp[name].to(autocast)
+    fn = rmm.residual_rmsnorm_modulate if residual else rmm.rmsnorm_modulate
+    upstream = [rand(*shape, dtype=torch.float32)] if residual else []
+    dy = rand(*shape, dtype=autocast)
+    results = []
+    for fused in (True, False):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items() if v is not None}
+        with torch.autocast(torch.device(DEVICE).type, dtype=autocast, enabled=fused):
+            outs = fn(**leaves)
+        outs = list(outs) if residual else [outs]
+        if not fused:
+            outs[-1] = outs[-1].to(autocast)  # the cast the next Linear made
+        torch.autograd.backward(outs, upstream + [dy])
+        results.append((outs, {k: v.grad for k, v in leaves.items()}))
+    (outs, grads), (old_outs, old_grads) = results
+    assert outs[-1].dtype == autocast and (not residual or outs[0].dtype == torch.float32)
+    for got, want in zip(outs, old_outs):
+        assert torch.equal(got.view(torch.int16) if got.dtype != torch.float32 else got,
+                           want.view(torch.int16) if want.dtype != torch.float32 else want)
+    for name, got in grads.items():
+        assert got.dtype == inp[name].dtype and torch.equal(got, old_grads[name]), f"d{name}"
+    with torch.autocast(torch.device(DEVICE).type, dtype=autocast):
+        assert rmm.rms_norm(inp["x"][:, 0]).dtype == torch.float32
 
 
 def test_no_rows():
