@@ -8,6 +8,10 @@ q, k, v [B,H,N,Dh] -> [B,H,N,Dh]; no mask, no dropout, scale Dh^-0.5 (as the rel
   "fa3"    FlashAttention-3: torch's registry (activate_flash_attention_impl("FA3"), torch >= 2.13)
            when it works here, else the `flash_attn_interface` package
   "fa4"    FlashAttention-4 (package flash-attn-4, `flash_attn.cute`)
+  "xformers" xformers.ops.memory_efficient_attention, xformers' own choice of kernel (package
+           xformers >= 0.0.35, which needs torch >= 2.10: both of srdit's stacks). Its Hopper
+           FlashAttention-3 operator is not in its wheel: it runs only with the flash_attn_3
+           package installed, as "fa3" needs FlashAttention-3 built too.
   "eager"  textbook softmax(q k^T / sqrt(Dh)) v: tests and the slowest baseline
   "auto"   the fastest of the available ones for the shape, measured once per (shape, dtype,
            device) and cached; on the CPU always "sdpa"
@@ -84,13 +88,27 @@ def _fa4():
     return run
 
 
+@functools.lru_cache(maxsize=None)
+def _xformers():
+    try:
+        from xformers.ops import memory_efficient_attention
+    except ImportError:
+        raise ImportError("attention_backend='xformers' needs the package xformers (pip install xformers; "
+                          "0.0.35 needs torch >= 2.10)") from None
+
+    def run(q, k, v):  # xformers takes [B, N, H, Dh]
+        return memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    return run
+
+
 def backend_fn(name: str):
     """The attention function of a backend; raises ConfigError when it is not usable here."""
     if name == "sdpa":
         return F.scaled_dot_product_attention
     if name == "eager":
         return eager_attention
-    if name in ("cudnn", "flash", "fa3", "fa4") and not torch.cuda.is_available():
+    if name in ("cudnn", "flash", "fa3", "fa4", "xformers") and not torch.cuda.is_available():
         raise ConfigError(f"attention_backend={name!r} needs a CUDA GPU; use 'sdpa' or 'eager' on the CPU")
     if name in ("cudnn", "flash"):
         return _sdpa_with(name)
@@ -99,6 +117,8 @@ def backend_fn(name: str):
             return _fa3()
         if name == "fa4":
             return _fa4()
+        if name == "xformers":
+            return _xformers()
     except ImportError as error:
         raise ConfigError(str(error)) from None
     raise ConfigError(f"attention_backend={name!r} is not one of {', '.join(map(repr, ATTENTION_BACKENDS))}")
@@ -136,7 +156,7 @@ def resolve_auto(q, k, v) -> str:
         if torch.compiler.is_compiling():
             return "sdpa"
         timings = {}
-        for name in ("sdpa", "cudnn", "flash", "fa3", "fa4"):
+        for name in ("sdpa", "cudnn", "flash", "fa3", "fa4", "xformers"):
             try:
                 timings[name] = _measure(backend_fn(name), q, k, v)
             except Exception:  # not installed or not supported for this shape/dtype: not a candidate

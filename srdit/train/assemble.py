@@ -30,7 +30,7 @@ from srdit.train import graphs
 from srdit.train.optim import EMA, Optimizers, flatten_parameters
 from srdit.train.step import StepRunner
 
-GPU_ONLY_ATTENTION = ("cudnn", "flash", "fa3", "fa4")
+GPU_ONLY_ATTENTION = ("cudnn", "flash", "fa3", "fa4", "xformers")
 
 
 def check_runtime(cfg: Config, device: torch.device, world: int, *, graph_type=None) -> None:

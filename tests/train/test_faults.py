@@ -127,7 +127,7 @@ def test_progress_lines_in_a_log_file(tmp_path):
             assert word in line, line
 
 
-@pytest.mark.parametrize("backend", ["fa3", "fa4"])
+@pytest.mark.parametrize("backend", ["fa3", "fa4", "xformers"])
 def test_gpu_attention_backends_on_the_cpu_are_refused_with_the_fix(tmp_path, capsys, backend):
     assert run(tmp_path, "train.max_steps=1", f"model.attention_backend={backend}") == 2
     assert f"model.attention_backend={backend} needs a CUDA GPU" in capsys.readouterr().err
@@ -150,3 +150,20 @@ def test_a_missing_fa3_names_what_to_install(monkeypatch):
             attention.backend_fn("fa3")
     finally:
         attention._fa3.cache_clear()
+
+
+def test_a_missing_xformers_names_what_to_install(monkeypatch):
+    import importlib.util
+
+    from srdit.config import ConfigError
+    from srdit.kernels import attention
+
+    if importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed here")
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)  # get past the GPU check
+    attention._xformers.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"needs the package xformers \(pip install xformers"):
+            attention.backend_fn("xformers")
+    finally:
+        attention._xformers.cache_clear()
