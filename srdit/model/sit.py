@@ -240,8 +240,26 @@ class NormModulate(nn.Module):
         return x, self.ops.layernorm_modulate(x, shift, scale, 1e-6)
 
 
+def add_branch(x, branch):
+    """x + gate * f for a block's pending MLP branch (gate [B, D], f [B, N, D]); x itself if None.
+    The release's op, where the residual stream itself is needed (SiTBlock.forward says where)."""
+    if branch is None:
+        return x
+    gate, f = branch
+    return x + gate.unsqueeze(1) * f  # [B, N, D]
+
+
 class SiTBlock(nn.Module):
-    """Pre-norm adaLN-Zero block: x += g_msa * Attn(mod(norm1 x)); x += g_mlp * MLP(mod(norm2 x))."""
+    """Pre-norm adaLN-Zero block: x += g_msa * Attn(mod(norm1 x)); x += g_mlp * MLP(mod(norm2 x)).
+
+    The last add is left to the next norm (the next block's norm1 or norm_final): the block returns
+    its MLP branch (g_mlp, MLP(...)) pending, and takes the previous block's as `pending`, added in
+    norm1's fused pass (NormModulate.residual), so the stream between blocks is written once and
+    never re-read for a separate add. The model materialises it with add_branch where the stream
+    itself is used: the REPA tap, the SPRINT gather and fusion, the end of the routed blocks.
+    With kernels="eager" the fused op is the same add then the same norm: the same ops in the same
+    order as one block after the other.
+    """
 
     def __init__(self, cfg: ModelConfig, ops, value_residual: bool):
         super().__init__()
@@ -251,13 +269,18 @@ class SiTBlock(nn.Module):
         self.mlp = Mlp(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 6 * cfg.hidden))
 
-    def forward(self, x, mod, rope, rope_ids, v0=None, v0_ids=None):
-        """mod [B, 6D]: this block's adaLN output (SRDiT.modulations computes it from c)."""
+    def forward(self, x, mod, rope, rope_ids, v0=None, v0_ids=None, pending=None):
+        """mod [B, 6D]: this block's adaLN output (SRDiT.modulations computes it from c); pending:
+        the previous block's MLP branch (gate [B, D], f [B, N, D]) not yet in x, or None.
+        Returns (x, this block's MLP branch, v_raw); the stream is x + g_mlp * MLP(...)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        a, v_raw = self.attn(self.norm1(x, shift_msa, scale_msa), rope, rope_ids, v0, v0_ids)
+        if pending is None:
+            h = self.norm1(x, shift_msa, scale_msa)  # [B, N, D]
+        else:
+            x, h = self.norm1.residual(x, *pending, shift_msa, scale_msa)  # x += g * f; h = mod(norm1 x)
+        a, v_raw = self.attn(h, rope, rope_ids, v0, v0_ids)
         x, h = self.norm2.residual(x, gate_msa, a, shift_mlp, scale_mlp)  # x += g_msa * a; h = mod(norm2 x)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(h)  # [B, N, D]
-        return x, v_raw
+        return x, (gate_mlp, self.mlp(h)), v_raw  # [B, N, D], ([B, D], [B, N, D]), [B, N, H, Dh]
 
 
 class FinalLayer(nn.Module):
@@ -268,9 +291,13 @@ class FinalLayer(nn.Module):
         self.linear_cls = nn.Linear(cfg.hidden, cfg.teacher_dim) if cfg.reg_token else None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 2 * cfg.hidden))
 
-    def forward(self, x, mod, has_cls: bool):
+    def forward(self, x, mod, has_cls: bool, pending=None):
+        """pending: the last block's MLP branch, added in norm_final's fused pass (SiTBlock)."""
         shift, scale = mod.chunk(2, dim=-1)  # mod [B, 2D]
-        x = self.norm_final(x, shift, scale)  # [B, T, D]
+        if pending is None:
+            x = self.norm_final(x, shift, scale)  # [B, T, D]
+        else:
+            _, x = self.norm_final.residual(x, *pending, shift, scale)  # [B, T, D]
         if not has_cls:
             return self.linear(x), None
         return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])  # [B, P, p*p*C], [B, teacher_dim]
@@ -399,15 +426,23 @@ class SRDiT(nn.Module):
         mods = F.linear(F.silu(c), weight, bias).split([lin.out_features for lin in linears], dim=-1)
         return mods.__getitem__
 
-    def _run(self, blocks, h, mods, rope_ids, v0, v0_ids=None, tap=None, first_index=0):
-        """Run `blocks` on h; caches block 0's v as v0; returns (h, v0, tapped hidden)."""
+    def _run(self, blocks, h, mods, rope_ids, v0, v0_ids=None, first_index=0, to_head=False):
+        """Run `blocks` on h; caches block 0's v as v0; returns (h, pending, v0, tapped hidden).
+
+        The stream is materialised (add_branch) at the REPA tap and at the end, where the caller
+        uses it; with to_head the last block's MLP branch comes back pending, for norm_final.
+        """
+        pending = tap = None
         for i, block in enumerate(blocks, start=first_index):
-            h, v_raw = block(h, mods(i), self.feat_rope, rope_ids, v0, v0_ids)
+            h, pending, v_raw = block(h, mods(i), self.feat_rope, rope_ids, v0, v0_ids, pending)
             if i == 0 and self.cfg.value_residual:
                 v0 = v_raw
             if i + 1 == self.cfg.repa_depth:
+                h, pending = add_branch(h, pending), None
                 tap = h
-        return h, v0, tap
+        if not to_head:
+            h, pending = add_branch(h, pending), None
+        return h, pending, v0, tap
 
     def forward(self, x, t, y, cls=None, *, route: bool | None = None, path_drop: bool = False,
                 generator: torch.Generator | None = None, keep_ids: torch.Tensor | None = None) -> ModelOutput:
@@ -432,12 +467,12 @@ class SRDiT(nn.Module):
         rope_ids = self.rope_ids.expand(B, -1)  # [B, T]
 
         if not cfg.sprint:
-            h, _, tap = self._run(self.blocks, h, mods, rope_ids, None)
-            return self._head(h, mods(cfg.depth), tap)
+            h, pending, _, tap = self._run(self.blocks, h, mods, rope_ids, None, to_head=True)
+            return self._head(h, pending, mods(cfg.depth), tap)
 
         # 1) dense encoder on all tokens
         n_enc, n_mid = cfg.sprint_encoder_depth, cfg.routed_depth
-        enc, v0, tap = self._run(self.blocks[:n_enc], h, mods, rope_ids, None)  # [B, T, D]
+        enc, _, v0, tap = self._run(self.blocks[:n_enc], h, mods, rope_ids, None)  # [B, T, D]
         # 2) routed middle blocks on the kept tokens (all tokens when not routing)
         route = self.training if route is None else route
         mid_blocks = self.blocks[n_enc: n_enc + n_mid]
@@ -451,20 +486,21 @@ class SRDiT(nn.Module):
             sparse_rope_ids = rope_ids.gather(1, ids)  # [B, K]: tokens keep their grid position
             if cfg.quirk_rotate_routed_cls:
                 sparse_rope_ids = sparse_rope_ids.clamp(min=0)  # Q1: a kept class token rotates as (0, 0)
-            g, _, _ = self._run(mid_blocks, self.ops.gather_tokens(enc, ids), mods, sparse_rope_ids, v0,
-                                v0_ids=ids, first_index=n_enc)  # [B, K, D]
+            g, _, _, _ = self._run(mid_blocks, self.ops.gather_tokens(enc, ids), mods, sparse_rope_ids, v0,
+                                   v0_ids=ids, first_index=n_enc)  # [B, K, D]
         else:
-            g, _, _ = self._run(mid_blocks, enc, mods, rope_ids, v0, first_index=n_enc)  # [B, T, D]
+            g, _, _, _ = self._run(mid_blocks, enc, mods, rope_ids, v0, first_index=n_enc)  # [B, T, D]
         # 3) pad with [MASK] and fuse with the encoder output
         h = self.ops.sprint_fuse(enc, g, ids, self.mask_token, self.fusion_proj.weight, self.fusion_proj.bias)
         if path_drop and torch.is_grad_enabled():
             h = _TieZeroGrads.apply(h, *[p for p in mid_blocks.parameters() if p.requires_grad])
         # 4) dense decoder on all tokens
-        h, _, _ = self._run(self.blocks[n_enc + n_mid:], h, mods, rope_ids, v0, first_index=n_enc + n_mid)
-        return self._head(h, mods(cfg.depth), tap)
+        h, pending, _, _ = self._run(self.blocks[n_enc + n_mid:], h, mods, rope_ids, v0, first_index=n_enc + n_mid,
+                                     to_head=True)
+        return self._head(h, pending, mods(cfg.depth), tap)
 
-    def _head(self, h, mod, tap) -> ModelOutput:
-        out, v_cls = self.final_layer(h, mod, self.cfg.reg_token)  # [B, P, p*p*C]
+    def _head(self, h, pending, mod, tap) -> ModelOutput:
+        out, v_cls = self.final_layer(h, mod, self.cfg.reg_token, pending)  # [B, P, p*p*C]
         repa = self.projectors[0](tap)  # [B, T, teacher_dim]
         return ModelOutput(self.unpatchify(out), v_cls, repa, tap)
 

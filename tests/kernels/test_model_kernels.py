@@ -75,11 +75,12 @@ def test_block_compiles_with_fullgraph():
     c = torch.randn(2, 6 * 64, device=DEVICE)  # the block's adaLN output
     ids = torch.arange(-1, 16, device=DEVICE).expand(2, -1)
     v0 = torch.randn(2, 17, 2, 32, device=DEVICE)
+    pending = (torch.randn(2, 64, device=DEVICE), torch.randn(2, 17, 64, device=DEVICE))  # the previous MLP branch
     compiled = torch.compile(block, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
-    out, _ = compiled(x, c, triton.feat_rope, ids, v0)
-    ref, _ = block(x, c, triton.feat_rope, ids, v0)
-    assert rel_err(out, ref) < 1e-6
-    out.sum().backward()
+    out, (gate, f), _ = compiled(x, c, triton.feat_rope, ids, v0, None, pending)
+    ref, (ref_gate, ref_f), _ = block(x, c, triton.feat_rope, ids, v0, None, pending)
+    assert rel_err(out, ref) < 1e-6 and rel_err(f, ref_f) < 1e-6 and torch.equal(gate, ref_gate)
+    (out.sum() + (gate.unsqueeze(1) * f).sum()).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 

@@ -8,7 +8,7 @@ import torch
 from release_oracle import release_forward
 from srdit.config import PRESETS, apply_overrides, preset
 from srdit.kernels import reference as ref
-from srdit.model import build_model, count_params, load_release_weights, select_tokens
+from srdit.model import build_model, count_params, load_release_weights, select_tokens, sit
 
 # Every switch of the real model at a size a CPU test can afford: 4x4 latent grid of 4
 # channels -> 16 patches + REG token = 17 tokens, 4 kept when routed; 6 blocks = 2 + 2 + 2.
@@ -319,6 +319,57 @@ def test_path_drop_does_not_compute_routed_blocks():
     assert sorted(calls) == [0, 1, 4, 5]
 
 
+# --------------------------------------------------------------------------- the stream between blocks
+
+
+@pytest.mark.parametrize("name,kw", [("sr-dit-b1-256", {"keep_ids": True}), ("sr-dit-b1-256", {"path_drop": True}),
+                                     ("reg-invae-b1-256", {})], ids=["routed", "path-dropped", "dense-layernorm"])
+def test_mlp_add_fused_into_the_next_norm_is_the_same_function_bit_for_bit(monkeypatch, name, kw):
+    """Each block's MLP residual add is left to the next norm (norm1 of the next block, norm_final)
+    except where the stream is used: the same bits, outputs and gradients, as every block adding
+    its own branch (the code before the fusion), and one fused norm per block boundary inside a
+    segment. reg-invae-b1-256: no SPRINT, LayerNorm, the REPA tap inside the stack (block 3)."""
+    model, cfg = small_model(name, dtype=torch.float32)
+    randomize_(model).train()
+    args = inputs(cfg, dtype=torch.float32)
+    if kw.get("keep_ids"):
+        kw = {"keep_ids": torch.stack([torch.randperm(17)[:4] for _ in range(3)])}
+    calls = []
+    for op in ("rmsnorm_modulate", "residual_rmsnorm_modulate", "layernorm_modulate"):
+        fn = getattr(model.ops, op)
+        monkeypatch.setattr(model.ops, op, lambda *a, _fn=fn, _op=op: calls.append(_op) or _fn(*a))
+
+    def run():
+        calls.clear()
+        out = model(*args, **kw)
+        loss = out.v.square().sum() + out.v_cls.square().sum() + out.repa.square().sum()
+        return out, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]), list(calls)
+
+    fused, fused_grads, fused_calls = run()
+    block_forward = sit.SiTBlock.forward
+
+    def adding_its_own_branch(self, *a, **k):
+        x, branch, v_raw = block_forward(self, *a, **k)
+        return sit.add_branch(x, branch), None, v_raw
+
+    monkeypatch.setattr(sit.SiTBlock, "forward", adding_its_own_branch)
+    unfused, unfused_grads, unfused_calls = run()
+    for field in ("v", "v_cls", "repa"):
+        assert torch.equal(getattr(fused, field), getattr(unfused, field)), field
+    for g, u in zip(fused_grads, unfused_grads):
+        assert torch.equal(g, u)
+    if name == "sr-dit-b1-256":  # (fused, plain) norms: blocks 0|1 2|3 4|5 (path drop: 0|1 4|5) + final
+        # fused, never across the tap and gather (after block 1) or the fusion (before block 4)
+        blocks = 4 if kw.get("path_drop") else 6
+        fused_norm1 = blocks // 2
+        assert (fused_calls.count("residual_rmsnorm_modulate"), fused_calls.count("rmsnorm_modulate")) == (
+            blocks + fused_norm1 + 1, blocks - fused_norm1)
+        assert (unfused_calls.count("residual_rmsnorm_modulate"), unfused_calls.count("rmsnorm_modulate")) == (
+            blocks, blocks + 1)
+    else:  # LayerNorm adds in NormModulate.residual; every norm still runs once
+        assert fused_calls == unfused_calls == ["layernorm_modulate"] * 13
+
+
 # --------------------------------------------------------------------------- RoPE, value residual
 
 
@@ -327,13 +378,13 @@ def test_rope_ids_and_v0_follow_tokens_through_routing():
         model, cfg = small_model("sr-dit-b1-256", f"model.quirk_rotate_routed_cls={quirk}")
         calls = _record_block_inputs(model.train())
         v0_out = []
-        model.blocks[0].register_forward_hook(lambda m, a, out: v0_out.append(out[1]))
+        model.blocks[0].register_forward_hook(lambda m, a, out: v0_out.append(out[2]))
         ids = torch.tensor([[0, 5, 3, 16], [7, 1, 2, 9]])
         model(*inputs(cfg, B=2), keep_ids=ids)
         full = torch.arange(-1, 16).expand(2, -1)
         assert torch.equal(calls[0][0][3], full)  # dense: class token at -1 (not rotated)
         for i in (2, 3):
-            x, c, rope, rope_ids, v0, v0_ids = calls[i][0]
+            x, c, rope, rope_ids, v0, v0_ids, _ = calls[i][0]
             expected = full.gather(1, ids)
             expected = expected.clamp(min=0) if quirk else expected
             assert torch.equal(rope_ids, expected)
