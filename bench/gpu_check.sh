@@ -8,8 +8,10 @@
 #   3. bench/kernels.py at SR-DiT-B/1 shapes, batch 32 and 256, with --sweep (each kernel's
 #      candidate launch settings against the default, batch 256): the "after" rows; then the
 #      Triton ops of the commit before issue 11's kernel changes (KERNELS_BEFORE, a git worktree,
-#      when this copy has the history): the "before" rows; throughput again at batch 32
-#      (eager, kernels, graphs)
+#      when this copy has the history): the "before" rows; every attention backend at the step's
+#      two shapes (257 and 64 tokens), what attention_backend=auto chooses between
+#   3b. bench/traffic.py --measure: each phase's device time (torch.profiler) next to its bytes
+#      and modelled time counted on the CPU (the kernels + cached-teacher step), to check the model
 #   4. bench/data.py: the loaders alone (synthetic shards; no DALI on the device image)
 #   5. bench/sample.py: samples/s per NFE, decode and metric costs, a 50K-evaluation projection
 # Usage: bash bench/gpu_check.sh OUTDIR   (on the device machine: bash bench/gpu_check.sh "$OUT")
@@ -46,13 +48,14 @@ run tests 120 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model
     --junitxml="$OUT/tests.xml"
 run throughput-b256 170 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 \
     --variants eager kernels graphs cached-teacher best --json "$OUT/throughput_b256.json"
-run kernels 75 python3 bench/kernels.py --batch 32 256 --sweep --sweep-batch 256 --iters 10 --json "$OUT/kernels.json"
-run kernels-before 35 bash -c "git worktree add -f /tmp/srdit-kernels-before $KERNELS_BEFORE >/dev/null &&
+run kernels 80 python3 bench/kernels.py --batch 32 256 --sweep --sweep-batch 256 --attention --iters 10 \
+    --json "$OUT/kernels.json"
+run kernels-before 30 bash -c "git worktree add -f /tmp/srdit-kernels-before $KERNELS_BEFORE >/dev/null &&
     cd /tmp/srdit-kernels-before && python3 bench/kernels.py --batch 32 256 --variants triton --iters 10 \
     --json '$OUT/kernels_before.json'"
-run throughput-b32 30 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 32 --steps 15 \
-    --variants eager kernels graphs --json "$OUT/throughput_b32.json"
-run data 25 python3 bench/data.py --json "$OUT/data.json"
-run sample 30 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json"
+run traffic 45 python3 bench/traffic.py --preset sr-dit-b1-256 --batch 256 --variants kernels+cached --top 10 \
+    --measure --json "$OUT/traffic_gpu.json"
+run data 20 python3 bench/data.py --json "$OUT/data.json"
+run sample 20 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json"
 tail -60 "$LOG"
 exit $status

@@ -3,6 +3,7 @@ eager twins, at SR-DiT-B/1 shapes (D = 768, T = 257 tokens, K = 64 routed, H = 1
 
     python bench/kernels.py [--device cuda] [--batch 32 256] [--json OUT]
     python bench/kernels.py --sweep [--batch 256] [--ops OP ...] [--json OUT]
+    python bench/kernels.py --attention ...   (also every attention backend at the step's shapes)
 
 --sweep times the Triton ops with each candidate launch setting of SWEEP (elements per program
 and warps, per kernel of srdit.kernels.triton_utils.GPU_TILES, forward and backward apart; every
@@ -181,6 +182,32 @@ def fwd_bwd(fn, inputs):
     return run
 
 
+ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "fa3", "fa4", "xformers")
+
+
+def attention_rows(batches, dtype, device, iters: int, peak_tflops: float) -> list[dict]:
+    """Forward + backward of each attention backend at the step's shapes, [B, 12, 257, 64] (dense
+    blocks) and [B, 12, 64, 64] (routed): what model.attention_backend=auto chooses between. A
+    backend that is not installed (or not usable here) is a row with its error."""
+    from srdit.kernels.attention import backend_fn
+
+    rows = []
+    for B in batches:
+        for tokens in (T, K):
+            flops = 3.5 * 4 * B * H * tokens * tokens * DH  # fwd 2 GEMMs, bwd 5 (FlashAttention's count)
+            inputs = [torch.randn(B, H, tokens, DH, dtype=dtype, device=device, requires_grad=True) for _ in range(3)]
+            for backend in ATTENTION_BACKENDS:
+                row = {"op": f"attention_{tokens}", "batch": B, "variant": backend}
+                try:
+                    ms, iqr = time_ms(fwd_bwd(backend_fn(backend), inputs), device, iters=iters)
+                except Exception as error:  # missing package, unsupported shape: reported, not fatal
+                    rows.append({**row, "error": f"{type(error).__name__}: {error}"[:200]})
+                    continue
+                rows.append({**row, "ms": ms, "iqr_ms": iqr, "tflops": flops / (ms * 1e-3) / 1e12,
+                             "of_matmul_peak": flops / (ms * 1e-3) / 1e12 / peak_tflops})
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -191,6 +218,8 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="also time SWEEP's candidate launch settings")
     parser.add_argument("--sweep-batch", type=int, nargs="+", default=None, help="batches of the sweep (default --batch)")
+    parser.add_argument("--attention", action="store_true",
+                        help="also time every attention backend at the step's shapes (rows attention_257/_64)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -231,6 +260,8 @@ def main(argv=None) -> None:
                 if "ms" in row:
                     row["vs_eager"] = timings.get("eager", float("nan")) / row["ms"]
                     row["vs_compile"] = timings.get("compile", float("nan")) / row["ms"]
+    if args.attention:
+        rows += attention_rows(args.batch, dtype, device, args.iters, peak_tflops)
     print(table(rows, ["op", "batch", "variant", "ms", "iqr_ms", "gb_per_s", "of_copy_bw", "tflops",
                        "vs_eager", "vs_compile", "error"]))
     sweep_rows = []

@@ -77,6 +77,13 @@ SECTIONS = {
          ("workers", value("workers")), ("samples/s", value("samples_per_s", ".0f")),
          ("ImageNet GB", value("imagenet_gb")), ("note", note)],
         lambda d: d["rows"]),
+    "Counted vs measured (`bench/traffic.py --measure`)": (
+        [("preset", of_json("preset")), ("batch", of_json("batch")), ("variant", value("variant")),
+         ("phase", value("phase")), ("counted GB", value("gb")), ("modelled ms", value("model_ms")),
+         ("measured ms", value("measured_ms")), ("note", note)],
+        lambda d: [{"variant": v["variant"], "phase": p, "gb": r["bytes"] / 1e9, "model_ms": r["model_ms"],
+                    "measured_ms": r.get("measured_ms")} for v in d["variants"] for p, r in v["phases"].items()
+                   if r["launches"]]),
     "Sampling (`bench/sample.py`)": (
         [("preset", of_json("preset")), ("stage", value("stage")), ("precision", value("precision")),
          ("NFE", value("nfe")), ("batch", value("batch")), ("ms", value("ms")), ("samples/s", value("samples_per_s")),
@@ -94,7 +101,8 @@ def sections_of(name: str) -> list[str]:
                 "Measured peaks (denominators)"]
     if name.startswith("kernels_"):  # kernels_before: the same benchmark on an older commit
         return ["Kernels (`bench/kernels.py`)"]
-    return {"data": ["Data loading (`bench/data.py`)"], "sample": ["Sampling (`bench/sample.py`)"]}.get(name, [])
+    return {"data": ["Data loading (`bench/data.py`)"], "sample": ["Sampling (`bench/sample.py`)"],
+            "traffic_gpu": ["Counted vs measured (`bench/traffic.py --measure`)"]}.get(name, [])
 
 
 def header_lines(title: str) -> list[str]:

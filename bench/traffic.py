@@ -2,7 +2,7 @@
 its time on an H200. Not a measurement of speed: bench/throughput.py measures on a GPU.
 
     python bench/traffic.py [--preset sr-dit-b1-256] [--batch 256] [--variants eager kernels ...]
-                            [--top 20] [--json OUT]
+                            [--top 20] [--measure] [--json OUT]
 
 What runs. The training step srdit trains with (srdit.train.assemble.build_step, the variants of
 bench/throughput.py that need no GPU: eager, kernels, cached-teacher, kernels+cached), one routed
@@ -30,7 +30,10 @@ What counts (a TorchDispatchMode below autograd and autocast sees every op a GPU
     (their time is their bytes).
   - model: sum over ops of max(FLOPs / matmul rate, bytes / copy bandwidth), H200 rates measured by
     bench/kernels.py when bench/results/ holds such a JSON, else the datasheet's (printed).
-Phases: teacher, forward (the model), loss (noising, losses), backward, clip, optimizer, ema.
+Phases: teacher, forward (the model), loss (noising, losses), backward, clip, optimizer, ema;
+"other" is the step's own bookkeeping (its loss sums).
+--measure (a GPU): the same step's device time per phase from torch.profiler, printed next to
+the model (bench/gpu_check.sh runs it; bench/record.py files it), so the model meets the hardware.
 """
 from __future__ import annotations
 
@@ -421,6 +424,58 @@ def report(variant: str, summary: dict, tops: list[dict], batch: int) -> str:
     return "\n".join(lines)
 
 
+def measure_phases(preset_name: str, variant: str, batch: int, steps: int = 3) -> dict[str, float]:
+    """On a GPU: device time (ms) per phase of the same step, from torch.profiler's kernels under
+    the step's own ranges (srdit.train.step.phase) and a range around the model's forward: the
+    hardware's side of the model above (`--measure`). The path-drop coin is fixed to routed."""
+    from srdit.config import apply_overrides, preset
+    from srdit.model import build_model
+    from srdit.train.assemble import build_step
+    from srdit.train.inputs import build_teacher, synthetic_batch
+    from srdit.train.loss import draw_step_noise
+
+    spec, device = COUNTED_VARIANTS[variant], torch.device("cuda")
+    fused = spec["kernels"] == "triton"
+    cfg = apply_overrides(preset(preset_name), [
+        f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}", f"train.global_batch={batch}",
+        f"data.cached_teacher={spec['cached']}", "train.compile=false", "train.cuda_graphs=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    teacher, _ = build_teacher(cfg, device, random_init=True)
+    runner = build_step(cfg, model, teacher, device=device)
+    data = synthetic_batch(cfg, batch, device, spec["cached"])
+    m = cfg.model
+    noise = dataclasses.replace(draw_step_noise(batch, (m.in_channels, m.input_size, m.input_size), m, cfg.train,
+                                                device=device), path_drop=False)
+    ranges = []
+
+    def enter(*_):
+        ranges.append(torch.profiler.record_function("model"))
+        ranges[-1].__enter__()
+
+    def leave(*_):
+        ranges.pop().__exit__(None, None, None)
+
+    hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
+    for _ in range(3):  # warm-up: cuBLAS heuristics, Triton compiles, allocator
+        runner.run([data], noise)
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            runner.run([data], noise)
+        torch.cuda.synchronize()
+    for hook in hooks:
+        hook.remove()
+    phases = dict.fromkeys(PHASES, 0.0)
+    for event in prof.events():
+        name = "forward" if event.name == "model" else STEP_PHASES.get(event.name)
+        if name is not None:
+            phases[name] += event.device_time_total / 1e3 / steps  # us -> ms per step
+    phases["loss"] -= phases["forward"]  # the model's range lies inside "forward+loss"
+    return phases
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="sr-dit-b1-256")
@@ -428,13 +483,19 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(COUNTED_VARIANTS), choices=list(COUNTED_VARIANTS))
     parser.add_argument("--path-drop", action="store_true", help="count the path-drop branch (5%% of steps)")
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--measure", action="store_true",
+                        help="on a GPU: also measure each phase's device time (torch.profiler) next to the model")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     from srdit.runinfo import environment
 
-    env = environment(torch.device("cpu"))
+    if args.measure and not torch.cuda.is_available():
+        raise SystemExit("--measure needs a CUDA GPU (the counts and the model need none)")
+
+    env = environment(torch.device("cuda" if args.measure else "cpu"))
     rates = h200_rates()
-    print(f"counted on the CPU ({env['device_name']}), torch {env['torch']}, commit {env['commit']}: "
+    print(f"counted on the CPU{' (measured on ' + env['device_name'] + ')' if args.measure else ''}, "
+          f"torch {env['torch']}, commit {env['commit']}: "
           f"{args.preset}, batch {args.batch} (scaled from {SMALL_BATCHES}), "
           f"{'path-drop' if args.path_drop else 'routed'} step, bf16 autocast with CUDA's policy")
     print(f"roofline rates: {rates['matmul_tflops']:.0f} TFLOP/s, {rates['copy_gbps']:.0f} GB/s ({rates['source']})")
@@ -443,10 +504,20 @@ def main(argv=None) -> None:
         ops = count_variant(args.preset, variant, args.batch, path_drop=args.path_drop)
         summary, tops = summarize(ops, rates, args.batch), top_ops(ops, rates, args.top)
         print(report(variant, summary, tops, args.batch), flush=True)
+        if args.measure:
+            measured = measure_phases(args.preset, variant, args.batch)
+            for phase, row in summary["phases"].items():
+                row["measured_ms"] = measured.get(phase)
+            print(table([dict(phase=p, model_ms=f"{r['model_ms']:.2f}", measured_ms=f"{r.get('measured_ms') or 0:.2f}")
+                         for p, r in summary["phases"].items() if r["launches"]], ["phase", "model_ms", "measured_ms"]),
+                  flush=True)
         results.append({"variant": variant, **summary["total"], "phases": summary["phases"], "top": tops})
-    write_json(args.json, {**env, "kind": "count (CPU), not a measurement", "preset": args.preset,
-                           "batch": args.batch, "path_drop": args.path_drop, "small_batches": list(SMALL_BATCHES),
-                           "rates": rates, "variants": results})
+        write_json(args.json, {**env, "kind": "count (CPU), not a measurement" + ("; measured_ms: GPU profiler"
+                                                                                   if args.measure else ""),
+                               "preset": args.preset, "batch": args.batch, "path_drop": args.path_drop,
+                               "small_batches": list(SMALL_BATCHES), "rates": rates, "variants": results}, quiet=True)
+    if args.json:
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

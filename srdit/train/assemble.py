@@ -12,7 +12,9 @@ Order, and why:
      Gradients live in DDP's buckets (gradient_as_bucket_view: no copy in or out).
      static_graph=True made a rank abort at exit now and then (gloo, CPU: "terminate called
      without an active exception"), so it stays off.
-  2. attention_backend=auto is resolved (timed) for the step's shapes, then torch.compile around DDP, so that dynamo's DDP optimizer splits the graph at the gradient
+  2. attention_backend=auto is resolved (timed) for the step's shapes, the teacher's GEMM weights
+     are stored in bf16 under bf16 autocast (which casts them at every call otherwise), then
+     torch.compile around DDP, so that dynamo's DDP optimizer splits the graph at the gradient
      buckets and all-reduce overlaps backward; the frozen teacher (~36% of a step's FLOPs) is
      compiled too.
   3. CUDA graphs around the whole step (forward, losses, backward, clip, AdamW, EMA), outermost:
@@ -63,7 +65,10 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
     srdit.train.graphs.EagerReplay); autocast: a context factory for the teacher and the forward
     (None: srdit.train.step.step_autocast; bench/traffic.py gives CUDA's bf16 policy on the CPU)."""
     check_runtime(cfg, device, world, graph_type=graph_type)
-    attention = resolve_attention(cfg, device, world, autocast)
+    bf16 = autocast is not None or (device.type == "cuda" and cfg.train.precision == "bf16")
+    attention = resolve_attention(cfg, device, world, bf16)
+    if teacher is not None and bf16:
+        teacher.precast_gemm_weights(torch.bfloat16)  # autocast would cast them at every call; same values
     if optimizers is None and ema is None:
         flatten_parameters(model)  # before the EMA sees the weights: its update becomes one kernel
     optimizers = optimizers if optimizers is not None else Optimizers(model, cfg.train, device)
@@ -85,7 +90,7 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
     return runner
 
 
-def resolve_attention(cfg: Config, device: torch.device, world: int, autocast=None) -> str:
+def resolve_attention(cfg: Config, device: torch.device, world: int, bf16: bool) -> str:
     """model.attention_backend, with `auto` resolved now for the step's attention shapes (all
     tokens, and the kept ones of routed blocks), before the model is compiled or captured: a
     trace cannot time candidates. Returns what the training log says about it."""
@@ -94,7 +99,6 @@ def resolve_attention(cfg: Config, device: torch.device, world: int, autocast=No
         return backend
     micro = cfg.train.global_batch // world // cfg.train.grad_accum
     tokens = [m.num_tokens] + ([m.num_kept] if m.sprint and m.routed_depth else [])
-    bf16 = autocast is not None or (device.type == "cuda" and cfg.train.precision == "bf16")
     chosen = resolve_auto_for([(micro, m.heads, n, m.head_dim) for n in tokens],
                               torch.bfloat16 if bf16 else torch.float32, device)
     return "auto: " + ", ".join(f"{n} tokens -> {chosen[(micro, m.heads, n, m.head_dim)]}" for n in tokens)

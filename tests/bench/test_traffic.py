@@ -5,6 +5,7 @@ quickstart preset. The counter intercepts compiled Triton launches, so its check
 subprocesses without TRITON_INTERPRET (tests/bench/traffic_checks.py)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -84,6 +85,17 @@ def test_cli_at_the_quickstart_preset(tmp_path):
         assert len(row["top"]) == 5 and row["model_ms"] > 0 and row["flops"] > 0
     assert rows["kernels"]["bytes_per_image"] < rows["eager"]["bytes_per_image"]
     assert rows["kernels"]["launches"] < rows["eager"]["launches"]
+    # gpu_check.sh's traffic_gpu.json (with --measure on a GPU) feeds its own RESULTS.md table
+    gpu_check = tmp_path / "gpu_check"
+    gpu_check.mkdir()
+    shutil.copyfile(out, gpu_check / "traffic_gpu.json")
+    results = tmp_path / "RESULTS.md"
+    shutil.copyfile(os.path.join(ROOT, "bench", "RESULTS.md"), results)
+    run_python(os.path.join(ROOT, "bench", "record.py"), str(gpu_check), "--results", str(results), "--store",
+               str(tmp_path / "store"), "--allow-cpu")
+    table = results.read_text().split("## Counted vs measured")[1].split("\n## ")[0]
+    phases = [p for p, r in rows["kernels"]["phases"].items() if r["launches"]]
+    assert table.count("| kernels |") == len(phases) and "No GPU measurement yet" not in table
 
 
 def test_cuda_autocast_places_every_op_whose_policy_differs():
