@@ -142,7 +142,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.v1_lambda = nn.Parameter(torch.tensor(0.5)) if value_residual else None
 
-    def forward(self, x, rope: VisionRoPE | None, rope_ids, v0=None, v0_ids=None):
+    def forward(self, x, rope: VisionRoPE | None, rope_ids, v0=None):
+        """v0 [B, N, H, Dh]: block 0's v at this block's tokens (routed: gathered by the model)."""
         B, N, D = x.shape
         q, k, v, v_raw = self.ops.attention_prologue(
             self.qkv(x),  # [B, N, 3D]
@@ -153,7 +154,7 @@ class Attention(nn.Module):
             rope.freqs_sin if rope is not None else None,
             rope_ids,
             v0 if self.v1_lambda is not None else None,
-            v0_ids,
+            None,  # v0_ids: v0 comes at this block's tokens
             self.v1_lambda,
         )  # q, k, v [B, H, N, Dh]; v_raw [B, N, H, Dh]
         out = self.ops.attention(q, k, v).transpose(1, 2).reshape(B, N, D)  # [B, N, D]
@@ -269,7 +270,7 @@ class SiTBlock(nn.Module):
         self.mlp = Mlp(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 6 * cfg.hidden))
 
-    def forward(self, x, mod, rope, rope_ids, v0=None, v0_ids=None, pending=None):
+    def forward(self, x, mod, rope, rope_ids, v0=None, pending=None):
         """mod [B, 6D]: this block's adaLN output (SRDiT.modulations computes it from c); pending:
         the previous block's MLP branch (gate [B, D], f [B, N, D]) not yet in x, or None.
         Returns (x, this block's MLP branch, v_raw); the stream is x + g_mlp * MLP(...)."""
@@ -278,7 +279,7 @@ class SiTBlock(nn.Module):
             h = self.norm1(x, shift_msa, scale_msa)  # [B, N, D]
         else:
             x, h = self.norm1.residual(x, *pending, shift_msa, scale_msa)  # x += g * f; h = mod(norm1 x)
-        a, v_raw = self.attn(h, rope, rope_ids, v0, v0_ids)
+        a, v_raw = self.attn(h, rope, rope_ids, v0)
         x, h = self.norm2.residual(x, gate_msa, a, shift_mlp, scale_mlp)  # x += g_msa * a; h = mod(norm2 x)
         return x, (gate_mlp, self.mlp(h)), v_raw  # [B, N, D], ([B, D], [B, N, D]), [B, N, H, Dh]
 
@@ -426,7 +427,7 @@ class SRDiT(nn.Module):
         mods = F.linear(F.silu(c), weight, bias).split([lin.out_features for lin in linears], dim=-1)
         return mods.__getitem__
 
-    def _run(self, blocks, h, mods, rope_ids, v0, v0_ids=None, first_index=0, to_head=False):
+    def _run(self, blocks, h, mods, rope_ids, v0, first_index=0, to_head=False):
         """Run `blocks` on h; caches block 0's v as v0; returns (h, pending, v0, tapped hidden).
 
         The stream is materialised (add_branch) at the REPA tap and at the end, where the caller
@@ -434,7 +435,7 @@ class SRDiT(nn.Module):
         """
         pending = tap = None
         for i, block in enumerate(blocks, start=first_index):
-            h, pending, v_raw = block(h, mods(i), self.feat_rope, rope_ids, v0, v0_ids, pending)
+            h, pending, v_raw = block(h, mods(i), self.feat_rope, rope_ids, v0, pending)
             if i == 0 and self.cfg.value_residual:
                 v0 = v_raw
             if i + 1 == self.cfg.repa_depth:
@@ -486,8 +487,11 @@ class SRDiT(nn.Module):
             sparse_rope_ids = rope_ids.gather(1, ids)  # [B, K]: tokens keep their grid position
             if cfg.quirk_rotate_routed_cls:
                 sparse_rope_ids = sparse_rope_ids.clamp(min=0)  # Q1: a kept class token rotates as (0, 0)
-            g, _, _, _ = self._run(mid_blocks, self.ops.gather_tokens(enc, ids), mods, sparse_rope_ids, v0,
-                                   v0_ids=ids, first_index=n_enc)  # [B, K, D]
+            # v0 at the kept tokens once for all routed blocks: its gradient is summed over them at
+            # [B, K, H, Dh] and scattered once, not zero-filled to [B, T, H, Dh] and added per block
+            kept_v0 = self.ops.gather_tokens(v0, ids) if v0 is not None else None  # [B, K, H, Dh]
+            g, _, _, _ = self._run(mid_blocks, self.ops.gather_tokens(enc, ids), mods, sparse_rope_ids, kept_v0,
+                                   first_index=n_enc)  # [B, K, D]
         else:
             g, _, _, _ = self._run(mid_blocks, enc, mods, rope_ids, v0, first_index=n_enc)  # [B, T, D]
         # 3) pad with [MASK] and fuse with the encoder output

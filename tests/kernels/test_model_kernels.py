@@ -77,8 +77,8 @@ def test_block_compiles_with_fullgraph():
     v0 = torch.randn(2, 17, 2, 32, device=DEVICE)
     pending = (torch.randn(2, 64, device=DEVICE), torch.randn(2, 17, 64, device=DEVICE))  # the previous MLP branch
     compiled = torch.compile(block, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
-    out, (gate, f), _ = compiled(x, c, triton.feat_rope, ids, v0, None, pending)
-    ref, (ref_gate, ref_f), _ = block(x, c, triton.feat_rope, ids, v0, None, pending)
+    out, (gate, f), _ = compiled(x, c, triton.feat_rope, ids, v0, pending)
+    ref, (ref_gate, ref_f), _ = block(x, c, triton.feat_rope, ids, v0, pending)
     assert rel_err(out, ref) < 1e-6 and rel_err(f, ref_f) < 1e-6 and torch.equal(gate, ref_gate)
     (out.sum() + (gate.unsqueeze(1) * f).sum()).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()

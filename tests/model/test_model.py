@@ -384,13 +384,14 @@ def test_rope_ids_and_v0_follow_tokens_through_routing():
         full = torch.arange(-1, 16).expand(2, -1)
         assert torch.equal(calls[0][0][3], full)  # dense: class token at -1 (not rotated)
         for i in (2, 3):
-            x, c, rope, rope_ids, v0, v0_ids, _ = calls[i][0]
+            x, c, rope, rope_ids, v0, _ = calls[i][0]
             expected = full.gather(1, ids)
             expected = expected.clamp(min=0) if quirk else expected
             assert torch.equal(rope_ids, expected)
             assert rope_ids[0, 0] == (0 if quirk else -1)  # Q1: kept class token rotates as (0, 0)
-            assert torch.equal(v0_ids, ids) and v0 is v0_out[0]
-        assert calls[4][0][5] is None and calls[4][0][4] is v0_out[0]  # decoder: full v0
+            assert torch.equal(v0, ref.gather_tokens(v0_out[0], ids))  # block 0's v at the kept tokens
+        assert calls[2][0][4] is calls[3][0][4]  # gathered once for the routed blocks
+        assert calls[4][0][4] is v0_out[0]  # decoder: full v0
 
 
 def test_value_residual_mixes_block0_v_gathered_at_kept_ids():
