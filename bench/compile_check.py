@@ -16,8 +16,8 @@ the CPU machines of development and CI (TOOLCHAIN.md "Triton for a GPU that is n
    the kernels (linear, conv, matmul to bf16; elementwise ops keep their inputs' dtypes) are the
    ones CUDA autocast casts, so the kernels see the dtypes they see on a GPU. Launch settings are
    the GPU's (SRDIT_LAUNCH=gpu, srdit/kernels/triton_utils.py: GPU tiles and warps, 4 programs per
-   SM of a GPU_SM_COUNT-SM H100/H200). Teacher targets are cached: the DINOv2 teacher launches no
-   srdit kernel (tests/kernels/test_compile_check.py records the online-teacher step too).
+   SM of a GPU_SM_COUNT-SM H100/H200). The DINOv2 teacher runs online, as by default, for its
+   fused LayerNorms (tests/kernels/test_compile_check.py records the cached-teacher step too).
    --depth N records a model of N blocks instead of the preset's: the block kinds (block 0
    without value residual, dense with it, routed) are what differ, and 5 blocks have them all
    (the test checks that depth 5 and the full depth record one set of kernels).
@@ -187,7 +187,7 @@ def _config(preset_name: str, batch: int, depth: int | None, extra=()):
     from srdit.config import apply_overrides, preset
 
     overrides = ["model.kernels=triton", f"train.global_batch={batch}", "train.compile=false",
-                 "train.cuda_graphs=false", "data.cached_teacher=true", *extra]
+                 "train.cuda_graphs=false", *extra]
     if depth is not None:
         overrides.append(f"model.depth={depth}")
     return apply_overrides(preset(preset_name), overrides)

@@ -4,6 +4,10 @@
     srdit.kernels.apply_rope(x, cos, sin, rope_ids)
         the Triton versions (DESIGN.md "Contracts"), imported on first use: importing
         srdit.kernels does not import triton, so the model with kernels="eager" runs without it.
+    srdit.kernels.layer_norm(x, weight, bias, eps, out_dtype)
+    srdit.kernels.residual_layer_norm(x, f, gamma, weight, bias, eps, out_dtype)
+        the DINOv2 teacher's fused LayerNorms (forward only), found the same way; its eager path
+        (srdit/model/dinov2.py Block.forward) is their reference.
     srdit.kernels.reference
         the eager twin of every op, same signatures (tests, benchmarks, kernels="eager").
     get_ops(cfg.model.kernels, cfg.model.attention_backend)
@@ -25,9 +29,11 @@ from srdit.config import KERNELS, ConfigError
 OP_NAMES = ("rms_norm", "rmsnorm_modulate", "residual_rmsnorm_modulate", "layernorm_modulate", "apply_rope",
             "attention_prologue", "gather_tokens", "sprint_fuse")
 
-# The Triton functions of DESIGN.md's contract, by the file that defines them, looked up on first
-# access (a module __getattr__, PEP 562) so that `import srdit.kernels` never imports triton.
-_TRITON_FUNCTIONS = {"rmsnorm_modulate": "rmsnorm", "apply_rope": "rope"}
+# The Triton functions of DESIGN.md's contract and the teacher's norms, by the file that defines
+# them, looked up on first access (a module __getattr__, PEP 562) so that `import srdit.kernels`
+# never imports triton.
+_TRITON_FUNCTIONS = {"rmsnorm_modulate": "rmsnorm", "apply_rope": "rope", "layer_norm": "layernorm",
+                     "residual_layer_norm": "layernorm"}
 
 
 def __getattr__(name: str):

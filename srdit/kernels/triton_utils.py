@@ -76,6 +76,7 @@ GPU_TILES = {
     "gather_tokens": Tile(4096),  # 4 rows of 1024: a copy; <= 40
     "sprint_fuse_fwd": Tile(4096),  # 4 rows: base, gW2; <= 62
     "sprint_fuse_bwd": Tile(2048),  # 2 rows: dout, 2 accumulator tiles, the slot search; <= 80
+    "layer_norm_fwd": Tile(2048),  # 2 rows: x, f, x_new / y, gamma, w, b rows (teacher, forward only)
 }
 
 

@@ -34,7 +34,12 @@ refreshed by a load_state_dict post-hook). Two resamplings exist and they do NOT
 The default is "dinov2"; a teacher meant to reproduce the release's REPA/REG targets must be
 built with pos_interp="timm" (the stored pos_embed, and so the file, is the same either way).
 
-How it runs, for the online teacher of a training step (same math; it does not change the file):
+How it runs, for the online teacher of a training step (same math; neither changes the file):
+  * kernels="triton" (model.kernels, passed by srdit.train.inputs.build_teacher): each
+    LayerNorm runs fused with the residual add and LayerScale before it and with autocast's cast
+    to the GEMM's dtype after it (srdit/kernels/layernorm.py, forward only), one launch per norm
+    instead of four. Not bit-identical to "eager" (the norm's reduction order), which is kept
+    exactly as written above: the reference.
   * precast_gemm_weights(bf16): the patch embedding's and the Linears' weights and biases are
     stored in bf16 once, so bf16 autocast stops casting them at every call (bit-identical).
 
@@ -48,12 +53,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from srdit.config import IMAGENET_MEAN, IMAGENET_STD, TEACHER_PATCH
+from srdit.config import IMAGENET_MEAN, IMAGENET_STD, KERNELS, TEACHER_PATCH, ConfigError
 from srdit.model.weights import describe_mismatch, load_state_file
 
 POS_INTERPS = ("dinov2", "timm")
@@ -136,6 +142,24 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
+def fused_norm_ops(kernels: str) -> SimpleNamespace | None:
+    """The teacher's norm ops for model.kernels: None for "eager" (Block.forward as written, the
+    reference); srdit.kernels' fused LayerNorms for "triton" (a ConfigError now, not at the first
+    step, where triton is missing)."""
+    if kernels not in KERNELS:
+        raise ConfigError(f"kernels={kernels!r} is not one of {', '.join(map(repr, KERNELS))}")
+    if kernels == "eager":
+        return None
+    import srdit.kernels
+
+    try:
+        return SimpleNamespace(layer_norm=srdit.kernels.layer_norm,
+                               residual_layer_norm=srdit.kernels.residual_layer_norm)
+    except ImportError as error:
+        raise ConfigError(f"the teacher with kernels='triton' needs the triton package ({error}); "
+                          "use model.kernels=eager") from None
+
+
 # ------------------------------------------------------------------------------------------
 # modules (attribute names are the checkpoint's key names)
 # ------------------------------------------------------------------------------------------
@@ -203,10 +227,11 @@ class DINOv2(nn.Module):
 
     Parameters are registered in the checkpoint's order (cls_token, pos_embed, mask_token,
     patch_embed, blocks, norm), so state_dict() lists them as the original file does.
-    `pos_interp` picks the resampling of the stored table to the g x g grid (module docstring).
+    `pos_interp` picks the resampling of the stored table to the g x g grid; `kernels` how the
+    norms run (module docstring).
     """
 
-    def __init__(self, arch: DINOv2Arch, img_size: int, pos_interp: str = "dinov2"):
+    def __init__(self, arch: DINOv2Arch, img_size: int, pos_interp: str = "dinov2", kernels: str = "eager"):
         super().__init__()
         if img_size % arch.patch:
             raise ValueError(f"img_size={img_size} is not a multiple of the patch size {arch.patch}")
@@ -217,6 +242,7 @@ class DINOv2(nn.Module):
         self.img_size = img_size
         self.grid = img_size // arch.patch
         self.pos_interp = pos_interp
+        self.fused_norms = fused_norm_ops(kernels)
         self.embed_dim = d
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, arch.pos_grid**2 + 1, d))
@@ -300,10 +326,32 @@ class DINOv2(nn.Module):
         if self.grid != self.arch.pos_grid and self.pos_interp == "dinov2":
             pos = pos.to(x.dtype)  # the hub model casts its interpolated table to x's dtype
         x = x + pos  # [B, 1+g*g, D]
-        for block in self.blocks:
-            x = block(x)  # [B, 1+g*g, D]
-        x = self.norm(x)  # [B, 1+g*g, D]
+        if self.fused_norms is not None:
+            x = self._fused_blocks(x)  # [B, 1+g*g, D]
+        else:
+            for block in self.blocks:
+                x = block(x)  # [B, 1+g*g, D]
+            x = self.norm(x)  # [B, 1+g*g, D]
         return x[:, 0], x[:, 1:]  # [B, D], [B, g*g, D]
+
+    def _fused_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks and the final norm, Block.forward's math, with each LayerNorm fused with the
+        residual add and LayerScale before it (x_new = x + f * gamma, stored in x's dtype as the
+        unfused add stores it) and written in the dtype of the GEMM that reads it: a norm2, or
+        the next block's norm1, after each residual branch. The final norm, the targets, keeps
+        the stream's dtype, as LayerNorm gives it (fp32: under autocast too)."""
+        ops = self.fused_norms
+        gemm = autocast_dtype(x) or x.dtype
+        first = self.blocks[0].norm1
+        y = ops.layer_norm(x, first.weight, first.bias, first.eps, gemm)  # [B, N, D] in the GEMM's dtype
+        for i, block in enumerate(self.blocks):
+            last = i + 1 == len(self.blocks)
+            after = self.norm if last else self.blocks[i + 1].norm1
+            n2 = block.norm2
+            x, y = ops.residual_layer_norm(x, block.attn(y), block.ls1.gamma, n2.weight, n2.bias, n2.eps, gemm)
+            x, y = ops.residual_layer_norm(x, block.mlp(y), block.ls2.gamma, after.weight, after.bias, after.eps,
+                                           x.dtype if last else gemm)
+        return y  # [B, N, D]
 
     def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [B,3,H,W] -> (cls [B,D], patches [B,g*g,D])."""
@@ -319,14 +367,14 @@ def _arch(arch: str) -> DINOv2Arch:
     return ARCHS[arch]
 
 
-def build_dinov2(arch: str, img_size: int, pos_interp: str = "dinov2") -> DINOv2:
+def build_dinov2(arch: str, img_size: int, pos_interp: str = "dinov2", kernels: str = "eager") -> DINOv2:
     """Random-init DINOv2 (deterministic under torch.manual_seed). img_size: the resolution it
     is fed (224 at 256 px, 448 at 512 px, 16 for `tiny`). pos_interp: see the module docstring
-    ("timm" reproduces the SR-DiT release's REPA teacher)."""
-    return DINOv2(_arch(arch), img_size, pos_interp)
+    ("timm" reproduces the SR-DiT release's REPA teacher); kernels: how its norms run (same)."""
+    return DINOv2(_arch(arch), img_size, pos_interp, kernels)
 
 
-def load_dinov2(arch: str, path, img_size: int, pos_interp: str = "dinov2") -> DINOv2:
+def load_dinov2(arch: str, path, img_size: int, pos_interp: str = "dinov2", kernels: str = "eager") -> DINOv2:
     """Load an original-layout DINOv2 file (or timm's layout, which lacks mask_token), strictly.
 
     Returns a frozen model in eval mode. Errors name the path, the expected file and the first
@@ -335,7 +383,7 @@ def load_dinov2(arch: str, path, img_size: int, pos_interp: str = "dinov2") -> D
     a = _arch(arch)
     expected = a.file_name or f"a state dict saved from build_dinov2({arch!r}, ...)"
     sd = load_state_file(path, expected, ("model", "state_dict"))
-    model = DINOv2(a, img_size, pos_interp)
+    model = DINOv2(a, img_size, pos_interp, kernels)
     ref = model.state_dict()
     if "mask_token" not in sd:  # timm layout: identical except that mask_token (unused) is dropped
         sd = dict(sd, mask_token=torch.zeros_like(ref["mask_token"]))

@@ -44,20 +44,22 @@ def build_teacher(cfg: Config, device: torch.device, *, random_init: bool = Fals
     """(frozen DINOv2 on `device`, a description) for REPA/REG targets; (None, ...) when the
     targets are cached in the data. Weights come from data.teacher; `random_init` (benchmarks,
     tests) or the quickstart's tiny teacher without a file get random weights of the same
-    architecture, and the description says so."""
+    architecture, and the description says so. Its norms run as model.kernels says (the fused
+    Triton LayerNorms with "triton": srdit/model/dinov2.py)."""
     if cfg.data.cached_teacher:
         return None, "cached teacher targets"
     from srdit.model.dinov2 import build_dinov2, load_dinov2
 
     d = cfg.data
     if d.teacher and not random_init:
-        teacher = load_dinov2(d.teacher_arch, d.teacher, d.teacher_resolution, d.teacher_pos_interp)
+        teacher = load_dinov2(d.teacher_arch, d.teacher, d.teacher_resolution, d.teacher_pos_interp,
+                              cfg.model.kernels)
         note = f"DINOv2 {d.teacher_arch} from {d.teacher}"
     else:
         if d.teacher_arch != "tiny" and not random_init:
             raise ConfigError(f"data.teacher is empty: give the path of the {d.teacher_arch} weights "
                               f"(dinov2_{d.teacher_arch}_pretrain.pth); only the quickstart's tiny teacher may be random")
-        teacher = build_dinov2(d.teacher_arch, d.teacher_resolution, d.teacher_pos_interp).freeze()
+        teacher = build_dinov2(d.teacher_arch, d.teacher_resolution, d.teacher_pos_interp, cfg.model.kernels).freeze()
         note = (f"DINOv2 {d.teacher_arch}-style ViT, RANDOM INIT (no pretrained weights: REPA/REG align to random "
                 "features)")
     if teacher.embed_dim != cfg.model.teacher_dim:

@@ -42,7 +42,8 @@ def test_counting_rules(checks, name):
 
 @pytest.mark.parametrize("name", [
     "rmsnorm_modulate_fwd", "residual_rmsnorm_modulate_fwd", "residual_rmsnorm_modulate_fwd_autocast", "apply_rope_fwd",
-    "apply_rope_bwd", "gather_tokens_fwd", "gather_tokens_bwd", "attention_prologue_fwd"])
+    "apply_rope_bwd", "gather_tokens_fwd", "gather_tokens_bwd", "attention_prologue_fwd", "layer_norm_fwd",
+    "residual_layer_norm_fwd"])
 def test_fused_ops_count_their_docstring_formula(checks, name):
     counted, formula = checks[name]
     assert counted == formula

@@ -114,4 +114,15 @@ tokens = B * K
 out["attention_prologue_fwd"] = [by_name(ops, "_attention_prologue_fwd_kernel")[0].bytes,
                                  tokens * D * (6 + 2 + 6) + 2 * 8 * tokens + 2 * Dh * 4 + 4 + tables]
 
+from srdit.kernels.layernorm import layer_norm, residual_layer_norm  # noqa: E402
+
+xs, gamma, bias = torch.randn(B, N, D), torch.randn(D), torch.randn(D)  # the teacher's fp32 stream and params
+with torch.no_grad():  # forward only; f and y in the GEMMs' bf16
+    ops = counted(lambda: (layer_norm(xs, w, bias, 1e-6, bf), residual_layer_norm(xs, f, gamma, w, bias, 1e-6, bf)))
+plain, residual = by_name(ops, "_layer_norm_fwd_kernel")
+# layernorm.py: layer_norm read R*D*s + 2*D*4, write R*D*so; residual_layer_norm read R*D*(s + sf) + 3*D*4,
+# write R*D*(s + so); here s = 4, sf = so = 2
+out["layer_norm_fwd"] = [plain.bytes, R * D * 4 + 2 * D * 4 + R * D * s]
+out["residual_layer_norm_fwd"] = [residual.bytes, R * D * (4 + s) + 3 * D * 4 + R * D * (4 + s)]
+
 print(json.dumps(out))

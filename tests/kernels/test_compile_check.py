@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 KERNELS = {  # every @triton.jit kernel of srdit/kernels
     "_rmsnorm_modulate_fwd_kernel", "_rmsnorm_modulate_bwd_kernel", "_apply_rope_fwd_kernel", "_apply_rope_bwd_kernel",
     "_attention_prologue_fwd_kernel", "_attention_prologue_bwd_kernel", "_gather_tokens_fwd_kernel",
-    "_gather_tokens_bwd_kernel", "_sprint_fuse_fwd_kernel", "_sprint_fuse_bwd_kernel",
+    "_gather_tokens_bwd_kernel", "_sprint_fuse_fwd_kernel", "_sprint_fuse_bwd_kernel", "_layer_norm_fwd_kernel",
 }
 
 
@@ -51,6 +51,9 @@ def test_every_kernel_compiles_within_budget(tmp_path):
             if c.startswith("BLOCK_K")} == {"BLOCK_K=64", "BLOCK_K=256"}
     # bf16 autocast reached the kernels: bf16 activations next to the fp32 residual stream
     assert any("b" in r["pointers"] and "f" in r["pointers"] for r in rows if "RESIDUAL" in r["constexprs"])
+    # and the online teacher's norms: fp32 stream, bf16 GEMM input and output
+    teacher_norms = [r["pointers"] for r in rows if r["kernel"] == "_layer_norm_fwd_kernel"]
+    assert any("b" in p and "f" in p for p in teacher_norms), teacher_norms
 
 
 RECORD = """
@@ -67,7 +70,7 @@ both = ["fp32", "bf16"]
 print(json.dumps({
     "step": keys(cc.record_training, both), "step_depth5": keys(cc.record_training, both, depth=5),
     "step_fp32": keys(cc.record_training, ["fp32"]), "step_fp32_batch3": keys(cc.record_training, ["fp32"], batch=3),
-    "step_fp32_online_teacher": keys(cc.record_training, ["fp32"], extra=["data.cached_teacher=false"]),
+    "step_fp32_cached_teacher": keys(cc.record_training, ["fp32"], extra=["data.cached_teacher=true"]),
     "sampling": keys(cc.record_sampling, both), "sampling_depth5": keys(cc.record_sampling, both, depth=5),
 }))
 """
@@ -77,11 +80,14 @@ def test_what_is_recorded_stands_for_the_real_step():
     """At the quickstart preset (the same model kinds, small): a 5-block model launches the very
     specialisations of the full 6-block one (block 0, dense and routed blocks are all there); a
     batch of 3 those of a batch of 2 (nothing specialises on the batch; a batch of 1 would: an
-    expanded [1, N] id row has no stride 0); the step with the online DINOv2 teacher those of
-    the cached-teacher step (the teacher launches no kernel). Sampling compiles nothing the step
-    does not."""
+    expanded [1, N] id row has no stride 0); the step with the online DINOv2 teacher (recorded)
+    those of the cached-teacher step and the teacher's LayerNorms. Sampling compiles nothing the
+    step does not."""
     specs = json.loads(run(code=RECORD).strip().splitlines()[-1])
     assert specs["step"] and specs["sampling"], "nothing recorded"
     assert specs["step_depth5"] == specs["step"] and specs["sampling_depth5"] == specs["sampling"]
-    assert specs["step_fp32_batch3"] == specs["step_fp32"] == specs["step_fp32_online_teacher"]
+    assert specs["step_fp32_batch3"] == specs["step_fp32"]
+    teacher_only = set(specs["step_fp32"]) - set(specs["step_fp32_cached_teacher"])
+    assert set(specs["step_fp32_cached_teacher"]) < set(specs["step_fp32"])
+    assert teacher_only and all("'_layer_norm_fwd_kernel'" in s for s in teacher_only), teacher_only
     assert set(specs["sampling"]) <= set(specs["step"])

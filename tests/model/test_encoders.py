@@ -4,6 +4,7 @@ Layouts are checked against tests/data/*.json (copies of shared/layouts/) (the r
 Files "in the original format" are random tensors shaped from those JSONs. Error-path files use
 stride-0 expanded scalars (torch.save keeps the view), so they cost bytes, not hundreds of MB.
 """
+import copy
 import json
 import math
 from pathlib import Path
@@ -316,7 +317,8 @@ def test_precast_teacher_keeps_the_checkpoint_layout_and_loads():
     original = {k: v.clone() for k, v in teacher.state_dict().items()}
     saved = teacher.precast_gemm_weights().state_dict()
     assert as_layout(saved) == as_layout(original)
-    gemm_keys = {f"{n}.{p}" for n, m in teacher.named_modules() if isinstance(m, GEMM_MODULES) for p in ("weight", "bias")}
+    gemm_keys = {f"{n}.{p}" for n, m in teacher.named_modules() if isinstance(m, GEMM_MODULES)
+                 for p in ("weight", "bias")}
     for k, v in saved.items():
         assert torch.equal(v, original[k].bfloat16().float() if k in gemm_keys else original[k]), k
     other = build_dinov2("tiny", 16).freeze().precast_gemm_weights()
@@ -334,6 +336,72 @@ def test_precast_teacher_refuses_to_run_without_its_autocast():
     images = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
     with pytest.raises(RuntimeError, match=r"stored in torch.bfloat16 .*autocast"):
         run_counting_casts(teacher, images, autocast=False)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (tests/kernels/checks.py's measure)."""
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def targets_of(model, images, autocast):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return repa_targets(*model(images))
+
+
+@pytest.fixture(scope="module")
+def teachers():
+    """(eager, fused) ViT-B-width teachers of 2 blocks with the same weights, fed 56 px (17
+    tokens), and images: every kind of norm (first, residual, final) at D = 768."""
+    torch.manual_seed(0)
+    arch = DINOv2Arch(768, 2, 12, 14, 37, None)
+    eager = trained_like(DINOv2(arch, img_size=56).freeze())
+    fused = DINOv2(arch, img_size=56, kernels="triton").freeze()
+    fused.load_state_dict(eager.state_dict())
+    return eager, fused, torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+
+
+def test_fused_teacher_matches_eager_in_fp32(teachers):
+    """kernels="triton": the same math; in fp32 only the norms' summation order differs."""
+    eager, fused, images = teachers
+    want, got = targets_of(eager, images, False), targets_of(fused, images, False)
+    assert got.dtype == torch.float32 and rel_err(got, want) <= 1e-5
+
+
+def test_fused_teacher_under_bf16_autocast(teachers):
+    """Under bf16 autocast the fused norms write the GEMMs' bf16 themselves: the targets stay fp32
+    and are as close to the float64 teacher as the eager ones are (the two differ by bf16
+    rounding; the interpreter's bf16 stores truncate, which a GPU's do not, hence the 25%)."""
+    eager, fused, images = teachers
+    want, got = targets_of(eager, images, True), targets_of(fused, images, True)
+    exact = targets_of(copy.deepcopy(eager).double(), images, False)
+    assert got.dtype == want.dtype == torch.float32
+    assert rel_err(got, want) <= 1e-2
+    assert rel_err(got, exact) <= 1.25 * rel_err(want, exact)
+
+
+def test_fused_teacher_compiles_and_precasts(teachers):
+    """torch.compile(fullgraph=True) traces the fused teacher under autocast (custom ops and
+    their fakes, the autocast query) into the same ops (backend "eager": AOT autograd would
+    decompose the GEMMs, which changes the eager teacher's bits as much); precasting the fused
+    teacher is bit-identical."""
+    _, fused, images = teachers
+    fused = copy.deepcopy(fused)
+    torch._dynamo.reset()
+    want = targets_of(fused, images, True)
+    assert torch.equal(targets_of(torch.compile(fused, fullgraph=True, backend="eager"), images, True), want)
+    assert torch.equal(targets_of(fused.precast_gemm_weights(), images, True), want)
+
+
+def test_build_teacher_runs_the_model_kernels():
+    from srdit.config import KERNELS, apply_overrides, preset
+    from srdit.train.inputs import build_teacher
+
+    for kernels in KERNELS:
+        cfg = apply_overrides(preset("quickstart"), [f"model.kernels={kernels}", "data.cached_teacher=false"])
+        teacher, _ = build_teacher(cfg, torch.device("cpu"), random_init=True)
+        assert (teacher.fused_norms is None) == (kernels == "eager"), kernels
+    with pytest.raises(ValueError, match="kernels='cuda'"):
+        build_dinov2("tiny", 16, kernels="cuda")
 
 
 # ------------------------------------------------------------------------------------------
