@@ -108,38 +108,52 @@ class Optimizers:
                     group["capturable"] = self.capturable
 
 
+FLAT_ALIGN_BYTES = 256  # what CUDA's allocator gives a tensor of its own
+
+
+def _aligned(offset: int, element_size: int) -> int:
+    step = max(1, FLAT_ALIGN_BYTES // element_size)
+    return -(-offset // step) * step
+
+
 def flatten_parameters(module: nn.Module) -> nn.Module:
     """Every parameter of `module` becomes a view of one contiguous buffer, in parameters()
     order, values unchanged (in place: optimizers and hooks keep the same Parameter objects).
     Then an update of all weights at once (the EMA) is one kernel over one tensor instead of a
-    launch per parameter. Call it before the EMA and the optimizers are made. Parameters of
-    several dtypes or devices are left as they are."""
+    launch per parameter. Each view starts 256 bytes aligned, as a tensor of its own would: the
+    alignment that Triton specialises on and vectorised GEMM loads want does not change with the
+    model's size (the gaps are zeros and stay zeros). Call it before the EMA and the optimizers
+    are made. Parameters of several dtypes or devices are left as they are."""
     params = list(module.parameters())
     if not params or len({(p.dtype, p.device) for p in params}) > 1 or flat_view(params) is not None:
         return module
-    flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-    offset = 0
+    size = params[0].element_size()
+    offsets, end = [], 0
     for p in params:
+        offsets.append(_aligned(end, size))
+        end = offsets[-1] + p.numel()
+    flat = torch.zeros(end, dtype=params[0].dtype, device=params[0].device)
+    for p, offset in zip(params, offsets):
         view = flat[offset: offset + p.numel()].view_as(p)
         view.copy_(p.detach())
         p.data = view
-        offset += p.numel()
     return module
 
 
 def flat_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """One 1-D tensor over `tensors` when they lie back to back in one storage, in order, each
-    contiguous (what flatten_parameters makes), else None."""
+    """One 1-D tensor over `tensors` when they lie in one storage in order, each contiguous and
+    starting where flatten_parameters puts it (the end of the previous one, aligned), else None."""
     if not tensors:
         return None
     first = tensors[0]
-    end = first.storage_offset()
+    start = end = first.storage_offset()
     for t in tensors:
-        if (t.dtype != first.dtype or not t.is_contiguous() or t.storage_offset() != end
-                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+        if (t.dtype != first.dtype or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.storage_offset() - start != _aligned(end - start, t.element_size())):
             return None
-        end += t.numel()
-    return first.detach().as_strided((end - first.storage_offset(),), (1,), first.storage_offset())
+        end = t.storage_offset() + t.numel()
+    return first.detach().as_strided((end - start,), (1,), start)
 
 
 class EMA:

@@ -98,6 +98,8 @@ def test_flat_parameters_make_the_ema_one_kernel_with_the_same_arithmetic():
     before = {k: v.clone() for k, v in flat.state_dict().items()}
     flatten_parameters(flat)
     assert flat_view(list(flat.parameters())) is not None and flat_view(list(lists.parameters())) is None
+    base = next(flat.parameters()).data_ptr()  # each view aligned as a tensor of its own (Triton, GEMMs)
+    assert all((p.data_ptr() - base) % 256 == 0 for p in flat.parameters())
     assert all(torch.equal(before[k], v) for k, v in flat.state_dict().items())
     for rule in ("release", "lerp"):
         a, b = EMA(flat, 0.99, rule), EMA(lists, 0.99, rule)
