@@ -14,7 +14,8 @@ interpreter: the sweep runs, its times mean nothing.
 
 Memory-bound ops are scored by achieved GB/s against the card's measured copy bandwidth
 (target: >= 70%); the bytes are the minimum an op must move, forward + backward, with bf16
-activations (2 bytes), written next to each case. sprint_fuse is GEMM-bound and scored by
+activations (2 bytes), written next to each case; the teacher's residual_layer_norm is forward
+only (the teacher is frozen). sprint_fuse is GEMM-bound and scored by
 TFLOP/s against the measured bf16 matmul rate.
 """
 from __future__ import annotations
@@ -99,6 +100,15 @@ def fuse_inputs(B, dtype, device):
     return [_leaf(x_enc), _leaf(g), ids, _leaf(mask), _leaf(w), _leaf(b)]
 
 
+def teacher_norm_inputs(B, dtype, device):
+    """The DINOv2-B teacher's residual + LayerNorm at 224 px (257 tokens of width 768): fp32
+    stream, bf16 branch, output in bf16 (forward only: the teacher is frozen)."""
+    x = torch.randn(B, T, D, device=device)
+    f = torch.randn(B, T, D, device=device, dtype=dtype)
+    gamma, weight, bias = torch.rand(D, device=device), 1 + 0.1 * torch.randn(D, device=device), torch.randn(D, device=device)
+    return [x, f, gamma, weight, bias, 1e-6, dtype]
+
+
 ACT = 2  # bytes per bf16 activation element
 CASES = {
     # fwd: read x, write y; bwd: read dy and x, write dx  -> 5 passes over [B, T, D]
@@ -116,7 +126,20 @@ CASES = {
     "gather_tokens": Case("gather_tokens", gather_inputs, lambda B: (4 * K + T) * B * D * ACT),
     # GEMMs: fwd x_enc W1 (T rows) + g W2 (K rows); bwd twice that
     "sprint_fuse": Case("sprint_fuse", fuse_inputs, lambda B: 0.0, lambda B: 3 * 2 * B * (T + K) * D * D),
+    # the teacher's, forward only: read x (fp32) and f, write x_new (fp32) and y -> 12 bytes per element
+    "residual_layer_norm": Case("residual_layer_norm", teacher_norm_inputs, lambda B: 12 * B * T * D),
 }
+# ops that are not in srdit.kernels.get_ops's set (the teacher's): kernels kind -> function
+TEACHER_OPS = {"residual_layer_norm": {"eager": "reference_residual_layer_norm", "triton": "residual_layer_norm"}}
+
+
+def op_fn(kind: str, name: str):
+    """The eager or Triton function an op of CASES times."""
+    if name in TEACHER_OPS:
+        from srdit.kernels import layernorm
+
+        return getattr(layernorm, TEACHER_OPS[name][kind])
+    return getattr(get_ops(kind), "attention_prologue" if name.startswith("attention_prologue") else name)
 
 
 # candidate GPU settings per kernel (a key of GPU_TILES), the default first; all within the register
@@ -130,25 +153,26 @@ SWEEP = {
     "gather_tokens": [Tile(4096), Tile(2048), Tile(8192, 8)],
     "sprint_fuse_fwd": [Tile(4096), Tile(2048), Tile(8192, 8)],
     "sprint_fuse_bwd": [Tile(2048), Tile(1024), Tile(4096, 8)],
+    "layer_norm_fwd": [Tile(2048), Tile(1024), Tile(4096, 8)],
 }
 SWEPT_BY = {  # the op of CASES whose forward + backward times a kernel
     "rmsnorm_fwd": "residual_rmsnorm_modulate", "rmsnorm_bwd": "residual_rmsnorm_modulate", "apply_rope": "apply_rope",
     "attention_prologue_fwd": "attention_prologue", "attention_prologue_bwd": "attention_prologue",
     "gather_tokens": "gather_tokens", "sprint_fuse_fwd": "sprint_fuse", "sprint_fuse_bwd": "sprint_fuse",
+    "layer_norm_fwd": "residual_layer_norm",
 }
 
 
 def sweep(ops, batches, dtype, device, iters) -> list[dict]:
     """Forward + backward ms of the Triton op of each kernel with every candidate of SWEEP in turn
     (the other kernels at their defaults), against the default."""
-    triton_ops = get_ops("triton")
     rows = []
     for kernel, candidates in SWEEP.items():
         name = SWEPT_BY[kernel]
         if name not in ops:
             continue
         case = CASES[name]
-        fn = getattr(triton_ops, "attention_prologue" if name.startswith("attention_prologue") else name)
+        fn = op_fn("triton", name)
         default = GPU_TILES[kernel]
         for B in batches:
             inputs = case.make(B, dtype, device)
@@ -175,6 +199,8 @@ def fwd_bwd(fn, inputs):
 
     def run():
         out = fn(*inputs)
+        if not leaves:  # a forward-only op (the frozen teacher's)
+            return
         outs = out if isinstance(out, tuple) else (out,)
         loss = sum(o.float().sum() for o in outs if isinstance(o, torch.Tensor) and o.requires_grad)
         torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -224,9 +250,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    variants = {"eager": get_ops("eager")}
-    if device.type == "cuda" and "triton" in args.variants:
-        variants["triton"] = get_ops("triton")
+    kinds = ["eager"] + (["triton"] if device.type == "cuda" and "triton" in args.variants else [])
     env = environment(device)
     copy_gbps, peak_tflops = copy_bandwidth_gbps(device), matmul_tflops(device)
     print(f"{env['device_name']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
@@ -235,11 +259,10 @@ def main(argv=None) -> None:
     for B in args.batch:
         for name in args.ops:
             case = CASES[name]
-            op_name = "attention_prologue" if name.startswith("attention_prologue") else name
             timings = {}
-            fns = {v: getattr(ops, op_name) for v, ops in variants.items() if v in args.variants}
+            fns = {kind: op_fn(kind, name) for kind in kinds if kind in args.variants}
             if "compile" in args.variants:
-                fns["compile"] = torch.compile(getattr(variants["eager"], op_name))
+                fns["compile"] = torch.compile(op_fn("eager", name))
             for variant, fn in fns.items():
                 inputs = case.make(B, dtype, device)
                 try:
