@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "profiling", "README.md"),
         *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 SCRIPTS = ["bench/throughput.py", "bench/kernels.py", "bench/data.py", "bench/sample.py", "bench/record.py",
-           "profiling/profile_step.py"]
+           "bench/traffic.py", "bench/compile_check.py", "profiling/profile_step.py"]
 # flags of other programs the guides show: torchrun, sbatch, nsys, ncu, the release's generate.py
 FOREIGN = {"--cls-cfg-scale", "--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id", "--nodes",
            "--ntasks-per-node", "--gpus-per-node", "--clock-control", "--kernel-name", "--launch-skip",
