@@ -21,6 +21,7 @@ TFLOP/s against the measured bf16 matmul rate.
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -129,16 +130,15 @@ CASES = {
     # the teacher's, forward only: read x (fp32) and f, write x_new (fp32) and y -> 12 bytes per element
     "residual_layer_norm": Case("residual_layer_norm", teacher_norm_inputs, lambda B: 12 * B * T * D),
 }
-# ops that are not in srdit.kernels.get_ops's set (the teacher's): kernels kind -> function
-TEACHER_OPS = {"residual_layer_norm": {"eager": "reference_residual_layer_norm", "triton": "residual_layer_norm"}}
+# ops that are not in srdit.kernels.get_ops's set (the teacher's): (eager twin's module, Triton's)
+TEACHER_OPS = {"residual_layer_norm": ("srdit.kernels.reference", "srdit.kernels.layernorm")}
 
 
 def op_fn(kind: str, name: str):
     """The eager or Triton function an op of CASES times."""
     if name in TEACHER_OPS:
-        from srdit.kernels import layernorm
-
-        return getattr(layernorm, TEACHER_OPS[name][kind])
+        eager, fused = TEACHER_OPS[name]
+        return getattr(importlib.import_module(eager if kind == "eager" else fused), name)
     return getattr(get_ops(kind), "attention_prologue" if name.startswith("attention_prologue") else name)
 
 

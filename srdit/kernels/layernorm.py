@@ -157,18 +157,3 @@ def residual_layer_norm(x: Tensor, f: Tensor, gamma: Tensor, weight: Tensor, bia
     """x, f [..., D]; gamma [D] -> (x_new = x + f * gamma in x's dtype, layer_norm(x_new) in out_dtype)."""
     _forward_only("residual_layer_norm", x, f, gamma, weight, bias)
     return torch.ops.srdit.residual_layer_norm(x, f, gamma, weight, bias, eps, out_dtype or x.dtype)
-
-
-# --------------------------------------------------------------------------- eager twins
-
-
-def reference_layer_norm(x, weight, bias, eps=1e-6, out_dtype=None):
-    """layer_norm as the eager teacher computes it: torch's LayerNorm, then the cast that autocast
-    makes before the GEMM that reads it."""
-    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps).to(out_dtype or x.dtype)
-
-
-def reference_residual_layer_norm(x, f, gamma, weight, bias, eps=1e-6, out_dtype=None):
-    """residual_layer_norm as the eager teacher computes it (Block.forward's `x + ls(f)`, type promotion)."""
-    x_new = x + f * gamma
-    return x_new, reference_layer_norm(x_new, weight, bias, eps, out_dtype)

@@ -1,7 +1,7 @@
 """Eager PyTorch twins of every fused op: the correctness reference and the speed baseline.
 
 Each function here has the same signature as its Triton version (rmsnorm.py, rope.py,
-attention_prologue.py, sprint.py in srdit/kernels/).
+attention_prologue.py, sprint.py, layernorm.py in srdit/kernels/).
 They follow the release code's operation order, so that in float64 the model built from them
 computes the release model's function; in lower precision they do what the release does
 under autocast (norms and RoPE compute in fp32, results go on in the input's dtype).
@@ -117,3 +117,15 @@ def residual_rmsnorm_modulate(x, gate, f, shift, scale, weight=None, eps=1e-6):
     """
     x = x + gate.unsqueeze(1) * f  # [B, N, D]
     return x, rmsnorm_modulate(x, shift, scale, weight, eps)
+
+
+def layer_norm(x, weight, bias, eps=1e-6, out_dtype=None):
+    """The DINOv2 teacher's LayerNorm as the eager teacher computes it: torch's LayerNorm, then the
+    cast that autocast makes before the GEMM that reads it (layernorm.py; forward only)."""
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps).to(out_dtype or x.dtype)
+
+
+def residual_layer_norm(x, f, gamma, weight, bias, eps=1e-6, out_dtype=None):
+    """The teacher block's `x + ls(f)` (type promotion: f * gamma in fp32), then layer_norm."""
+    x_new = x + f * gamma
+    return x_new, layer_norm(x_new, weight, bias, eps, out_dtype)

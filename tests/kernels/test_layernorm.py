@@ -13,6 +13,7 @@ import torch
 
 from checks import DTYPES, assert_close, gpu_launch, poisoned, rand  # noqa: F401 (a fixture)
 from srdit.kernels import layernorm as ln
+from srdit.kernels import reference
 from srdit.kernels import triton_utils
 from srdit.kernels.triton_utils import row_launch
 
@@ -38,8 +39,8 @@ def twin(inputs, dtype=None, out_dtype=None):
     """The eager twin on copies of `inputs` in `dtype` (None: as given) -> (x_new or None, y)."""
     inp = {k: v.to(dtype or v.dtype) for k, v in inputs.items()}
     if "f" in inp:
-        return ln.reference_residual_layer_norm(**inp, eps=EPS, out_dtype=out_dtype)
-    return None, ln.reference_layer_norm(**inp, eps=EPS, out_dtype=out_dtype)
+        return reference.residual_layer_norm(**inp, eps=EPS, out_dtype=out_dtype)
+    return None, reference.layer_norm(**inp, eps=EPS, out_dtype=out_dtype)
 
 
 def launch(inputs, out_dtype, **kw):
@@ -130,10 +131,10 @@ def test_public_functions_chain_as_in_a_block():
     assert (y0.dtype, y1.dtype, x1.dtype, x2.dtype, y2.dtype) == (low, low, torch.float32, torch.float32,
                                                                   torch.float32)
     assert torch.equal(y0, launch({"x": x, "weight": w, "bias": b}, low)[1])
-    x1_ref, y1_ref = ln.reference_residual_layer_norm(x, f, gamma, w, b, EPS, torch.float32)
+    x1_ref, y1_ref = reference.residual_layer_norm(x, f, gamma, w, b, EPS, torch.float32)
     assert torch.equal(x1, x1_ref)
     within_one_rounding(y1, y1_ref, "y1")
-    x2_ref, y2_ref = ln.reference_residual_layer_norm(x1, y1, gamma, w, b, EPS)
+    x2_ref, y2_ref = reference.residual_layer_norm(x1, y1, gamma, w, b, EPS)
     assert torch.equal(x2, x2_ref)
     assert_close(y2, y2_ref, torch.float32, "y2")
 
