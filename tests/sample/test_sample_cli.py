@@ -29,8 +29,11 @@ def sha(path) -> str:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
+    # unguided sampling settings in the checkpoint (the quickstart's grid uses CFG 2.0): the
+    # layout tests below read the sampler's defaults; guidance has its own tests
     assert train_main(["--preset", "quickstart", "--out", str(out), *TINY, "train.global_batch=16",
-                       "train.max_steps=2", "sample.num_steps=2"]) == 0
+                       "train.max_steps=2", "sample.num_steps=2", "sample.guidance=none",
+                       "sample.guidance_scale=1.0"]) == 0
     return str(out / "checkpoints" / "step_000000002.pt")
 
 

@@ -14,7 +14,8 @@ from srdit.train import graphs
 from srdit.train.assemble import check_runtime
 from srdit.train.graphs import EagerReplay, GraphedStep
 
-TINY = ["model.hidden=32", "model.heads=2", "model.depth=5", "model.projector_dim=32", "train.path_drop_prob=0.5"]
+TINY = ["model.hidden=32", "model.heads=2", "model.depth=5", "model.projector_dim=32", "train.path_drop_prob=0.5",
+        "train.lr_decay_steps=0"]  # runs here are stopped and extended: a decay to max_steps would move
 CPU = torch.device("cpu")
 
 
