@@ -12,9 +12,9 @@ the CPU machines of development and CI (TOOLCHAIN.md "Triton for a GPU that is n
    apply_rope (not launched by the model, whose RoPE is inside attention_prologue). Every Triton
    launch is intercepted before it reaches a device (JITFunction.run): its arguments are kept and
    nothing runs, so only shapes, dtypes, strides and alignment matter and bf16 needs no bf16
-   arithmetic. bf16 is the step under torch.autocast("cpu", bfloat16): the ops it casts around
-   the kernels (linear, conv, matmul to bf16; elementwise ops keep their inputs' dtypes) are the
-   ones CUDA autocast casts, so the kernels see the dtypes they see on a GPU. Launch settings are
+   arithmetic. bf16 is the step as srdit.train runs it on a GPU: its teacher and forward under
+   bf16 autocast, here the CPU's given CUDA's per-op policy (bench/cuda_autocast.py), so the
+   kernels see the dtypes they see on a GPU. Launch settings are
    the GPU's (SRDIT_LAUNCH=gpu, srdit/kernels/triton_utils.py: GPU tiles and warps, 4 programs per
    SM of a GPU_SM_COUNT-SM H100/H200). The DINOv2 teacher runs online, as by default, for its
    fused LayerNorms (tests/kernels/test_compile_check.py records the cached-teacher step too).
@@ -74,6 +74,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from common import flush_denormals, table, write_json  # noqa: E402  (also puts the repository on sys.path)
+from cuda_autocast import cuda_autocast_on_cpu  # noqa: E402
 
 TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "sm_100a": GPUTarget("cuda", 100, 32)}  # H100/H200, B200
 PRESETS = ("sr-dit-b1-256", "sr-dit-b1-512")
@@ -194,9 +195,9 @@ def _config(preset_name: str, batch: int, depth: int | None, extra=()):
 
 
 def _precision(precision: str):
-    """The GPU's autocast, on the CPU (see the module docstring, 1)."""
+    """The GPU's autocast, on the CPU, with CUDA's per-op policy (see the module docstring, 1)."""
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return cuda_autocast_on_cpu()
     return contextlib.nullcontext()
 
 
@@ -209,17 +210,21 @@ def record_training(recorder: Recorder, cfg, batch: int, precisions) -> None:
     from srdit.train.loss import draw_step_noise
 
     device = torch.device("cpu")
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    teacher, _ = build_teacher(cfg, device, random_init=True)
-    # check_runtime allows Triton on the CPU only under the interpreter; nothing runs here
-    with _env(TRITON_INTERPRET="1"):
-        runner = build_step(cfg, model, teacher, device=device)
     data = synthetic_batch(cfg, batch, device, cfg.data.cached_teacher)
     m = cfg.model
     noise = draw_step_noise(batch, (m.in_channels, m.input_size, m.input_size), m, cfg.train, device=device)
     for precision in precisions:
-        with recorder.active(), _precision(precision):
+        # a step per precision, built as srdit.train builds it on a GPU: bf16 is its autocast
+        # around the teacher and the forward (backward and optimizer outside it), and a teacher
+        # whose GEMM weights build_step then stores in bf16
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+        teacher, _ = build_teacher(cfg, device, random_init=True)
+        # check_runtime allows Triton on the CPU only under the interpreter; nothing runs here
+        with _env(TRITON_INTERPRET="1"):
+            runner = build_step(cfg, model, teacher, device=device,
+                                autocast=cuda_autocast_on_cpu if precision == "bf16" else None)
+        with recorder.active():
             for path_drop in (False, True):
                 runner.run([data], dataclasses.replace(noise, path_drop=path_drop))
 
