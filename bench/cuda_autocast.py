@@ -44,6 +44,9 @@ CUDA_POLICY = {
         "log_softmax.int", "softmax.int", "sum", "sum.dim_IntList"), FP32_DTYPE),
     # norm.Scalar / norm.ScalarOpt_dim: CUDA calls the dtype overload with float32, as FP32_DTYPE does
     **dict.fromkeys(("norm.Scalar", "norm.ScalarOpt_dim"), FP32_DTYPE),
+    # named-dimension overloads: torch 2.11 registers them for AutocastCUDA only (2.14 for neither)
+    **dict.fromkeys(("cumprod.dimname", "cumsum.dimname", "log_softmax.Dimname", "softmax.Dimname",
+                     "sum.dim_DimnameList", "norm.names_ScalarOpt_dim"), FP32_DTYPE),
     **dict.fromkeys((
         "addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "index_put", "scatter_add", "tensordot",
         "vdot"), PROMOTE),
