@@ -16,8 +16,8 @@
 The model calls only what `get_ops` returns (STYLE 7: the model does not know how it is run).
 Every set has the functions of OP_NAMES with the signatures of srdit/kernels/reference.py, and
 `attention(q, k, v)` of the chosen backend (srdit/kernels/attention.py). One file per Triton op
-(rmsnorm.py, rope.py, attention_prologue.py, sprint.py), shared pieces in triton_utils.py; design
-notes in docs/kernels.md.
+(rmsnorm.py, rope.py, attention_prologue.py, sprint.py, layernorm.py), shared pieces in triton_utils.py,
+the output-dtype rule under autocast in autocast.py; design notes in docs/kernels.md.
 """
 from __future__ import annotations
 

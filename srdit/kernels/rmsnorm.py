@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from srdit.kernels.autocast import autocast_gemm_dtype
 from srdit.kernels.reference import default_rms_eps
 from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, index_dtype, rms_normalize,
                                         rms_normalize_bwd, row_launch, split_launch, tl_compute_dtype,
@@ -387,15 +388,9 @@ _residual_rmsnorm_modulate_op.register_autograd(_residual_backward, setup_contex
 
 
 def _gemm_dtype(x: Tensor) -> torch.dtype:
-    """What the Linear after the norm consumes: the autocast dtype under autocast (autocast leaves
-    fp64 alone), else x's. Writing y in it saves autocast's cast pass, and in backward the pass
-    that casts the GEMM's bf16 gradient back to x's dtype."""
-    device_type = x.device.type
-    # meta first: is_autocast_enabled raises for it (as in sprint.py's sprint_fuse)
-    if (device_type != "meta" and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and torch.is_autocast_enabled(device_type)):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+    """y's dtype: what the Linear after the norm consumes (autocast's, else x's). Writing y in it
+    saves autocast's cast pass, and in backward the pass that casts the GEMM's bf16 gradient back."""
+    return autocast_gemm_dtype(x) or x.dtype
 
 
 def rmsnorm_modulate(x, shift, scale, weight=None, eps=1e-6):

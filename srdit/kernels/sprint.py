@@ -70,6 +70,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from srdit.kernels.autocast import autocast_gemm_dtype
 from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, index_dtype, row_launch,
                                         split_launch, tl_compute_dtype)
 
@@ -424,13 +425,7 @@ def sprint_fuse(x_enc, g, ids, mask_token, weight, bias):
         if g.shape != (B, K, D) or (ids is not None and ids.shape != (B, K)):
             raise ValueError(f"sprint_fuse: g must be [B,K,D] with ids [B,K], or [B,T,D] with ids=None; got "
                              f"g {tuple(g.shape)}, ids {None if ids is None else tuple(ids.shape)}, x_enc {(B, T, D)}")
-    dtype = x_enc.dtype
-    device_type = x_enc.device.type
-    # meta first: is_autocast_enabled raises for it (the host-sync test runs the model there);
-    # not torch.amp.is_autocast_available, which dynamo cannot trace on torch 2.11
-    if (device_type != "meta" and torch.is_autocast_enabled(device_type)
-            and dtype in (torch.float32, torch.float16, torch.bfloat16)):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = autocast_gemm_dtype(x_enc) or x_enc.dtype
 
     def cast(t):
         return t if t is None or t.dtype == dtype else t.to(dtype)

@@ -60,6 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from srdit.config import IMAGENET_MEAN, IMAGENET_STD, KERNELS, TEACHER_PATCH, ConfigError
+from srdit.kernels.autocast import autocast_gemm_dtype
 from srdit.model.weights import describe_mismatch, load_state_file
 
 POS_INTERPS = ("dinov2", "timm")
@@ -134,12 +135,6 @@ def _checkpoint_dtypes(module: "DINOv2", state_dict: dict, prefix: str, _local_m
         key = prefix + name
         if key in state_dict and state_dict[key].dtype != dtype:
             state_dict[key] = state_dict[key].to(dtype)
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast gives a GEMM on x's device, None outside autocast."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def fused_norm_ops(kernels: str) -> SimpleNamespace | None:
@@ -316,9 +311,9 @@ class DINOv2(nn.Module):
                 "img_size or call forward() on uint8 images (it resizes)"
             )
         stored = self.patch_embed.proj.weight.dtype
-        if stored != self.cls_token.dtype and autocast_dtype(x) != stored:
+        if stored != self.cls_token.dtype and autocast_gemm_dtype(x) != stored:
             raise RuntimeError(f"this teacher's GEMM weights are stored in {stored} (precast_gemm_weights): run it "
-                               f"under torch.autocast(dtype={stored}), got autocast dtype {autocast_dtype(x)}")
+                               f"under torch.autocast(dtype={stored}), got autocast dtype {autocast_gemm_dtype(x)}")
         x = self.patch_embed(x)  # [B, g*g, D]
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # [B, 1, D]
         x = torch.cat([cls, x], dim=1)  # [B, 1+g*g, D] (cat promotes dtypes, as the hub model)
@@ -341,7 +336,7 @@ class DINOv2(nn.Module):
         the next block's norm1, after each residual branch. The final norm, the targets, keeps
         the stream's dtype, as LayerNorm gives it (fp32: under autocast too)."""
         ops = self.fused_norms
-        gemm = autocast_dtype(x) or x.dtype
+        gemm = autocast_gemm_dtype(x) or x.dtype
         first = self.blocks[0].norm1
         y = ops.layer_norm(x, first.weight, first.bias, first.eps, gemm)  # [B, N, D] in the GEMM's dtype
         for i, block in enumerate(self.blocks):

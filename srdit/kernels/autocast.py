@@ -1,0 +1,20 @@
+"""What autocast does to the GEMM after a fused op: the one rule the fused ops (rmsnorm.py,
+sprint.py) and the teacher's fused norms (srdit/model/dinov2.py) follow to write their output
+in the dtype the next GEMM reads. No triton import: the model's eager path uses it too.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def autocast_gemm_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives a GEMM that reads x (bf16 under the training step's autocast),
+    None outside autocast or for a dtype autocast leaves alone (fp64). Fused ops write their
+    output in it, saving the cast pass autocast would make. Meta tensors (the host-sync test)
+    are never under autocast: is_autocast_enabled raises for them. (Not
+    torch.amp.is_autocast_available, which dynamo cannot trace on torch 2.11.)"""
+    device_type = x.device.type
+    if (device_type != "meta" and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and torch.is_autocast_enabled(device_type)):
+        return torch.get_autocast_dtype(device_type)
+    return None
