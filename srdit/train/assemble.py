@@ -30,7 +30,7 @@ from srdit.config import Config, ConfigError
 from srdit.kernels.attention import resolve_auto_for
 from srdit.train import graphs
 from srdit.train.optim import EMA, Optimizers, flatten_parameters
-from srdit.train.step import StepRunner
+from srdit.train.step import StepRunner, step_autocast
 
 GPU_ONLY_ATTENTION = ("cudnn", "flash", "fa3", "fa4", "xformers")
 
@@ -65,7 +65,8 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
     srdit.train.graphs.EagerReplay); autocast: a context factory for the teacher and the forward
     (None: srdit.train.step.step_autocast; bench/traffic.py gives CUDA's bf16 policy on the CPU)."""
     check_runtime(cfg, device, world, graph_type=graph_type)
-    bf16 = autocast is not None or (device.type == "cuda" and cfg.train.precision == "bf16")
+    autocast = autocast if autocast is not None else step_autocast(cfg, device)
+    bf16 = autocast is not None  # every autocast the step runs under is bf16 (step_autocast)
     attention = resolve_attention(cfg, device, world, bf16)
     if teacher is not None and bf16:
         teacher.precast_gemm_weights(torch.bfloat16)  # autocast would cast them at every call; same values

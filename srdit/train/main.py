@@ -33,7 +33,7 @@ from srdit.train.loss import draw_step_noise, loss_weights
 from srdit.train.optim import EMA, Optimizers, flatten_parameters, lr_factor
 from srdit.train.runlog import RunLog, plot_loss_curve
 from srdit.train.sample_grid import write_sample_grid
-from srdit.train.step import DeviceMetrics
+from srdit.train.step import DeviceMetrics, step_autocast
 from srdit.trainstate import TrainState
 
 
@@ -240,7 +240,7 @@ def open_log(run: Run, args, dataset) -> None:
     run.log.header([
         f"srdit.train  code {code_version()}  torch {torch.__version__}  python {sys.version.split()[0]}",
         f"device {device_name(device)} x {dist.world} process(es)  precision "
-        f"{'bf16 autocast' if device.type == 'cuda' and t.precision == 'bf16' else 'fp32'}"
+        f"{'bf16 autocast' if step_autocast(cfg, device) else 'fp32'}"
         f"{'  compiled' if t.compile else ''}{'  whole step as CUDA graphs' if t.cuda_graphs else ''}",
         f"preset {args.preset}  model {count_params(run.state.model):,} trainable parameters  "
         f"{flops.train / 1e9:.2f} GFLOP per training image (fwd+bwd)",

@@ -74,10 +74,10 @@ class DeviceMetrics:
 
 def step_autocast(cfg: Config, device: torch.device):
     """What the teacher and the forward run under: bf16 autocast on a GPU with train.precision=bf16
-    (fp32 master weights, gradients and optimizer), else nothing (fp32)."""
+    (fp32 master weights, gradients and optimizer), a context factory; None: fp32, no autocast."""
     if device.type == "cuda" and cfg.train.precision == "bf16":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+    return None
 
 
 class StepRunner:
@@ -87,7 +87,8 @@ class StepRunner:
         self.optimizers, self.ema = optimizers, ema
         self.rank, self.world, self.device = rank, world, device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.autocast = autocast if autocast is not None else step_autocast(cfg, device)
+        # autocast: a context factory (build_step resolves it: step_autocast by default), None for fp32
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext
 
     def clip(self, grad_norm: torch.Tensor) -> torch.Tensor | None:
         """Gradient clipping to train.grad_clip, as torch's clip_grad_norm_: g * min(1, c / (|g| +
