@@ -175,11 +175,12 @@ class EMA:
         # write in place, so they stay current without a per-step list of new tensors
         self._src = [p.detach() for p in model.parameters()]
         self._upcast = any(p.dtype != torch.float32 for p in self._src)  # fp32 masters (the trainer): no copies
-        # flat parameters (the model's from flatten_parameters, the copy's made so): one kernel per update
-        # for the whole model, the same arithmetic per element as the per-parameter lists
-        self._flat = None if self._upcast else (flat_view(self._ema), flat_view(self._src))
-        if self._flat is not None and None in self._flat:
-            self._flat = None
+        # flat parameters (the model's from flatten_parameters, the copy's made so): the lists
+        # become one tensor each, so every update below is one kernel for the whole model, the
+        # same arithmetic per element as over the per-parameter lists
+        flat = (flat_view(self._ema), None if self._upcast else flat_view(self._src))
+        if None not in flat:
+            self._ema, self._src = [flat[0]], [flat[1]]
         device = self._ema[0].device if self._ema else torch.device("cpu")
         # the release's fp32 coefficients: decay and (1 - decay) computed in float64, then rounded
         self._keep = torch.tensor(decay, dtype=torch.float32, device=device)
@@ -189,13 +190,6 @@ class EMA:
     def update(self, found_inf: torch.Tensor) -> None:
         """One step; found_inf (a float 0-dim device tensor) = 1 leaves the average unchanged."""
         take = self._take * (1.0 - found_inf)  # 0 on skipped steps
-        if self._flat is not None:
-            ema, src = self._flat
-            if self.update_rule == "lerp":
-                ema.lerp_(src, take)
-            else:
-                ema.mul_(torch.where(found_inf > 0, torch.ones_like(self._keep), self._keep)).addcmul_(src, take)
-            return
         src = [p.float() for p in self._src] if self._upcast else self._src
         # one weight tensor per parameter: a bare 0-dim tensor would bind to the Scalar overload,
         # whose conversion reads it on the host (a sync per step, and no CUDA-graph capture)
