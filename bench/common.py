@@ -66,6 +66,21 @@ def matmul_tflops(device: torch.device, n: int = 8192) -> float:
 
 
 @contextlib.contextmanager
+def env_vars(**values: str):
+    """Environment variables set for the duration, then restored (or removed again)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def flush_denormals():
     """Denormals flushed to zero on the CPU: tools that intercept kernel launches leave outputs
     uninitialised, and denormals in them make CPU GEMMs slow."""

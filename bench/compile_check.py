@@ -73,7 +73,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from common import flush_denormals, table, write_json  # noqa: E402  (also puts the repository on sys.path)
+from common import env_vars, flush_denormals, table, write_json  # noqa: E402  (also puts the repository on sys.path)
 from cuda_autocast import cuda_autocast_on_cpu  # noqa: E402
 
 TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "sm_100a": GPUTarget("cuda", 100, 32)}  # H100/H200, B200
@@ -170,20 +170,6 @@ def _hashable(v) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _config(preset_name: str, batch: int, depth: int | None, extra=()):
     from srdit.config import apply_overrides, preset
 
@@ -221,7 +207,7 @@ def record_training(recorder: Recorder, cfg, batch: int, precisions) -> None:
         model = build_model(cfg).to(device)
         teacher, _ = build_teacher(cfg, device, random_init=True)
         # check_runtime allows Triton on the CPU only under the interpreter; nothing runs here
-        with _env(TRITON_INTERPRET="1"):
+        with env_vars(TRITON_INTERPRET="1"):
             runner = build_step(cfg, model, teacher, device=device,
                                 autocast=cuda_autocast_on_cpu if precision == "bf16" else None)
         with recorder.active():

@@ -48,12 +48,10 @@ VARIANTS = {
 }
 
 
-def build_variant(preset_name, variant, batch, device):
-    """(cfg, step): `step()` runs one full training step of `variant` on fixed synthetic data.
-    A graph variant's first step captures its graphs (srdit.train.graphs: warm-up, capture, state
-    restored), so its steps compute what the others' do, from the same start. (The same step on
-    the CPU, with stand-ins for inductor and CUDA graphs: tests/train/test_fast_step.py.)"""
-    spec = VARIANTS[variant]
+def build_variant_step(preset_name: str, spec: dict, batch: int, device, *, autocast=None):
+    """(cfg, model, step runner, one synthetic micro-batch) of the variant `spec` (a value of
+    VARIANTS) at `batch`, built through srdit.train.assemble.build_step, seed 0. autocast: as
+    build_step's (bench/traffic.py gives CUDA's policy on the CPU)."""
     fused = spec["kernels"] == "triton"
     cfg = apply_overrides(preset(preset_name), [
         f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}", f"train.global_batch={batch}",
@@ -61,8 +59,17 @@ def build_variant(preset_name, variant, batch, device):
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     teacher, _ = build_teacher(cfg, device, random_init=True)  # the real teacher's cost, without its file
-    runner = build_step(cfg, model, teacher, device=device)
+    runner = build_step(cfg, model, teacher, device=device, autocast=autocast)
     data = synthetic_batch(cfg, batch, device, spec["cached"])
+    return cfg, model, runner, data
+
+
+def build_variant(preset_name, variant, batch, device):
+    """(cfg, step): `step()` runs one full training step of `variant` on fixed synthetic data.
+    A graph variant's first step captures its graphs (srdit.train.graphs: warm-up, capture, state
+    restored), so its steps compute what the others' do, from the same start. (The same step on
+    the CPU, with stand-ins for inductor and CUDA graphs: tests/train/test_fast_step.py.)"""
+    cfg, _, runner, data = build_variant_step(preset_name, VARIANTS[variant], batch, device)
     gen = torch.Generator(device).manual_seed(0)
     host = torch.Generator().manual_seed(1)
 

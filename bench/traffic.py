@@ -49,6 +49,7 @@ import collections  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import glob  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 
@@ -57,9 +58,14 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from common import ROOT, flush_denormals, table, write_json  # noqa: E402
+from common import ROOT, env_vars, flush_denormals, table, write_json  # noqa: E402
 from cuda_autocast import cuda_autocast_on_cpu  # noqa: E402
-from throughput import VARIANTS  # noqa: E402
+from throughput import VARIANTS, build_variant_step  # noqa: E402
+
+# every Triton kernel module imported now, compiled kernels (JITFunction): the step is built with
+# TRITON_INTERPRET=1 set (count_step), and a module first imported then would be interpreted
+for _kernels in ("attention_prologue", "layernorm", "rmsnorm", "rope", "sprint"):
+    importlib.import_module(f"srdit.kernels.{_kernels}")
 
 PHASES = ("teacher", "forward", "loss", "backward", "clip", "optimizer", "ema")
 # srdit.train.step's phase names (torch.profiler ranges) -> the phases above; the model's own
@@ -287,33 +293,27 @@ class Counter(TorchDispatchMode):
 # --------------------------------------------------------------------------- one step
 
 
-def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = False,
-               overrides=()) -> list[Op]:
-    """The ops of one training step of `variant` at `batch` (see the module docstring)."""
-    from srdit.config import apply_overrides, preset
-    from srdit.model import build_model
-    from srdit.train.assemble import build_step
-    from srdit.train.inputs import build_teacher, synthetic_batch
+def routed_noise(cfg, batch: int, device, path_drop: bool = False):
+    """One step's noise, drawn from fixed seeds, with the path-drop coin set: the same step at
+    every batch and in every variant."""
     from srdit.train.loss import draw_step_noise
 
-    spec = COUNTED_VARIANTS[variant]
-    fused = spec["kernels"] == "triton"
-    cfg = apply_overrides(preset(preset_name), [
-        f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}", f"train.global_batch={batch}",
-        f"data.cached_teacher={spec['cached']}", "train.compile=false", "train.cuda_graphs=false", *overrides])
-    device = torch.device("cpu")
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    teacher, _ = build_teacher(cfg, device, random_init=True)
-    # bf16: the autocast StepRunner uses on a GPU, with CUDA's policy
-    autocast = cuda_autocast_on_cpu if cfg.train.precision == "bf16" else None
-    with _env_var("TRITON_INTERPRET", "1"):  # check_runtime allows Triton on the CPU only so; nothing runs
-        runner = build_step(cfg, model, teacher, device=device, autocast=autocast)
-    data = synthetic_batch(cfg, batch, device, spec["cached"], generator=torch.Generator().manual_seed(0))
     m = cfg.model
     noise = draw_step_noise(batch, (m.in_channels, m.input_size, m.input_size), m, cfg.train, device=device,
-                            generator=torch.Generator().manual_seed(1), host_generator=torch.Generator().manual_seed(2))
-    noise = dataclasses.replace(noise, path_drop=path_drop)
+                            generator=torch.Generator(device).manual_seed(1),
+                            host_generator=torch.Generator().manual_seed(2))
+    return dataclasses.replace(noise, path_drop=path_drop)
+
+
+def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = False) -> list[Op]:
+    """The ops of one training step of `variant` at `batch` (see the module docstring)."""
+    device = torch.device("cpu")
+    # check_runtime allows Triton on the CPU only under the interpreter; nothing runs here. bf16:
+    # the autocast StepRunner uses on a GPU, with CUDA's policy
+    with env_vars(TRITON_INTERPRET="1"):
+        cfg, model, runner, data = build_variant_step(preset_name, COUNTED_VARIANTS[variant], batch, device,
+                                                      autocast=cuda_autocast_on_cpu)
+    noise = routed_noise(cfg, batch, device, path_drop)
     with flush_denormals():
         with Counter().counting(model):  # warm-up, not counted: optimizer state and lazy buffers come first
             runner.run([data], noise)
@@ -321,19 +321,6 @@ def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = 
         with counter.counting(model):
             runner.run([data], noise)
     return counter.ops
-
-
-@contextlib.contextmanager
-def _env_var(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def extrapolate(small: dict[int, list[Op]], batch: int) -> list[Op]:
@@ -347,9 +334,8 @@ def extrapolate(small: dict[int, list[Op]], batch: int) -> list[Op]:
 
 
 def count_variant(preset_name: str, variant: str, batch: int, *, path_drop: bool = False,
-                  small=SMALL_BATCHES, overrides=()) -> list[Op]:
-    return extrapolate({b: count_step(preset_name, variant, b, path_drop=path_drop, overrides=overrides)
-                        for b in small}, batch)
+                  small=SMALL_BATCHES) -> list[Op]:
+    return extrapolate({b: count_step(preset_name, variant, b, path_drop=path_drop) for b in small}, batch)
 
 
 # --------------------------------------------------------------------------- model and report
@@ -428,25 +414,9 @@ def measure_phases(preset_name: str, variant: str, batch: int, steps: int = 3) -
     """On a GPU: device time (ms) per phase of the same step, from torch.profiler's kernels under
     the step's own ranges (srdit.train.step.phase) and a range around the model's forward: the
     hardware's side of the model above (`--measure`). The path-drop coin is fixed to routed."""
-    from srdit.config import apply_overrides, preset
-    from srdit.model import build_model
-    from srdit.train.assemble import build_step
-    from srdit.train.inputs import build_teacher, synthetic_batch
-    from srdit.train.loss import draw_step_noise
-
-    spec, device = COUNTED_VARIANTS[variant], torch.device("cuda")
-    fused = spec["kernels"] == "triton"
-    cfg = apply_overrides(preset(preset_name), [
-        f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}", f"train.global_batch={batch}",
-        f"data.cached_teacher={spec['cached']}", "train.compile=false", "train.cuda_graphs=false"])
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    teacher, _ = build_teacher(cfg, device, random_init=True)
-    runner = build_step(cfg, model, teacher, device=device)
-    data = synthetic_batch(cfg, batch, device, spec["cached"])
-    m = cfg.model
-    noise = dataclasses.replace(draw_step_noise(batch, (m.in_channels, m.input_size, m.input_size), m, cfg.train,
-                                                device=device), path_drop=False)
+    device = torch.device("cuda")
+    cfg, model, runner, data = build_variant_step(preset_name, COUNTED_VARIANTS[variant], batch, device)
+    noise = routed_noise(cfg, batch, device)
     ranges = []
 
     def enter(*_):
