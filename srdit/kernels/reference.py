@@ -129,3 +129,10 @@ def residual_layer_norm(x, f, gamma, weight, bias, eps=1e-6, out_dtype=None):
     """The teacher block's `x + ls(f)` (type promotion: f * gamma in fp32), then layer_norm."""
     x_new = x + f * gamma
     return x_new, layer_norm(x_new, weight, bias, eps, out_dtype)
+
+
+def repa_cosine(pred, target):
+    """Per-token cosine of pred and target [B, T, d] -> [B, T] (repa_loss.py): the release's REPA
+    sum(normalize(target) * normalize(pred)) with F.normalize's eps 1e-12; under CUDA autocast
+    normalize runs in fp32, so the cosine is fp32 for bf16 pred and fp32 or fp16 target."""
+    return (F.normalize(target, dim=-1) * F.normalize(pred, dim=-1)).sum(dim=-1)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from srdit.config import NULL_CLASS, ModelConfig, TrainConfig
 from srdit.flow import interpolate, sample_time, velocity_from_x0
+from srdit.kernels import reference
 from srdit.model.sit import select_tokens
 
 
@@ -83,9 +83,19 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.dim())))
 
 
-def repa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-cos(target, pred) per token, mean over tokens: [B, T, d] x2 -> [B]."""
-    return mean_flat(-(F.normalize(target, dim=-1) * F.normalize(pred, dim=-1)).sum(dim=-1))
+def repa_cosine_fn(kernels: str = "eager"):
+    """The per-token cosine of the REPA loss for model.kernels: the fused Triton op for "triton"
+    (srdit/kernels/repa_loss.py: it reads pred and target in their own dtypes), else its eager twin."""
+    if kernels == "triton":
+        from srdit.kernels.repa_loss import repa_cosine  # imports triton: only when asked for
+        return repa_cosine
+    return reference.repa_cosine
+
+
+def repa_loss(pred: torch.Tensor, target: torch.Tensor, kernels: str = "eager") -> torch.Tensor:
+    """-cos(target, pred) per token, mean over tokens: [B, T, d] x2 -> [B]. The cosine as
+    model.kernels runs it (repa_cosine_fn); the mean stays in torch."""
+    return mean_flat(-repa_cosine_fn(kernels)(pred, target))
 
 
 def cfm_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,14 +117,19 @@ def dispersive_loss(h: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
 
 
 def diffusion_loss(model, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None,
-                   noise: StepNoise, cfg: TrainConfig):
+                   noise: StepNoise, cfg: TrainConfig, *, kernels: str = "eager"):
     """The total loss and its parts for one batch; every value stays a device tensor.
 
     x [B,C,H,W] clean latents (scaled), y [B] labels, teacher [B, 1+P, d] DINOv2 class token
     then patch tokens (REPA target; its class token is the REG target), or None for a model
-    without REG/REPA. `model` may be wrapped (DDP, compile): it is only called. The noise rows
-    must be this micro-batch's (`StepNoise.rows`). Returns (total, parts) with parts = {"vel", "repa", "cls", "cfm", "disp"}.
+    without REG/REPA; in any float dtype (cached targets are fp16). `model` may be wrapped (DDP,
+    compile): it is only called. The noise rows must be this micro-batch's (`StepNoise.rows`).
+    kernels: model.kernels; "triton" takes the REPA cosine from the fused op, which reads the
+    teacher as stored, else every loss runs eagerly on the teacher upcast to fp32 as the release
+    does. Returns (total, parts) with parts = {"vel", "repa", "cls", "cfm", "disp"}.
     """
+    if teacher is not None and kernels != "triton" and teacher.dtype != torch.float64:
+        teacher = teacher.float()  # the eager losses' fp32 targets (an fp64 teacher stays fp64)
     x_t, v_target = interpolate(x, noise.eps, noise.t)  # [B, C, H, W] x2
     cls_t = cls_target = None
     if noise.eps_cls is not None:
@@ -132,7 +147,7 @@ def diffusion_loss(model, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tenso
     parts = {"vel": mean_flat((v - v_target) ** 2).mean(), "repa": zero, "cls": zero, "cfm": zero, "disp": zero}
     if teacher is not None and cfg.repa_weight:
         target = teacher if out.repa.shape[1] == teacher.shape[1] else teacher[:, 1:]  # no REG token: patches
-        parts["repa"] = repa_loss(out.repa, target).mean()
+        parts["repa"] = repa_loss(out.repa, target, kernels).mean()
     if v_cls is not None:
         parts["cls"] = mean_flat((v_cls - cls_target) ** 2).mean()
     if cfg.cfm_weight:

@@ -104,9 +104,10 @@ class StepRunner:
 
     @torch.no_grad()
     def teacher_targets(self, batch: dict) -> torch.Tensor | None:
-        """[B, 1 + P, d] DINOv2 class + patch tokens: cached in the batch, or computed from images."""
+        """[B, 1 + P, d] DINOv2 class + patch tokens: cached in the batch (as stored, fp16: the loss
+        casts what it needs cast, diffusion_loss), or computed from images (fp32)."""
         if "teacher" in batch:
-            return batch["teacher"].float()
+            return batch["teacher"]
         if self.teacher is None:
             return None
         with self.autocast():
@@ -127,7 +128,7 @@ class StepRunner:
             with (contextlib.nullcontext() if sync else self.train_model.no_sync()):
                 with phase("forward+loss"), self.autocast():
                     total, parts = diffusion_loss(self.train_model, batch["latent"], batch["label"], teacher, rows,
-                                                  self.cfg.train)
+                                                  self.cfg.train, kernels=self.cfg.model.kernels)
                 with phase("backward"):
                     (total / accum).backward()
             total_sum += total.detach() / accum

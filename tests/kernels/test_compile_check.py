@@ -15,6 +15,7 @@ KERNELS = {  # every @triton.jit kernel of srdit/kernels
     "_rmsnorm_modulate_fwd_kernel", "_rmsnorm_modulate_bwd_kernel", "_apply_rope_fwd_kernel", "_apply_rope_bwd_kernel",
     "_attention_prologue_fwd_kernel", "_attention_prologue_bwd_kernel", "_gather_tokens_fwd_kernel",
     "_gather_tokens_bwd_kernel", "_sprint_fuse_fwd_kernel", "_sprint_fuse_bwd_kernel", "_layer_norm_fwd_kernel",
+    "_repa_cosine_fwd_kernel", "_repa_cosine_bwd_kernel",
 }
 
 
@@ -81,13 +82,16 @@ def test_what_is_recorded_stands_for_the_real_step():
     specialisations of the full 6-block one (block 0, dense and routed blocks are all there); a
     batch of 3 those of a batch of 2 (nothing specialises on the batch; a batch of 1 would: an
     expanded [1, N] id row has no stride 0); the step with the online DINOv2 teacher (recorded)
-    those of the cached-teacher step and the teacher's LayerNorms. Sampling compiles nothing the
-    step does not."""
+    those of the cached-teacher step and the teacher's LayerNorms, but for the REPA cosine, which
+    reads the targets as stored: fp32 online, fp16 cached (bench/compile_check.py --extra
+    data.cached_teacher=true compiles those). Sampling compiles nothing the step does not."""
     specs = json.loads(run(code=RECORD).strip().splitlines()[-1])
     assert specs["step"] and specs["sampling"], "nothing recorded"
     assert specs["step_depth5"] == specs["step"] and specs["sampling_depth5"] == specs["sampling"]
     assert specs["step_fp32_batch3"] == specs["step_fp32"]
     teacher_only = set(specs["step_fp32"]) - set(specs["step_fp32_cached_teacher"])
-    assert set(specs["step_fp32_cached_teacher"]) < set(specs["step_fp32"])
-    assert teacher_only and all("'_layer_norm_fwd_kernel'" in s for s in teacher_only), teacher_only
+    cached_only = set(specs["step_fp32_cached_teacher"]) - set(specs["step_fp32"])
+    repa = {"_repa_cosine_fwd_kernel", "_repa_cosine_bwd_kernel"}
+    assert {s.split("'")[1] for s in cached_only} == repa, cached_only  # a spec is repr((kernel, ...))
+    assert {s.split("'")[1] for s in teacher_only} == repa | {"_layer_norm_fwd_kernel"}, teacher_only
     assert set(specs["sampling"]) <= set(specs["step"])
