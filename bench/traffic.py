@@ -10,8 +10,10 @@ step (the path-drop branch, 5% of steps, is counted with --path-drop), at two sm
 the CPU, with the dtypes of a GPU run: bf16 autocast with CUDA's per-op policy
 (bench/cuda_autocast.py) around the teacher and the forward, fp32 master weights, gradients and
 optimizer. Each op's bytes and FLOPs are then extrapolated to --batch along the line through the
-two small batches (every op's shapes are affine in the batch; tests/bench/test_traffic.py checks
-the line against a third batch). Launches do not depend on the batch.
+two small batches (every op's shapes are affine in the batch once the norm backwards' split
+launches, whose partial-sum rows saturate with the batch, are those of --batch: split_launches_of;
+tests/bench/test_traffic.py checks the line against a third batch). Launches do not depend on the
+batch.
 
 What counts (a TorchDispatchMode below autograd and autocast sees every op a GPU would run):
   - launched ops: views and metadata ops (a result that only aliases an input, empty tensors,
@@ -52,6 +54,8 @@ import glob  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import pkgutil  # noqa: E402
+import sys  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -64,8 +68,10 @@ from throughput import VARIANTS, build_variant_step  # noqa: E402
 
 # every Triton kernel module imported now, compiled kernels (JITFunction): the step is built with
 # TRITON_INTERPRET=1 set (count_step), and a module first imported then would be interpreted
-for _kernels in ("attention_prologue", "layernorm", "rmsnorm", "rope", "sprint"):
-    importlib.import_module(f"srdit.kernels.{_kernels}")
+import srdit.kernels  # noqa: E402
+
+for _module in pkgutil.iter_modules(srdit.kernels.__path__):
+    importlib.import_module(f"srdit.kernels.{_module.name}")
 
 PHASES = ("teacher", "forward", "loss", "backward", "clip", "optimizer", "ema")
 # srdit.train.step's phase names (torch.profiler ranges) -> the phases above; the model's own
@@ -305,8 +311,43 @@ def routed_noise(cfg, batch: int, device, path_drop: bool = False):
     return dataclasses.replace(noise, path_drop=path_drop)
 
 
-def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = False) -> list[Op]:
-    """The ops of one training step of `variant` at `batch` (see the module docstring)."""
+@contextlib.contextmanager
+def split_launches_of(batch: int, launch_batch: int):
+    """The kernels' split launches (a norm backward's partial-sum rows, srdit.kernels.triton_utils.
+    split_launch) as they are at `launch_batch` while the step runs at `batch`. The programs per
+    group saturate with the batch (about 4 per SM in all), so the partial buffers of a small batch
+    are not on the line to a large one; the launch of the large one, applied at the small batch,
+    keeps every partial buffer affine in the batch. Nothing runs (launches are intercepted), so a
+    program may be left without rows. A group is a batch element (per-sample sums) or all rows."""
+    from srdit.kernels import triton_utils
+
+    original = triton_utils.split_launch
+
+    def at_launch_batch(n_groups, tiles_per_group, device, *, programs=None):
+        if n_groups > 1 and n_groups != batch:
+            raise RuntimeError(f"split launch over {n_groups} groups at batch {batch}: groups must be samples")
+        if n_groups > 1:  # per sample: the large batch has more groups, each with the same rows
+            large = original(launch_batch, tiles_per_group, device, programs=programs)
+        else:  # one group of all rows: the large batch has more rows
+            large = original(1, math.ceil(tiles_per_group * launch_batch / batch), device, programs=programs)
+        return triton_utils.SplitLaunch(large.splits, math.ceil(tiles_per_group / large.splits),
+                                        (n_groups, large.splits))
+
+    modules = [m for name, m in sys.modules.items()
+               if name.startswith("srdit.kernels.") and getattr(m, "split_launch", None) is original]
+    for module in modules:
+        module.split_launch = at_launch_batch
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.split_launch = original
+
+
+def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = False,
+               launch_batch: int | None = None) -> list[Op]:
+    """The ops of one training step of `variant` at `batch`, with the split launches of
+    `launch_batch` (default `batch`; see split_launches_of and the module docstring)."""
     device = torch.device("cpu")
     # check_runtime allows Triton on the CPU only under the interpreter; nothing runs here. bf16:
     # the autocast StepRunner uses on a GPU, with CUDA's policy
@@ -314,7 +355,7 @@ def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = 
         cfg, model, runner, data = build_variant_step(preset_name, COUNTED_VARIANTS[variant], batch, device,
                                                       autocast=cuda_autocast_on_cpu)
     noise = routed_noise(cfg, batch, device, path_drop)
-    with flush_denormals():
+    with flush_denormals(), split_launches_of(batch, launch_batch or batch):
         with Counter().counting(model):  # warm-up, not counted: optimizer state and lazy buffers come first
             runner.run([data], noise)
         counter = Counter()
@@ -335,7 +376,8 @@ def extrapolate(small: dict[int, list[Op]], batch: int) -> list[Op]:
 
 def count_variant(preset_name: str, variant: str, batch: int, *, path_drop: bool = False,
                   small=SMALL_BATCHES) -> list[Op]:
-    return extrapolate({b: count_step(preset_name, variant, b, path_drop=path_drop) for b in small}, batch)
+    return extrapolate({b: count_step(preset_name, variant, b, path_drop=path_drop, launch_batch=batch)
+                        for b in small}, batch)
 
 
 # --------------------------------------------------------------------------- model and report

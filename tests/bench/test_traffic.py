@@ -34,7 +34,7 @@ def checks():
 
 @pytest.mark.parametrize("name", [
     "add", "views_free", "mm", "copy_", "in_place", "broadcast_read_once", "foreach_fast", "foreach_per_tensor",
-    "foreach_norm", "launches_closed_form"])
+    "foreach_norm", "launches_closed_form", "split_launch_at_the_counted_batch", "split_launch_saturates"])
 def test_counting_rules(checks, name):
     counted, expected = checks[name]
     assert counted == expected
@@ -54,7 +54,7 @@ import json, traffic
 out = {}
 for variant in ("eager", "kernels"):
     direct = traffic.count_step("quickstart", variant, 6)
-    scaled = traffic.extrapolate({b: traffic.count_step("quickstart", variant, b) for b in (2, 4)}, 6)
+    scaled = traffic.extrapolate({b: traffic.count_step("quickstart", variant, b, launch_batch=6) for b in (2, 4)}, 6)
     out[variant] = [[o.phase, o.name, o.launches, o.bytes, o.flops] for o in direct], \\
                    [[o.phase, o.name, o.launches, o.bytes, o.flops] for o in scaled]
 print(json.dumps(out))

@@ -125,4 +125,26 @@ plain, residual = by_name(ops, "_layer_norm_fwd_kernel")
 out["layer_norm_fwd"] = [plain.bytes, R * D * 4 + 2 * D * 4 + R * D * s]
 out["residual_layer_norm_fwd"] = [residual.bytes, R * D * (4 + s) + 3 * D * 4 + R * D * (4 + s)]
 
+# ---------------------------------------------------------------- split launches at the counted batch
+# The norm backward's partial-sum rows saturate with the batch (split_launch: about 4 programs per
+# SM in all): counted at small batches with the target's launch, they extrapolate to the target.
+from srdit.kernels.rmsnorm import _launch_bwd  # noqa: E402
+
+
+def norm_bwd_bytes(batch, launch_batch=None):
+    n, d = 512, 64  # 16 rows per tile at the GPU settings: 32 tiles per sample, 8 programs at batch 64
+    x, dy, scale_ = torch.randn(batch, n, d), torch.randn(batch, n, d, dtype=bf), torch.randn(batch, d)
+    rstd = torch.ones(batch * n)
+    with traffic.split_launches_of(batch, launch_batch or batch):
+        return sum(o.bytes for o in counted(lambda: _launch_bwd(dy, x, rstd, scale_, None)))
+
+
+def on_the_line(b1, b2, target, launch_batch):
+    y1, y2 = norm_bwd_bytes(b1, launch_batch), norm_bwd_bytes(b2, launch_batch)
+    return y1 + (y2 - y1) * (target - b1) / (b2 - b1)
+
+
+out["split_launch_at_the_counted_batch"] = [on_the_line(2, 4, 64, 64), norm_bwd_bytes(64)]
+out["split_launch_saturates"] = [on_the_line(2, 4, 64, None) > 1.05 * norm_bwd_bytes(64), True]
+
 print(json.dumps(out))
