@@ -12,11 +12,13 @@ defaults in GPU_TILES stay until a GPU sweep is recorded in bench/RESULTS.md; a 
 set there (and bench/compile_check.py rerun). On the CPU the Triton ops run under the
 interpreter: the sweep runs, its times mean nothing.
 
-Memory-bound ops are scored by achieved GB/s against the card's measured copy bandwidth
-(target: >= 70%); the bytes are the minimum an op must move, forward + backward, with bf16
-activations (2 bytes), written next to each case; the teacher's residual_layer_norm is forward
-only (the teacher is frozen). sprint_fuse is GEMM-bound and scored by
-TFLOP/s against the measured bf16 matmul rate.
+Memory-bound ops are scored by achieved GB/s against the card's measured copy bandwidth (target:
+>= 70%); the bytes are the minimum an op must move, forward + backward, with bf16 activations (2
+bytes), written next to each case; the teacher's residual_layer_norm is forward only (the
+teacher is frozen); repa_cosine reads fp32 targets. sprint_fuse and the MLP (gelu_mlp: the
+student's, GELU in fc1's GEMM and its derivative in the backward's; linear_gelu: the teacher's
+fc1 + GELU, forward only) are GEMM-bound and scored by TFLOP/s against the measured bf16 matmul
+rate; their vs_eager is srdit's Triton GEMMs against cuBLAS plus the separate GELU passes.
 """
 from __future__ import annotations
 
@@ -110,6 +112,23 @@ def teacher_norm_inputs(B, dtype, device):
     return [x, f, gamma, weight, bias, 1e-6, dtype]
 
 
+def mlp_inputs(B, dtype, device, teacher=False):
+    """The MLP at D = 768, hidden 4D, on B x 257 tokens: the student's (GELU tanh, forward +
+    backward) or the teacher's fc1 + exact GELU (forward only)."""
+    x = torch.randn(B, T, D, device=device, dtype=dtype)
+    w1, b1 = torch.randn(4 * D, D, device=device, dtype=dtype) / D**0.5, torch.randn(4 * D, device=device, dtype=dtype)
+    if teacher:
+        return [x, w1, b1, "none"]
+    w2 = torch.randn(D, 4 * D, device=device, dtype=dtype) / (4 * D)**0.5
+    b2 = torch.randn(D, device=device, dtype=dtype)
+    return [_leaf(x), _leaf(w1), _leaf(b1), _leaf(w2), _leaf(b2), "tanh"]
+
+
+def repa_inputs(B, dtype, device):
+    """The REPA cosine: the projector's bf16 output [B, T, D] and the online teacher's fp32 targets."""
+    return [_leaf(torch.randn(B, T, D, device=device, dtype=dtype)), torch.randn(B, T, D, device=device)]
+
+
 ACT = 2  # bytes per bf16 activation element
 CASES = {
     # fwd: read x, write y; bwd: read dy and x, write dx  -> 5 passes over [B, T, D]
@@ -129,15 +148,25 @@ CASES = {
     "sprint_fuse": Case("sprint_fuse", fuse_inputs, lambda B: 0.0, lambda B: 3 * 2 * B * (T + K) * D * D),
     # the teacher's, forward only: read x (fp32) and f, write x_new (fp32) and y -> 12 bytes per element
     "residual_layer_norm": Case("residual_layer_norm", teacher_norm_inputs, lambda B: 12 * B * T * D),
+    # fwd: read pred (bf16) and target (fp32); bwd: read both, write dpred -> 14 bytes per element
+    "repa_cosine": Case("repa_cosine", repa_inputs, lambda B: 14 * B * T * D),
+    # GEMM-bound: fc1 with GELU in its epilogue, fc2; backward: fc2's dgrad with GELU's derivative
+    # and db1 in its epilogue, the three other GEMMs (6 GEMMs of 2 * B*T * D * 4D FLOPs)
+    "gelu_mlp": Case("gelu_mlp", mlp_inputs, lambda B: 0.0, lambda B: 6 * 2 * B * T * D * 4 * D),
+    # the teacher's fc1 + exact GELU, forward only
+    "linear_gelu": Case("linear_gelu", lambda B, d, dev: mlp_inputs(B, d, dev, teacher=True), lambda B: 0.0,
+                        lambda B: 2 * B * T * D * 4 * D),
 }
-# ops that are not in srdit.kernels.get_ops's set (the teacher's): (eager twin's module, Triton's)
-TEACHER_OPS = {"residual_layer_norm": ("srdit.kernels.reference", "srdit.kernels.layernorm")}
+# ops outside srdit.kernels.get_ops's set (the teacher's, the loss's): (eager twin's module, Triton's)
+OTHER_OPS = {"residual_layer_norm": ("srdit.kernels.reference", "srdit.kernels.layernorm"),
+             "linear_gelu": ("srdit.kernels.reference", "srdit.kernels.mlp"),
+             "repa_cosine": ("srdit.kernels.reference", "srdit.kernels.repa_loss")}
 
 
 def op_fn(kind: str, name: str):
     """The eager or Triton function an op of CASES times."""
-    if name in TEACHER_OPS:
-        eager, fused = TEACHER_OPS[name]
+    if name in OTHER_OPS:
+        eager, fused = OTHER_OPS[name]
         return getattr(importlib.import_module(eager if kind == "eager" else fused), name)
     return getattr(get_ops(kind), "attention_prologue" if name.startswith("attention_prologue") else name)
 
@@ -154,12 +183,14 @@ SWEEP = {
     "sprint_fuse_fwd": [Tile(4096), Tile(2048), Tile(8192, 8)],
     "sprint_fuse_bwd": [Tile(2048), Tile(1024), Tile(4096, 8)],
     "layer_norm_fwd": [Tile(2048), Tile(1024), Tile(4096, 8)],
+    "repa_cosine_fwd": [Tile(2048), Tile(4096)],  # 4096: <= 64 registers forward, <= 104 backward
+    "repa_cosine_bwd": [Tile(2048), Tile(4096)],
 }
 SWEPT_BY = {  # the op of CASES whose forward + backward times a kernel
     "rmsnorm_fwd": "residual_rmsnorm_modulate", "rmsnorm_bwd": "residual_rmsnorm_modulate", "apply_rope": "apply_rope",
     "attention_prologue_fwd": "attention_prologue", "attention_prologue_bwd": "attention_prologue",
     "gather_tokens": "gather_tokens", "sprint_fuse_fwd": "sprint_fuse", "sprint_fuse_bwd": "sprint_fuse",
-    "layer_norm_fwd": "residual_layer_norm",
+    "layer_norm_fwd": "residual_layer_norm", "repa_cosine_fwd": "repa_cosine", "repa_cosine_bwd": "repa_cosine",
 }
 
 

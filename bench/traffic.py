@@ -28,8 +28,8 @@ What counts (a TorchDispatchMode below autograd and autocast sees every op a GPU
     inputs it mutates). A Triton kernel moves its tensor arguments once each (srdit's kernels read
     or write each argument once), so a fused op counts its kernel's reads and writes: the formula
     in the op's docstring (tests/bench/test_traffic.py checks the two agree).
-  - FLOPs: torch's flop counter's formulas (GEMMs, attention); elementwise FLOPs are left out
-    (their time is their bytes).
+  - FLOPs: torch's flop counter's formulas (GEMMs, attention), 2*M*N*K for srdit's Triton GEMMs
+    (TRITON_FLOPS); elementwise FLOPs are left out (their time is their bytes).
   - model: sum over ops of max(FLOPs / matmul rate, bytes / copy bandwidth), H200 rates measured by
     bench/kernels.py when bench/results/ holds such a JSON, else the datasheet's (printed).
 Phases: teacher, forward (the model), loss (noising, losses), backward, clip, optimizer, ema;
@@ -97,6 +97,9 @@ GATHERED = {
     "_gather_tokens_bwd_kernel": {"dx_ptr": ("ids_ptr", "r")},
     "_sprint_fuse_fwd_kernel": {"out_ptr": ("ids_ptr", "rw")},
 }
+# Triton kernels that multiply matrices: their FLOPs from the launch's arguments (the others' are
+# elementwise: left out, as for aten ops)
+TRITON_FLOPS = {"_gemm_act_kernel": lambda a: 2 * a["M"] * a["N"] * a["K"]}
 WRITE_ONLY_FIRST = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "random_", "exponential_"}
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "resize_",
              "set_", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
@@ -214,7 +217,8 @@ class Counter(TorchDispatchMode):
             else:
                 rows = t.shape[0] if t.dim() == 2 else t.shape[0] * t.shape[1]
                 moved += unique_bytes(t) / rows * ids.numel() * (2 if gathered[arg][1] == "rw" else 1)
-        self.ops.append(Op(self.phase, name, 1, moved, 0))
+        flops = TRITON_FLOPS[name](arguments) if name in TRITON_FLOPS else 0
+        self.ops.append(Op(self.phase, name, 1, moved, flops))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -266,7 +270,9 @@ class Counter(TorchDispatchMode):
                         [t.shape for t in tensors] == [t.shape for t in lists[0]]:
                     lists.append(tensors)
         launches = 1
-        if name.startswith(("_foreach_", "_fused_")) and lists:
+        if not any(True for _ in _tensors(list(args) + list(kwargs.values()) + [out])):
+            launches = 0  # a dtype or shape computation (promote_types): no tensor in or out, no kernel
+        elif name.startswith(("_foreach_", "_fused_")) and lists:
             launches = foreach_launches(name, lists)
         return Op(self.phase, op_name, launches, read + written, _flops(func, args, kwargs, out))
 
@@ -446,9 +452,11 @@ def report(variant: str, summary: dict, tops: list[dict], batch: int) -> str:
                      model_ms=f"{t['model_ms']:.2f}"))
     lines = [f"== {variant}: {t['bytes_per_image'] / 1e6:.1f} MB per image, {t['launches']} launches per step, "
              f"modelled {t['model_ms']:.1f} ms per step of {batch} (a count and a model, not a measurement)",
-             table(rows, ["phase", "launches", "GB", "GFLOP", "model_ms"]), f"top {len(tops)} ops by bytes:",
-             table([dict(r, GB=_gb(r["bytes"]), model_ms=f"{r['model_ms']:.2f}") for r in tops],
-                   ["phase", "op", "calls", "launches", "GB", "model_ms"])]
+             table(rows, ["phase", "launches", "GB", "GFLOP", "model_ms"])]
+    if tops:
+        lines += [f"top {len(tops)} ops by bytes:", table([dict(r, GB=_gb(r["bytes"]), model_ms=f"{r['model_ms']:.2f}")
+                                                          for r in tops], ["phase", "op", "calls", "launches", "GB",
+                                                                           "model_ms"])]
     return "\n".join(lines)
 
 

@@ -6,8 +6,9 @@
         srdit.kernels does not import triton, so the model with kernels="eager" runs without it.
     srdit.kernels.layer_norm(x, weight, bias, eps, out_dtype)
     srdit.kernels.residual_layer_norm(x, f, gamma, weight, bias, eps, out_dtype)
-        the DINOv2 teacher's fused LayerNorms (forward only), found the same way; its eager path
-        (srdit/model/dinov2.py Block.forward) is their reference.
+    srdit.kernels.linear_gelu(x, weight, bias, approximate)
+        the DINOv2 teacher's fused LayerNorms and fc1 + GELU (forward only), found the same way;
+        its eager path (srdit/model/dinov2.py Block.forward) is their reference.
     srdit.kernels.reference
         the eager twin of every op, same signatures (tests, benchmarks, kernels="eager").
     get_ops(cfg.model.kernels, cfg.model.attention_backend)
@@ -16,7 +17,7 @@
 The model calls only what `get_ops` returns (STYLE 7: the model does not know how it is run).
 Every set has the functions of OP_NAMES with the signatures of srdit/kernels/reference.py, and
 `attention(q, k, v)` of the chosen backend (srdit/kernels/attention.py). One file per Triton op
-(rmsnorm.py, rope.py, attention_prologue.py, sprint.py, layernorm.py), shared pieces in triton_utils.py,
+(rmsnorm.py, rope.py, attention_prologue.py, sprint.py, layernorm.py, mlp.py), shared pieces in triton_utils.py,
 the output-dtype rule under autocast in autocast.py; design notes in docs/kernels.md.
 """
 from __future__ import annotations
@@ -27,13 +28,13 @@ from types import SimpleNamespace
 from srdit.config import KERNELS, ConfigError
 
 OP_NAMES = ("rms_norm", "rmsnorm_modulate", "residual_rmsnorm_modulate", "layernorm_modulate", "apply_rope",
-            "attention_prologue", "gather_tokens", "sprint_fuse")
+            "attention_prologue", "gather_tokens", "sprint_fuse", "gelu_mlp")
 
 # The Triton functions of DESIGN.md's contract and the teacher's norms, by the file that defines
 # them, looked up on first access (a module __getattr__, PEP 562) so that `import srdit.kernels`
 # never imports triton.
 _TRITON_FUNCTIONS = {"rmsnorm_modulate": "rmsnorm", "apply_rope": "rope", "layer_norm": "layernorm",
-                     "residual_layer_norm": "layernorm"}
+                     "residual_layer_norm": "layernorm", "linear_gelu": "mlp"}
 
 
 def __getattr__(name: str):
@@ -71,7 +72,7 @@ def get_ops(kind: str, attention_backend: str = "sdpa") -> SimpleNamespace:
     if kind != "triton":
         raise ConfigError(f"model.kernels={kind!r} is not one of {', '.join(map(repr, KERNELS))}")
     try:
-        from srdit.kernels import attention_prologue, rmsnorm, rope, sprint
+        from srdit.kernels import attention_prologue, mlp, rmsnorm, rope, sprint
     except ImportError as error:
         raise ConfigError(f"model.kernels='triton' needs the triton package ({error}); use model.kernels=eager") from None
     return SimpleNamespace(
@@ -85,4 +86,5 @@ def get_ops(kind: str, attention_backend: str = "sdpa") -> SimpleNamespace:
         attention_prologue=attention_prologue.attention_prologue,
         gather_tokens=sprint.gather_tokens,
         sprint_fuse=sprint.sprint_fuse,
+        gelu_mlp=mlp.gelu_mlp,
     )

@@ -1,7 +1,7 @@
 """Eager PyTorch twins of every fused op: the correctness reference and the speed baseline.
 
 Each function here has the same signature as its Triton version (rmsnorm.py, rope.py,
-attention_prologue.py, sprint.py, layernorm.py in srdit/kernels/).
+attention_prologue.py, sprint.py, layernorm.py, mlp.py in srdit/kernels/).
 They follow the release code's operation order, so that in float64 the model built from them
 computes the release model's function; in lower precision they do what the release does
 under autocast (norms and RoPE compute in fp32, results go on in the input's dtype).
@@ -117,6 +117,18 @@ def residual_rmsnorm_modulate(x, gate, f, shift, scale, weight=None, eps=1e-6):
     """
     x = x + gate.unsqueeze(1) * f  # [B, N, D]
     return x, rmsnorm_modulate(x, shift, scale, weight, eps)
+
+
+def linear_gelu(x, weight, bias, approximate="none"):
+    """gelu(F.linear(x, weight, bias)): a Linear and its GELU (exact, or approximate="tanh"); under
+    autocast the Linear runs in the autocast dtype and the GELU on its stored output (mlp.py)."""
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
+def gelu_mlp(x, w1, b1, w2, b2, approximate="tanh"):
+    """The transformer MLP fc2(gelu(fc1(x))): fc1 = (w1 [Hd, K], b1), fc2 = (w2 [D, Hd], b2);
+    SiT's is GELU(tanh). The Triton version fuses the GELU into fc1's GEMM (mlp.py)."""
+    return F.linear(linear_gelu(x, w1, b1, approximate), w2, b2)
 
 
 def layer_norm(x, weight, bias, eps=1e-6, out_dtype=None):

@@ -36,9 +36,8 @@ each way, where the eager loss moves ~36 in 8 launches forward and ~94 in 17 bac
 (bench/traffic.py's counts, sr-dit-b1-256). Cached fp16 targets are read as stored (4 and 6
 bytes), where the eager step casts them to fp32 first (6 bytes more).
 
-Launch settings: GPU_TILES' "rmsnorm_fwd" tile (2 rows of 1024 for d = 768: two [ROWS, BLOCK_D]
-tensors live forward, three backward) until triton_utils has keys of this op's own (TILE_FWD,
-TILE_BWD below).
+Launch settings: GPU_TILES' "repa_cosine_fwd" and "repa_cosine_bwd" (2 rows of 1024 for d = 768:
+two [ROWS, BLOCK_D] tensors live forward, three backward), swept by bench/kernels.py --sweep.
 """
 import torch
 import triton
@@ -50,7 +49,7 @@ from srdit.kernels.triton_utils import (compute_dtype, empty_output, index_dtype
 Tensor = torch.Tensor
 
 EPS = 1e-12  # F.normalize's default, the release's
-TILE_FWD = TILE_BWD = "rmsnorm_fwd"  # GPU_TILES keys: rmsnorm_fwd's 2048 elements until this op has its own
+TILE_FWD, TILE_BWD = "repa_cosine_fwd", "repa_cosine_bwd"  # GPU_TILES keys
 
 
 @triton.jit

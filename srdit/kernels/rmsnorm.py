@@ -21,7 +21,7 @@ that dtype; x_new, dx, df are stored in their input's dtype, y in the dtype the 
 consumes: the autocast dtype under autocast (for fp32/fp16/bf16 x; the Linear after the norm
 would cast it there anyway), else x's; rms_norm's y always in x's (the REG token joins the fp32
 stream). y is rounded once from the compute dtype to nearest, ties to even: the bits of the
-cast it replaces (bf16 by integer arithmetic, see _rounded). The reductions over rows
+cast it replaces (bf16 by integer arithmetic, triton_utils.round_to). The reductions over rows
 (dshift, dscale, dweight, dgate) are per-program partial rows [G, S, D] in the compute dtype (G
 batch groups, S programs per group from split_launch; no program's rows cross a batch), summed
 by torch: deterministic, the same bits run to run. Saved for backward: x (or x_new), rstd
@@ -51,24 +51,10 @@ import triton.language as tl
 from srdit.kernels.autocast import autocast_gemm_dtype
 from srdit.kernels.reference import default_rms_eps
 from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, index_dtype, rms_normalize,
-                                        rms_normalize_bwd, row_launch, split_launch, tl_compute_dtype,
+                                        rms_normalize_bwd, round_to, row_launch, split_launch, tl_compute_dtype,
                                         unit_last_stride)
 
 Tensor = torch.Tensor
-
-
-@triton.jit
-def _rounded(y, OUT: tl.constexpr):
-    """y in OUT, rounded to nearest, ties to even, as torch's cast and the GPU's cvt.rn round.
-    fp32 -> bf16 by integer arithmetic, because the interpreter's cast truncates (docs/kernels.md):
-    the same code then runs, and is tested bit for bit, on the CPU and on the GPU."""
-    if OUT == tl.bfloat16 and y.dtype == tl.float32:
-        bits = y.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)  # a carry out of the mantissa raises the exponent, as it should
-        half = tl.where(y == y, bits >> 16, 0x7FC0)  # NaN's mantissa could carry into the sign
-        return half.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return y.to(OUT)
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: one compile for every batch
@@ -101,7 +87,7 @@ def _rmsnorm_modulate_fwd_kernel(
         shift = tl.load(shift_ptr + b[:, None] * stride_shift_b + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         scale = tl.load(scale_ptr + b[:, None] * stride_scale_b + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         y = y * (1.0 + scale) + shift
-    tl.store(y_ptr + offs, _rounded(y, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["rows_per_group", "tiles_per_program"])  # batch-dependent
@@ -318,9 +304,12 @@ def _setup(ctx, inputs, output):
     x, shift, scale, weight, _, _ = inputs
     ctx.shift_dtype = shift.dtype if shift is not None else None
     ctx.save_for_backward(x, output[1], scale, weight)
+    ctx.set_materialize_grads(False)  # rstd is an output only to be saved: no zero gradient for it
 
 
 def _backward(ctx, dy, _drstd):
+    if dy is None:  # y unused
+        return None, None, None, None, None, None
     x, rstd, scale, weight = ctx.saved_tensors
     dx, dshift, dscale, dweight = torch.ops.srdit.rmsnorm_modulate_bwd(dy, x, rstd, scale, weight)
     if scale is None:
@@ -366,12 +355,19 @@ def _(dx_new, dy, x_new, f, gate, rstd, scale, weight):
 def _residual_setup(ctx, inputs, output):
     x, gate, f, shift, scale, weight, _, _ = inputs
     ctx.shift_dtype = shift.dtype if shift is not None else None
-    x_new, _, rstd = output
+    x_new, y, rstd = output
+    ctx.y_dtype = y.dtype
     ctx.save_for_backward(x_new, f, gate, rstd, scale, weight)
+    # no zero gradients for rstd (saved only) or an unused x_new (the kernel then reads no dx_new)
+    ctx.set_materialize_grads(False)
 
 
 def _residual_backward(ctx, dx_new, dy, _drstd):
     x_new, f, gate, rstd, scale, weight = ctx.saved_tensors
+    if dy is None:
+        if dx_new is None:
+            return None, None, None, None, None, None, None, None
+        dy = torch.zeros(x_new.shape, dtype=ctx.y_dtype, device=x_new.device)  # y unused, x_new used: rare
     dx, dgate, df, dshift, dscale, dweight = torch.ops.srdit.residual_rmsnorm_modulate_bwd(
         dx_new, dy, x_new, f, gate, rstd, scale, weight)
     if scale is None:

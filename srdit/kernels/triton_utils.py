@@ -5,6 +5,7 @@ Host side
     GPU_TILES, row_launch, split_launch
                                 launch settings of row kernels and of row kernels that also sum
                                 over rows; both fail, naming the limit, outside their range
+    GEMM_TILES, gemm_launch     launch settings of the GEMM kernels (srdit/kernels/mlp.py)
     gpu_settings                the switch: GPU settings on a GPU, or anywhere with SRDIT_LAUNCH=gpu
     index_dtype                 int32 offsets where every tensor is below 2^31 elements, else int64
     compute_dtype, tl_compute_dtype
@@ -21,6 +22,8 @@ Device side (@triton.jit, inlined into the kernels that call them)
     rotate_pairs                RoPE's rotation of adjacent pairs, or its transpose
     rms_normalize               x * rstd with rstd = 1 / sqrt(mean(x^2) + eps), per row
     rms_normalize_bwd           the input gradient of rms_normalize
+    round_to                    a cast to the output dtype rounded to nearest, ties to even,
+                                also for bf16 under the interpreter (whose cast truncates)
 
 Naming in every kernel: a pointer argument is `<tensor>_ptr` (per-program partial sums of a
 gradient: `<grad>_part_ptr`); a stride is `stride_<tensor>_<dim>` (`stride_x_b`, `stride_v0_ids_n`),
@@ -77,6 +80,8 @@ GPU_TILES = {
     "sprint_fuse_fwd": Tile(4096),  # 4 rows: base, gW2; <= 62
     "sprint_fuse_bwd": Tile(2048),  # 2 rows: dout, 2 accumulator tiles, the slot search; <= 80
     "layer_norm_fwd": Tile(2048),  # 2 rows: x, f, x_new / y, gamma, w, b rows (teacher, forward only)
+    "repa_cosine_fwd": Tile(2048),  # 2 rows of 1024 (d = 768): pred, target; <= 44 registers
+    "repa_cosine_bwd": Tile(2048),  # 2 rows: pred, target, dpred; <= 56
 }
 
 
@@ -178,6 +183,56 @@ def index_dtype(*tensors):
     return tl.int32 if 2 * span < INT32_LIMIT else tl.int64
 
 
+@dataclass(frozen=True)
+class GemmTile:
+    """A GEMM kernel's block of the output (block_m x block_n), its step along K, the warps and
+    the pipeline stages of its K loop, and GROUP_M: output rows of blocks launched together so
+    that their operand tiles are reused from L2."""
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    group_m: int = 8
+
+
+# Hopper's usual bf16 tile: 128 x 128 outputs in fp32 (64 accumulator registers per thread at 8
+# warps, two warpgroups of wgmma), K in steps of 64, 3 stages of operand tiles in shared memory
+# (96 KiB). fp32 operands ("_exact": multiplied exactly, no tensor cores, the fp32 training
+# precision) take a quarter of the tile: at 128 x 128 they need 255 registers and spill. A GEMM
+# is compute-bound: it is budgeted on spills and 8 resident warps (one program per SM), not the
+# row kernels' 16 (bench/compile_check.py). bench/kernels.py times the MLP against cuBLAS plus
+# the separate GELU passes (gelu_mlp, linear_gelu) on a GPU; no candidate tiles are swept yet.
+GEMM_TILES = {
+    "gemm_act_fwd": GemmTile(128, 128, 64, warps=8, stages=3),  # <= 157 registers (exact GELU)
+    "gemm_act_bwd": GemmTile(128, 128, 64, warps=8, stages=3),  # + h and the bias-gradient sums; <= 152
+    "gemm_act_fwd_exact": GemmTile(64, 64, 32, warps=4, stages=2),
+    "gemm_act_bwd_exact": GemmTile(64, 64, 32, warps=4, stages=2),
+}
+# under the interpreter a program costs per op, not per element: INTERPRETER_ELEMENTS outputs a
+# program, a long K step (the tests set a small tile to cover several blocks and a K remainder)
+INTERPRETER_GEMM_TILE = GemmTile(128, 128, 128, warps=4, stages=1)
+
+
+@dataclass(frozen=True)
+class GemmLaunch:
+    tile: GemmTile
+    m_blocks: int
+    grid: tuple[int]
+
+
+def gemm_launch(M: int, N: int, kernel: str, dtype: torch.dtype = torch.bfloat16) -> GemmLaunch:
+    """Launch settings of the GEMM `kernel` (a key of GEMM_TILES) for an [M, N] output of
+    `dtype` operands: one program per output block, GEMM_TILES on a GPU (the "_exact" tile for
+    fp32/fp64), INTERPRETER_GEMM_TILE under the interpreter."""
+    if M < 1 or N < 1:
+        raise ValueError(f"GEMM needs M >= 1 and N >= 1, got {M} x {N}")
+    exact = "_exact" if dtype in (torch.float32, torch.float64) else ""
+    tile = GEMM_TILES[kernel + exact] if gpu_settings() else INTERPRETER_GEMM_TILE
+    m_blocks = triton.cdiv(M, tile.block_m)
+    return GemmLaunch(tile, m_blocks, (m_blocks * triton.cdiv(N, tile.block_n),))
+
+
 # --------------------------------------------------------------------------- dtypes and buffers
 
 
@@ -272,3 +327,17 @@ def rms_normalize_bwd(gw, xhat, rstd, D):
     the gradient arriving on xhat (the output gradient times the weight, if any)."""
     c = tl.sum(gw * xhat, axis=1) / D  # [ROWS]
     return (gw - xhat * c[:, None]) * rstd[:, None]
+
+
+@triton.jit
+def round_to(y, OUT: tl.constexpr):
+    """y in OUT, rounded to nearest, ties to even, as torch's cast and the GPU's cvt.rn round.
+    fp32 -> bf16 by integer arithmetic, because the interpreter's cast truncates (docs/kernels.md):
+    the same code then runs, and is tested bit for bit, on the CPU and on the GPU."""
+    if OUT == tl.bfloat16 and y.dtype == tl.float32:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)  # a carry out of the mantissa raises the exponent, as it should
+        half = tl.where(y == y, bits >> 16, 0x7FC0)  # NaN's mantissa could carry into the sign
+        return half.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(OUT)

@@ -38,8 +38,9 @@ How it runs, for the online teacher of a training step (same math; neither chang
   * kernels="triton" (model.kernels, passed by srdit.train.inputs.build_teacher): each
     LayerNorm runs fused with the residual add and LayerScale before it and with autocast's cast
     to the GEMM's dtype after it (srdit/kernels/layernorm.py, forward only), one launch per norm
-    instead of four. Not bit-identical to "eager" (the norm's reduction order), which is kept
-    exactly as written above: the reference.
+    instead of four; each MLP's exact GELU runs in fc1's GEMM (srdit/kernels/mlp.py), one
+    pass over the hidden layer fewer. Not bit-identical to "eager" (the norm's and the GEMM's
+    reduction orders), which is kept exactly as written above: the reference.
   * precast_gemm_weights(bf16): the patch embedding's and the Linears' weights and biases are
     stored in bf16 once, so bf16 autocast stops casting them at every call (bit-identical).
 
@@ -137,10 +138,10 @@ def _checkpoint_dtypes(module: "DINOv2", state_dict: dict, prefix: str, _local_m
             state_dict[key] = state_dict[key].to(dtype)
 
 
-def fused_norm_ops(kernels: str) -> SimpleNamespace | None:
-    """The teacher's norm ops for model.kernels: None for "eager" (Block.forward as written, the
-    reference); srdit.kernels' fused LayerNorms for "triton" (a ConfigError now, not at the first
-    step, where triton is missing)."""
+def fused_ops(kernels: str) -> SimpleNamespace | None:
+    """The teacher's fused ops for model.kernels: None for "eager" (Block.forward as written, the
+    reference); srdit.kernels' fused LayerNorms and fc1 + GELU for "triton" (a ConfigError now,
+    not at the first step, where triton is missing)."""
     if kernels not in KERNELS:
         raise ConfigError(f"kernels={kernels!r} is not one of {', '.join(map(repr, KERNELS))}")
     if kernels == "eager":
@@ -149,7 +150,8 @@ def fused_norm_ops(kernels: str) -> SimpleNamespace | None:
 
     try:
         return SimpleNamespace(layer_norm=srdit.kernels.layer_norm,
-                               residual_layer_norm=srdit.kernels.residual_layer_norm)
+                               residual_layer_norm=srdit.kernels.residual_layer_norm,
+                               linear_gelu=srdit.kernels.linear_gelu)
     except ImportError as error:
         raise ConfigError(f"the teacher with kernels='triton' needs the triton package ({error}); "
                           "use model.kernels=eager") from None
@@ -237,7 +239,7 @@ class DINOv2(nn.Module):
         self.img_size = img_size
         self.grid = img_size // arch.patch
         self.pos_interp = pos_interp
-        self.fused_norms = fused_norm_ops(kernels)
+        self.fused = fused_ops(kernels)
         self.embed_dim = d
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, arch.pos_grid**2 + 1, d))
@@ -321,7 +323,7 @@ class DINOv2(nn.Module):
         if self.grid != self.arch.pos_grid and self.pos_interp == "dinov2":
             pos = pos.to(x.dtype)  # the hub model casts its interpolated table to x's dtype
         x = x + pos  # [B, 1+g*g, D]
-        if self.fused_norms is not None:
+        if self.fused is not None:
             x = self._fused_blocks(x)  # [B, 1+g*g, D]
         else:
             for block in self.blocks:
@@ -334,8 +336,9 @@ class DINOv2(nn.Module):
         residual add and LayerScale before it (x_new = x + f * gamma, stored in x's dtype as the
         unfused add stores it) and written in the dtype of the GEMM that reads it: a norm2, or
         the next block's norm1, after each residual branch. The final norm, the targets, keeps
-        the stream's dtype, as LayerNorm gives it (fp32: under autocast too)."""
-        ops = self.fused_norms
+        the stream's dtype, as LayerNorm gives it (fp32: under autocast too). The MLP's GELU runs
+        in fc1's GEMM (srdit.kernels.linear_gelu, on fc1's stored output as the unfused gelu)."""
+        ops = self.fused
         gemm = autocast_gemm_dtype(x) or x.dtype
         first = self.blocks[0].norm1
         y = ops.layer_norm(x, first.weight, first.bias, first.eps, gemm)  # [B, N, D] in the GEMM's dtype
@@ -344,7 +347,9 @@ class DINOv2(nn.Module):
             after = self.norm if last else self.blocks[i + 1].norm1
             n2 = block.norm2
             x, y = ops.residual_layer_norm(x, block.attn(y), block.ls1.gamma, n2.weight, n2.bias, n2.eps, gemm)
-            x, y = ops.residual_layer_norm(x, block.mlp(y), block.ls2.gamma, after.weight, after.bias, after.eps,
+            mlp = block.mlp
+            f = F.linear(ops.linear_gelu(y, mlp.fc1.weight, mlp.fc1.bias), mlp.fc2.weight, mlp.fc2.bias)
+            x, y = ops.residual_layer_norm(x, f, block.ls2.gamma, after.weight, after.bias, after.eps,
                                            x.dtype if last else gemm)
         return y  # [B, N, D]
 

@@ -190,10 +190,13 @@ def _lopsided_relu2(x):
 
 class Mlp(nn.Module):
     """fc1 -> activation -> fc2 (timm's Mlp layout). SwiGLU splits fc1 into gate and value and
-    uses a 2/3-width hidden layer so that its parameter count matches the 4x GELU MLP."""
+    uses a 2/3-width hidden layer so that its parameter count matches the 4x GELU MLP. With GELU
+    the whole MLP is the op set's gelu_mlp: these same calls when eager, GELU inside fc1's GEMM and
+    its derivative inside the backward's with Triton (srdit/kernels/mlp.py)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops):
         super().__init__()
+        self.ops = ops
         hidden = int(cfg.hidden * cfg.mlp_ratio)
         self.glu = cfg.mlp_act == "swiglu"
         if self.glu:
@@ -209,6 +212,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, cfg.hidden)
 
     def forward(self, x):
+        if isinstance(self.act, nn.GELU):  # the fused op: GELU inside fc1's GEMM (srdit/kernels/mlp.py)
+            return self.ops.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                     self.act.approximate)  # [B, N, D]
         h = self.fc1(x)  # [B, N, hidden or 2*hidden]
         if self.glu:
             gate, value = h.chunk(2, dim=-1)
@@ -267,7 +273,7 @@ class SiTBlock(nn.Module):
         self.norm1 = NormModulate(ops, cfg.norm)
         self.attn = Attention(cfg, ops, value_residual)
         self.norm2 = NormModulate(ops, cfg.norm)
-        self.mlp = Mlp(cfg)
+        self.mlp = Mlp(cfg, ops)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 6 * cfg.hidden))
 
     def forward(self, x, mod, rope, rope_ids, v0=None, pending=None):

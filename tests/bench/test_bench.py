@@ -44,7 +44,7 @@ def test_kernel_bench_runs_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["op"] for r in rows} == {"rmsnorm_modulate", "residual_rmsnorm_modulate", "apply_rope",
                                        "attention_prologue", "attention_prologue_routed", "gather_tokens",
-                                       "sprint_fuse", "residual_layer_norm"}
+                                       "sprint_fuse", "residual_layer_norm", "repa_cosine", "gelu_mlp", "linear_gelu"}
     assert all("ms" in r for r in rows), [r for r in rows if "error" in r]
 
 

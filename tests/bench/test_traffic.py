@@ -34,7 +34,8 @@ def checks():
 
 @pytest.mark.parametrize("name", [
     "add", "views_free", "mm", "copy_", "in_place", "broadcast_read_once", "foreach_fast", "foreach_per_tensor",
-    "foreach_norm", "launches_closed_form", "split_launch_at_the_counted_batch", "split_launch_saturates"])
+    "foreach_norm", "launches_closed_form", "split_launch_at_the_counted_batch", "split_launch_saturates",
+    "no_tensor_no_launch"])
 def test_counting_rules(checks, name):
     counted, expected = checks[name]
     assert counted == expected
@@ -43,7 +44,8 @@ def test_counting_rules(checks, name):
 @pytest.mark.parametrize("name", [
     "rmsnorm_modulate_fwd", "residual_rmsnorm_modulate_fwd", "residual_rmsnorm_modulate_fwd_autocast", "apply_rope_fwd",
     "apply_rope_bwd", "gather_tokens_fwd", "gather_tokens_bwd", "attention_prologue_fwd", "layer_norm_fwd",
-    "residual_layer_norm_fwd"])
+    "residual_layer_norm_fwd", "linear_gelu_fwd", "gelu_mlp_fwd_gemm", "gelu_mlp_bwd_gemm", "gelu_mlp_gemm_flops",
+    "repa_cosine_fwd", "repa_cosine_bwd"])
 def test_fused_ops_count_their_docstring_formula(checks, name):
     counted, formula = checks[name]
     assert counted == formula

@@ -125,6 +125,36 @@ plain, residual = by_name(ops, "_layer_norm_fwd_kernel")
 out["layer_norm_fwd"] = [plain.bytes, R * D * 4 + 2 * D * 4 + R * D * s]
 out["residual_layer_norm_fwd"] = [residual.bytes, R * D * (4 + s) + 3 * D * 4 + R * D * (4 + s)]
 
+from srdit.kernels.mlp import gelu_mlp, linear_gelu  # noqa: E402
+from srdit.kernels.triton_utils import GEMM_TILES  # noqa: E402
+
+Hd, Do = 4 * D, D  # the MLP's hidden and output widths
+w1, b1 = torch.randn(Hd, D, dtype=bf), torch.randn(Hd, dtype=bf)
+w2, b2 = torch.randn(Do, Hd, dtype=bf), torch.randn(Do, dtype=bf)
+with torch.no_grad():
+    ops = counted(lambda: linear_gelu(x, w1, b1))
+# mlp.py: forward GEMM read (M*K + Hd*K + Hd)*s, write M*Hd*s (g), + M*Hd*s (h, for autograd);
+# backward GEMM read (M*D + D*Hd + M*Hd)*s, write M*Hd*s + P*Hd*c
+gemm_in = (R * D + Hd * D + Hd) * s
+out["linear_gelu_fwd"] = [by_name(ops, "_gemm_act_kernel")[0].bytes, gemm_in + R * Hd * s]
+xg = x.clone().requires_grad_()
+ops = counted(lambda: gelu_mlp(xg, w1, b1, w2, b2).sum().backward())
+forward_gemm, backward_gemm = by_name(ops, "_gemm_act_kernel")
+P = -(-R // GEMM_TILES["gemm_act_bwd"].block_m)
+out["gelu_mlp_fwd_gemm"] = [forward_gemm.bytes, gemm_in + 2 * R * Hd * s]
+out["gelu_mlp_bwd_gemm"] = [backward_gemm.bytes, (R * Do + Do * Hd + R * Hd) * s + R * Hd * s + P * Hd * c]
+out["gelu_mlp_gemm_flops"] = [[forward_gemm.flops, backward_gemm.flops], [2 * R * D * Hd, 2 * R * Do * Hd]]
+
+from srdit.kernels.repa_loss import repa_cosine  # noqa: E402
+
+pred, target = torch.randn(B, N, D, dtype=bf, requires_grad=True), torch.randn(B, N, D)
+ops = counted(lambda: repa_cosine(pred, target).sum().backward())
+# repa_loss.py: forward read R*d*(sp + sq), write R*c; backward read R*d*(sp + sq) + R*c, write R*d*sp
+out["repa_cosine_fwd"] = [by_name(ops, "_repa_cosine_fwd_kernel")[0].bytes, R * D * (s + 4) + R * c]
+out["repa_cosine_bwd"] = [by_name(ops, "_repa_cosine_bwd_kernel")[0].bytes, R * D * (s + 4) + R * c + R * D * s]
+ops = counted(lambda: torch.promote_types(torch.bfloat16, torch.float32))
+out["no_tensor_no_launch"] = [sum(o.launches for o in ops), 0]
+
 # ---------------------------------------------------------------- split launches at the counted batch
 # The norm backward's partial-sum rows saturate with the batch (split_launch: about 4 programs per
 # SM in all): counted at small batches with the target's launch, they extrapolate to the target.

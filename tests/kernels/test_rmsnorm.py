@@ -231,7 +231,7 @@ def test_mixed_dtypes(dtype):
 def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     mask = offs < n
-    tl.store(y_ptr + offs, rmm._rounded(tl.load(x_ptr + offs, mask=mask), y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, triton_utils.round_to(tl.load(x_ptr + offs, mask=mask), y_ptr.dtype.element_ty), mask=mask)
 
 
 def test_rounding_to_bf16_is_torchs_bit_for_bit():

@@ -399,7 +399,7 @@ def test_build_teacher_runs_the_model_kernels():
     for kernels in KERNELS:
         cfg = apply_overrides(preset("quickstart"), [f"model.kernels={kernels}", "data.cached_teacher=false"])
         teacher, _ = build_teacher(cfg, torch.device("cpu"), random_init=True)
-        assert (teacher.fused_norms is None) == (kernels == "eager"), kernels
+        assert (teacher.fused is None) == (kernels == "eager"), kernels
     with pytest.raises(ValueError, match="kernels='cuda'"):
         build_dinov2("tiny", 16, kernels="cuda")
 
