@@ -4,7 +4,8 @@
 #      GPU launch settings (native runs always take them; SRDIT_LAUNCH=gpu says so), and the
 #      CUDA-graph step against the eager step (tests/train/test_graphs.py)
 #   2. bench/throughput.py, sr-dit-b1-256 at the target's batch 256: eager, kernels, graphs,
-#      cached-teacher, best (kernels + compile + graphs + cached teacher), written row by row
+#      cached-teacher, best (kernels + compile + graphs + cached teacher), then kernels with the
+#      MLPs on cuBLAS (model.fused_mlp=false: is srdit's Triton GEMM worth it?), written row by row
 #   3. bench/kernels.py at SR-DiT-B/1 shapes, batch 32 and 256, with --sweep (each kernel's
 #      candidate launch settings against the default, batch 256): the "after" rows; then the
 #      Triton ops of the commit before issue 11's kernel changes (KERNELS_BEFORE, a git worktree,
@@ -47,7 +48,7 @@ run env 15 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,cloc
 run tests 120 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_model.py tests/train/test_graphs.py \
     --junitxml="$OUT/tests.xml"
 run throughput-b256 170 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 \
-    --variants eager kernels graphs cached-teacher best --json "$OUT/throughput_b256.json"
+    --variants eager kernels graphs cached-teacher best kernels-cublas-mlp --json "$OUT/throughput_b256.json"
 run kernels 80 python3 bench/kernels.py --batch 32 256 --sweep --sweep-batch 256 --attention --iters 10 \
     --json "$OUT/kernels.json"
 run kernels-before 30 bash -c "git worktree add -f /tmp/srdit-kernels-before $KERNELS_BEFORE >/dev/null &&

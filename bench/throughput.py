@@ -8,6 +8,8 @@ device, through the training loop's own step (srdit.train.assemble.build_step).
 Variants, all in one run on one device (ratios are the result):
   eager           kernels=eager, no compile: the release-style baseline
   kernels         kernels=triton and batched_adaln (every fused op)
+  kernels-cublas-mlp  the same with model.fused_mlp=false: the MLPs on cuBLAS + separate GELU
+                  passes (against `kernels`: srdit's Triton GEMM against cuBLAS, in the step)
   compile         torch.compile of the model
   kernels+compile both
   graphs          the whole step replayed as CUDA graphs (srdit.train.graphs; GPU only)
@@ -40,6 +42,7 @@ from srdit.train.loss import draw_step_noise
 VARIANTS = {
     "eager": dict(kernels="eager", compile=False, cached=False, graphs=False),
     "kernels": dict(kernels="triton", compile=False, cached=False, graphs=False),
+    "kernels-cublas-mlp": dict(kernels="triton", compile=False, cached=False, graphs=False, fused_mlp=False),
     "compile": dict(kernels="eager", compile=True, cached=False, graphs=False),
     "kernels+compile": dict(kernels="triton", compile=True, cached=False, graphs=False),
     "graphs": dict(kernels="eager", compile=False, cached=False, graphs=True),
@@ -55,7 +58,8 @@ def build_variant_step(preset_name: str, spec: dict, batch: int, device, *, auto
     fused = spec["kernels"] == "triton"
     cfg = apply_overrides(preset(preset_name), [
         f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}", f"train.global_batch={batch}",
-        f"data.cached_teacher={spec['cached']}", f"train.compile={spec['compile']}", f"train.cuda_graphs={spec['graphs']}"])
+        f"data.cached_teacher={spec['cached']}", f"train.compile={spec['compile']}", f"train.cuda_graphs={spec['graphs']}",
+        f"model.fused_mlp={spec.get('fused_mlp', True)}"])
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     teacher, _ = build_teacher(cfg, device, random_init=True)  # the real teacher's cost, without its file

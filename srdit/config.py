@@ -147,6 +147,9 @@ class ModelConfig:
     kernels: str = field(default="eager", metadata=RESUMABLE)
     attention_backend: str = field(default="sdpa", metadata=RESUMABLE)
     batched_adaln: bool = field(default=False, metadata=RESUMABLE)  # every adaLN modulation in one GEMM
+    # with kernels=triton: GELU inside the MLP's fc1 GEMM, srdit's Triton GEMM (student and teacher);
+    # False: cuBLAS and the separate GELU passes (srdit/kernels/mlp.py)
+    fused_mlp: bool = field(default=True, metadata=RESUMABLE)
 
     def __post_init__(self):
         _check_ranges("model", self)

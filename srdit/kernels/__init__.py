@@ -11,7 +11,7 @@
         its eager path (srdit/model/dinov2.py Block.forward) is their reference.
     srdit.kernels.reference
         the eager twin of every op, same signatures (tests, benchmarks, kernels="eager").
-    get_ops(cfg.model.kernels, cfg.model.attention_backend)
+    get_ops(cfg.model.kernels, cfg.model.attention_backend, cfg.model.fused_mlp)
         one whole set for the model.
 
 The model calls only what `get_ops` returns (STYLE 7: the model does not know how it is run).
@@ -55,10 +55,11 @@ def __dir__():
     return sorted({*globals(), *_TRITON_FUNCTIONS})
 
 
-def get_ops(kind: str, attention_backend: str = "sdpa") -> SimpleNamespace:
+def get_ops(kind: str, attention_backend: str = "sdpa", fused_mlp: bool = True) -> SimpleNamespace:
     """The op set for cfg.model.kernels (one of srdit.config.KERNELS) and the attention function
     of cfg.model.attention_backend; a backend that cannot run here is a ConfigError now, at
-    build time, not at the first step.
+    build time, not at the first step. fused_mlp (cfg.model.fused_mlp), with "triton": the GELU
+    MLP with GELU in fc1's Triton GEMM (mlp.py), else its eager twin (cuBLAS + GELU passes).
 
     A namespace of plain functions (not a module object), so models holding it can be deep-copied
     (the EMA) and pickled.
@@ -86,5 +87,5 @@ def get_ops(kind: str, attention_backend: str = "sdpa") -> SimpleNamespace:
         attention_prologue=attention_prologue.attention_prologue,
         gather_tokens=sprint.gather_tokens,
         sprint_fuse=sprint.sprint_fuse,
-        gelu_mlp=mlp.gelu_mlp,
+        gelu_mlp=mlp.gelu_mlp if fused_mlp else reference.gelu_mlp,
     )

@@ -138,20 +138,21 @@ def _checkpoint_dtypes(module: "DINOv2", state_dict: dict, prefix: str, _local_m
             state_dict[key] = state_dict[key].to(dtype)
 
 
-def fused_ops(kernels: str) -> SimpleNamespace | None:
+def fused_ops(kernels: str, fused_mlp: bool = True) -> SimpleNamespace | None:
     """The teacher's fused ops for model.kernels: None for "eager" (Block.forward as written, the
     reference); srdit.kernels' fused LayerNorms and fc1 + GELU for "triton" (a ConfigError now,
-    not at the first step, where triton is missing)."""
+    not at the first step, where triton is missing); fc1 + GELU eager when not fused_mlp."""
     if kernels not in KERNELS:
         raise ConfigError(f"kernels={kernels!r} is not one of {', '.join(map(repr, KERNELS))}")
     if kernels == "eager":
         return None
     import srdit.kernels
+    from srdit.kernels import reference
 
     try:
         return SimpleNamespace(layer_norm=srdit.kernels.layer_norm,
                                residual_layer_norm=srdit.kernels.residual_layer_norm,
-                               linear_gelu=srdit.kernels.linear_gelu)
+                               linear_gelu=srdit.kernels.linear_gelu if fused_mlp else reference.linear_gelu)
     except ImportError as error:
         raise ConfigError(f"the teacher with kernels='triton' needs the triton package ({error}); "
                           "use model.kernels=eager") from None
@@ -224,11 +225,12 @@ class DINOv2(nn.Module):
 
     Parameters are registered in the checkpoint's order (cls_token, pos_embed, mask_token,
     patch_embed, blocks, norm), so state_dict() lists them as the original file does.
-    `pos_interp` picks the resampling of the stored table to the g x g grid; `kernels` how the
-    norms run (module docstring).
+    `pos_interp` picks the resampling of the stored table to the g x g grid; `kernels` and
+    `fused_mlp` how the norms and the MLPs run (module docstring).
     """
 
-    def __init__(self, arch: DINOv2Arch, img_size: int, pos_interp: str = "dinov2", kernels: str = "eager"):
+    def __init__(self, arch: DINOv2Arch, img_size: int, pos_interp: str = "dinov2", kernels: str = "eager",
+                 fused_mlp: bool = True):
         super().__init__()
         if img_size % arch.patch:
             raise ValueError(f"img_size={img_size} is not a multiple of the patch size {arch.patch}")
@@ -239,7 +241,7 @@ class DINOv2(nn.Module):
         self.img_size = img_size
         self.grid = img_size // arch.patch
         self.pos_interp = pos_interp
-        self.fused = fused_ops(kernels)
+        self.fused = fused_ops(kernels, fused_mlp)
         self.embed_dim = d
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, arch.pos_grid**2 + 1, d))
@@ -367,14 +369,17 @@ def _arch(arch: str) -> DINOv2Arch:
     return ARCHS[arch]
 
 
-def build_dinov2(arch: str, img_size: int, pos_interp: str = "dinov2", kernels: str = "eager") -> DINOv2:
+def build_dinov2(arch: str, img_size: int, pos_interp: str = "dinov2", kernels: str = "eager",
+                 fused_mlp: bool = True) -> DINOv2:
     """Random-init DINOv2 (deterministic under torch.manual_seed). img_size: the resolution it
     is fed (224 at 256 px, 448 at 512 px, 16 for `tiny`). pos_interp: see the module docstring
-    ("timm" reproduces the SR-DiT release's REPA teacher); kernels: how its norms run (same)."""
-    return DINOv2(_arch(arch), img_size, pos_interp, kernels)
+    ("timm" reproduces the SR-DiT release's REPA teacher); kernels, fused_mlp: how its norms and
+    MLPs run (same)."""
+    return DINOv2(_arch(arch), img_size, pos_interp, kernels, fused_mlp)
 
 
-def load_dinov2(arch: str, path, img_size: int, pos_interp: str = "dinov2", kernels: str = "eager") -> DINOv2:
+def load_dinov2(arch: str, path, img_size: int, pos_interp: str = "dinov2", kernels: str = "eager",
+                fused_mlp: bool = True) -> DINOv2:
     """Load an original-layout DINOv2 file (or timm's layout, which lacks mask_token), strictly.
 
     Returns a frozen model in eval mode. Errors name the path, the expected file and the first
@@ -383,7 +388,7 @@ def load_dinov2(arch: str, path, img_size: int, pos_interp: str = "dinov2", kern
     a = _arch(arch)
     expected = a.file_name or f"a state dict saved from build_dinov2({arch!r}, ...)"
     sd = load_state_file(path, expected, ("model", "state_dict"))
-    model = DINOv2(a, img_size, pos_interp, kernels)
+    model = DINOv2(a, img_size, pos_interp, kernels, fused_mlp)
     ref = model.state_dict()
     if "mask_token" not in sd:  # timm layout: identical except that mask_token (unused) is dropped
         sd = dict(sd, mask_token=torch.zeros_like(ref["mask_token"]))

@@ -4,7 +4,7 @@ release state dict loads as it is (see checkpoint.py).
 
 Reads top to bottom: fixed tables, embedders, attention, MLP, block, final layer, the model,
 `initialize_weights`. Normalisation, RoPE, QK-norm, value residual and the SPRINT gather/fuse
-run through `ops` (srdit.kernels.get_ops(cfg.kernels, cfg.attention_backend)); the model never
+run through `ops` (srdit.kernels.get_ops(cfg.kernels, cfg.attention_backend, cfg.fused_mlp)); the model never
 imports Triton.
 
 Shapes: B batch, C latent channels, S grid side, P = S*S patches, T = P (+1 with the REG
@@ -354,7 +354,7 @@ class SRDiT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        ops = get_ops(cfg.kernels, cfg.attention_backend)
+        ops = get_ops(cfg.kernels, cfg.attention_backend, cfg.fused_mlp)
         self.ops = ops
         D = cfg.hidden
         if cfg.sprint:

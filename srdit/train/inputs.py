@@ -53,13 +53,14 @@ def build_teacher(cfg: Config, device: torch.device, *, random_init: bool = Fals
     d = cfg.data
     if d.teacher and not random_init:
         teacher = load_dinov2(d.teacher_arch, d.teacher, d.teacher_resolution, d.teacher_pos_interp,
-                              cfg.model.kernels)
+                              cfg.model.kernels, cfg.model.fused_mlp)
         note = f"DINOv2 {d.teacher_arch} from {d.teacher}"
     else:
         if d.teacher_arch != "tiny" and not random_init:
             raise ConfigError(f"data.teacher is empty: give the path of the {d.teacher_arch} weights "
                               f"(dinov2_{d.teacher_arch}_pretrain.pth); only the quickstart's tiny teacher may be random")
-        teacher = build_dinov2(d.teacher_arch, d.teacher_resolution, d.teacher_pos_interp, cfg.model.kernels).freeze()
+        teacher = build_dinov2(d.teacher_arch, d.teacher_resolution, d.teacher_pos_interp, cfg.model.kernels,
+                               cfg.model.fused_mlp).freeze()
         note = (f"DINOv2 {d.teacher_arch}-style ViT, RANDOM INIT (no pretrained weights: REPA/REG align to random "
                 "features)")
     if teacher.embed_dim != cfg.model.teacher_dim:

@@ -46,6 +46,28 @@ def test_package_functions_are_the_triton_kernels():
     assert srdit.kernels.get_ops("triton").rmsnorm_modulate is srdit.kernels.rmsnorm_modulate
 
 
+def test_fused_mlp_switch_picks_the_mlp_of_student_and_teacher():
+    """model.fused_mlp=false keeps every other Triton op and runs the GELU MLPs (the student's and
+    the teacher's) on their eager twins: cuBLAS and separate GELU passes."""
+    from srdit.config import apply_overrides, preset
+    from srdit.kernels import mlp, reference
+    from srdit.model import build_model
+    from srdit.train.inputs import build_teacher
+
+    assert srdit.kernels.get_ops("triton").gelu_mlp is mlp.gelu_mlp
+    assert srdit.kernels.get_ops("triton", fused_mlp=False).gelu_mlp is reference.gelu_mlp
+    assert srdit.kernels.get_ops("eager").gelu_mlp is reference.gelu_mlp
+    for fused in (True, False):
+        cfg = apply_overrides(preset("quickstart"), ["model.kernels=triton", f"model.fused_mlp={fused}",
+                                                     "data.cached_teacher=false"])
+        model = build_model(cfg)
+        teacher, _ = build_teacher(cfg, torch.device("cpu"), random_init=True)
+        want_student, want_teacher = (mlp.gelu_mlp, mlp.linear_gelu) if fused else (reference.gelu_mlp,
+                                                                                      reference.linear_gelu)
+        assert {m.ops.gelu_mlp for m in model.modules() if type(m).__name__ == "Mlp"} == {want_student}, fused
+        assert teacher.fused.linear_gelu is want_teacher and teacher.fused.layer_norm is srdit.kernels.layer_norm
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rmsnorm_modulate_through_the_package(dtype):
     B, N, D = 2, 65, 96
