@@ -286,7 +286,12 @@ def main(argv=None) -> None:
     copy_gbps, peak_tflops = copy_bandwidth_gbps(device), matmul_tflops(device)
     print(f"{env['device_name']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
     print(f"measured copy bandwidth {copy_gbps:.0f} GB/s, bf16 matmul {peak_tflops:.0f} TFLOP/s")
-    rows = []
+    rows, sweep_rows = [], []
+
+    def save(quiet=True):  # after every op: a run cut short (gpu_check.sh's timeout) keeps what it measured
+        write_json(args.json, {**env, "copy_gbps": copy_gbps, "matmul_tflops": peak_tflops, "dtype": str(dtype),
+                               "rows": rows, "sweep": sweep_rows}, quiet=quiet)
+
     for B in args.batch:
         for name in args.ops:
             case = CASES[name]
@@ -314,17 +319,17 @@ def main(argv=None) -> None:
                 if "ms" in row:
                     row["vs_eager"] = timings.get("eager", float("nan")) / row["ms"]
                     row["vs_compile"] = timings.get("compile", float("nan")) / row["ms"]
+            save()
     if args.attention:
         rows += attention_rows(args.batch, dtype, device, args.iters, peak_tflops)
+        save()
     print(table(rows, ["op", "batch", "variant", "ms", "iqr_ms", "gb_per_s", "of_copy_bw", "tflops",
                        "vs_eager", "vs_compile", "error"]))
-    sweep_rows = []
     if args.sweep:
-        sweep_rows = sweep(args.ops, args.sweep_batch or args.batch, dtype, device, args.iters)
+        sweep_rows += sweep(args.ops, args.sweep_batch or args.batch, dtype, device, args.iters)
         print(table(sweep_rows, ["kernel", "op", "batch", "elements", "warps", "default", "ms", "iqr_ms", "vs_default",
                                  "error"]))
-    write_json(args.json, {**env, "copy_gbps": copy_gbps, "matmul_tflops": peak_tflops, "dtype": str(dtype),
-                           "rows": rows, "sweep": sweep_rows})
+    save(quiet=False)
 
 
 if __name__ == "__main__":
