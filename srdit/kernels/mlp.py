@@ -228,6 +228,7 @@ def _backward_gemm(dy, w2, h, approximate, alloc=empty_output):
 
 @torch.library.custom_op("srdit::linear_gelu", mutates_args=())
 def _linear_gelu_op(x: Tensor, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
+    _check(x, weight, bias)
     return _forward_gemm(x, weight, bias, approximate, write_h=False)[0]
 
 

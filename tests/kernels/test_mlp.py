@@ -167,3 +167,5 @@ def test_bad_arguments_are_named():
         mlp.gelu_mlp(x, w, torch.randn(16), torch.randn(8, 12), torch.randn(8))
     with pytest.raises(ValueError, match="b1 must be"):
         mlp.gelu_mlp(x, w, torch.randn(15), torch.randn(8, 16), torch.randn(8))
+    with pytest.raises(ValueError, match="w1 must be"):
+        mlp.linear_gelu(x, torch.randn(16, 7), torch.randn(16))
