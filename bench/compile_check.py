@@ -352,6 +352,18 @@ def compile_all(recorder: Recorder, jobs: int = 1) -> list[dict]:
 # --------------------------------------------------------------------------- command line
 
 
+def parse_gemm_tile(setting: str):
+    """BMxBNxBK:WARPS:STAGES (bench/kernels.py's GEMM sweep candidates) -> triton_utils.GemmTile."""
+    from srdit.kernels.triton_utils import GemmTile
+
+    try:
+        block, warps, stages = setting.split(":")
+        bm, bn, bk = (int(v) for v in block.split("x"))
+        return GemmTile(bm, bn, bk, warps=int(warps), stages=int(stages))
+    except ValueError:
+        raise ValueError(f"{setting!r} is not BMxBNxBK:WARPS:STAGES (e.g. 128x128x64:8:3)") from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", default=list(PRESETS))
@@ -367,14 +379,22 @@ def main(argv=None) -> int:
                         help="list the specialisations (one JSON row each, with launches), compile nothing")
     parser.add_argument("--extra", nargs="*", default=[], help="config overrides for the recorded model (key=value)")
     parser.add_argument("--tiles", nargs="*", default=[], metavar="KERNEL=ELEMENTS:WARPS",
-                        help="GPU launch settings other than triton_utils.GPU_TILES' (a sweep candidate)")
+                        help="GPU launch settings other than triton_utils.GPU_TILES' (a sweep candidate); "
+                             "a GEMM of GEMM_TILES takes BMxBNxBK:WARPS:STAGES")
     args = parser.parse_args(argv)
     from srdit.kernels import triton_utils
 
     for item in args.tiles:
         kernel, _, setting = item.partition("=")
+        if kernel in triton_utils.GEMM_TILES:
+            try:
+                triton_utils.GEMM_TILES[kernel] = parse_gemm_tile(setting)
+            except ValueError as error:
+                parser.error(f"--tiles {item}: {error}")
+            continue
         if kernel not in triton_utils.GPU_TILES:
-            parser.error(f"--tiles {item}: {kernel!r} is not one of {', '.join(triton_utils.GPU_TILES)}")
+            parser.error(f"--tiles {item}: {kernel!r} is not one of "
+                         f"{', '.join([*triton_utils.GPU_TILES, *triton_utils.GEMM_TILES])}")
         elements, _, warps = setting.partition(":")
         triton_utils.GPU_TILES[kernel] = triton_utils.Tile(int(elements), int(warps or 4))
 

@@ -6,7 +6,8 @@ eager twins, at SR-DiT-B/1 shapes (D = 768, T = 257 tokens, K = 64 routed, H = 1
     python bench/kernels.py --attention ...   (also every attention backend at the step's shapes)
 
 --sweep times the Triton ops with each candidate launch setting of SWEEP (elements per program
-and warps, per kernel of srdit.kernels.triton_utils.GPU_TILES, forward and backward apart; every
+and warps, per kernel of srdit.kernels.triton_utils.GPU_TILES, forward and backward apart) and
+of GEMM_SWEEP (the MLP GEMM's block, warps and stages, GEMM_TILES; timed through gelu_mlp; every
 candidate meets bench/compile_check.py's budget) and reports each against the default. The
 defaults in GPU_TILES stay until a GPU sweep is recorded in bench/RESULTS.md; a winner is then
 set there (and bench/compile_check.py rerun). On the CPU the Triton ops run under the
@@ -31,7 +32,7 @@ import torch
 
 from common import copy_bandwidth_gbps, matmul_tflops, table, time_ms, write_json
 from srdit.kernels import get_ops
-from srdit.kernels.triton_utils import GPU_TILES, Tile
+from srdit.kernels.triton_utils import GEMM_TILES, GPU_TILES, GemmTile, Tile
 from srdit.runinfo import environment
 
 D, T, K, H, DH = 768, 257, 64, 12, 64
@@ -192,35 +193,52 @@ SWEPT_BY = {  # the op of CASES whose forward + backward times a kernel
     "gather_tokens": "gather_tokens", "sprint_fuse_fwd": "sprint_fuse", "sprint_fuse_bwd": "sprint_fuse",
     "layer_norm_fwd": "residual_layer_norm", "repa_cosine_fwd": "repa_cosine", "repa_cosine_bwd": "repa_cosine",
 }
+# the GEMM's candidates (bf16; GEMM_TILES, the default first), timed through the student's MLP; each
+# within compile_check's GEMM budget (--tiles gemm_act_fwd=BMxBNxBK:WARPS:STAGES checks one): at
+# most 158 registers, no spills, 96-128 KiB of shared memory on sm_90a and sm_100a
+GEMM_SWEEP = {
+    "gemm_act_fwd": [GEMM_TILES["gemm_act_fwd"], GemmTile(128, 128, 64, warps=8, stages=4),
+                     GemmTile(64, 128, 64, warps=4, stages=4), GemmTile(128, 64, 64, warps=4, stages=4)],
+    "gemm_act_bwd": [GEMM_TILES["gemm_act_bwd"], GemmTile(128, 128, 64, warps=8, stages=4),
+                     GemmTile(64, 128, 64, warps=4, stages=4), GemmTile(128, 64, 64, warps=4, stages=4)],
+}
+GEMM_SWEPT_BY = {"gemm_act_fwd": "gelu_mlp", "gemm_act_bwd": "gelu_mlp"}
+
+
+def _tile_name(tile) -> int | str:
+    """A row tile's elements, or a GEMM tile as BMxBNxBK/STAGES (sweep rows, RESULTS.md)."""
+    if isinstance(tile, GemmTile):
+        return f"{tile.block_m}x{tile.block_n}x{tile.block_k}/{tile.stages}"
+    return tile.elements
 
 
 def sweep(ops, batches, dtype, device, iters) -> list[dict]:
-    """Forward + backward ms of the Triton op of each kernel with every candidate of SWEEP in turn
-    (the other kernels at their defaults), against the default."""
+    """Forward + backward ms of the Triton op of each kernel with every candidate of SWEEP (and
+    GEMM_SWEEP) in turn (the other kernels at their defaults), against the default."""
     rows = []
-    for kernel, candidates in SWEEP.items():
-        name = SWEPT_BY[kernel]
+    plans = [(kernel, candidates, SWEPT_BY[kernel], GPU_TILES) for kernel, candidates in SWEEP.items()]
+    plans += [(kernel, candidates, GEMM_SWEPT_BY[kernel], GEMM_TILES) for kernel, candidates in GEMM_SWEEP.items()]
+    for kernel, candidates, name, tiles in plans:
         if name not in ops:
             continue
         case = CASES[name]
         fn = op_fn("triton", name)
-        default = GPU_TILES[kernel]
+        default = tiles[kernel]
         for B in batches:
             inputs = case.make(B, dtype, device)
             base = None
             for tile in candidates:
-                GPU_TILES[kernel] = tile
+                tiles[kernel] = tile
+                row = {"kernel": kernel, "op": name, "batch": B, "elements": _tile_name(tile), "warps": tile.warps}
                 try:
                     ms, iqr = time_ms(fwd_bwd(fn, inputs), device, iters=iters)
                 except Exception as error:  # report, keep sweeping
-                    rows.append({"kernel": kernel, "op": name, "batch": B, "elements": tile.elements,
-                                 "warps": tile.warps, "error": f"{type(error).__name__}: {error}"[:200]})
+                    rows.append({**row, "error": f"{type(error).__name__}: {error}"[:200]})
                     continue
                 finally:
-                    GPU_TILES[kernel] = default
+                    tiles[kernel] = default
                 base = ms if tile == default else base
-                rows.append({"kernel": kernel, "op": name, "batch": B, "elements": tile.elements, "warps": tile.warps,
-                             "default": tile == default, "ms": ms, "iqr_ms": iqr,
+                rows.append({**row, "default": tile == default, "ms": ms, "iqr_ms": iqr,
                              "vs_default": base / ms if base else float("nan")})
     return rows
 

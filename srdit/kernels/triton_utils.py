@@ -202,7 +202,8 @@ class GemmTile:
 # precision) take a quarter of the tile: at 128 x 128 they need 255 registers and spill. A GEMM
 # is compute-bound: it is budgeted on spills and 8 resident warps (one program per SM), not the
 # row kernels' 16 (bench/compile_check.py). bench/kernels.py times the MLP against cuBLAS plus
-# the separate GELU passes (gelu_mlp, linear_gelu) on a GPU; no candidate tiles are swept yet.
+# the separate GELU passes (gelu_mlp, linear_gelu) and --sweep times candidate tiles (GEMM_SWEEP)
+# on a GPU; a recorded winner replaces the default here.
 GEMM_TILES = {
     "gemm_act_fwd": GemmTile(128, 128, 64, warps=8, stages=3),  # <= 157 registers (exact GELU)
     "gemm_act_bwd": GemmTile(128, 128, 64, warps=8, stages=3),  # + h and the bias-gradient sums; <= 152

@@ -11,7 +11,7 @@ import sys
 
 from test_bench import ROOT, bench
 
-from srdit.kernels.triton_utils import GPU_TILES
+from srdit.kernels.triton_utils import GEMM_TILES, GPU_TILES
 
 
 def _kernels_bench():
@@ -33,6 +33,17 @@ def test_candidates_cover_every_kernel_and_start_with_the_default():
         for tile in candidates:
             assert tile.elements & (tile.elements - 1) == 0 and tile.warps in (4, 8), (name, tile)
         assert kernels.SWEPT_BY[name] in kernels.CASES, name
+
+
+def test_gemm_candidates_cover_every_bf16_gemm_and_start_with_the_default():
+    kernels = _kernels_bench()
+    assert set(kernels.GEMM_SWEEP) == {k for k in GEMM_TILES if not k.endswith("_exact")} == set(kernels.GEMM_SWEPT_BY)
+    for name, candidates in kernels.GEMM_SWEEP.items():
+        assert candidates[0] == GEMM_TILES[name] and len(set(candidates)) == len(candidates), name
+        for tile in candidates:  # tl.dot's and wgmma's shapes: powers of two, >= 16; a warpgroup is 4 warps
+            assert all(v >= 16 and v & (v - 1) == 0 for v in (tile.block_m, tile.block_n, tile.block_k)), tile
+            assert tile.warps in (4, 8) and tile.stages >= 1, tile
+        assert kernels.GEMM_SWEPT_BY[name] in kernels.CASES, name
 
 
 def test_sweep_runs_on_cpu_and_is_recorded(tmp_path):

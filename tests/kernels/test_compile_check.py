@@ -101,3 +101,20 @@ def test_what_is_recorded_stands_for_the_real_step():
     teacher = {"_layer_norm_fwd_kernel", "_gemm_act_kernel"}  # its norms, its fc1 + exact GELU
     assert {s.split("'")[1] for s in teacher_only} == repa | teacher, teacher_only
     assert set(specs["sampling"]) <= set(specs["step"])
+
+
+def test_tiles_option_sets_a_gemm_candidate(tmp_path):
+    """--tiles takes a GEMM candidate as BMxBNxBK:WARPS:STAGES (bench/kernels.py's GEMM_SWEEP), and
+    names the format when it is wrong."""
+    out = tmp_path / "recorded.json"
+    run("--preset", "sr-dit-b1-256", "--depth", "5", "--step-only", "--precision", "bf16", "--record-only",
+        "--tiles", "gemm_act_bwd=64x128x32:4:4", "--json", str(out))
+    gemm = [r for r in json.loads(out.read_text())["rows"] if r["kernel"] == "_gemm_act_kernel"]
+    backward = [r for r in gemm if "BACKWARD" in r["constexprs"]]
+    assert backward and all("BLOCK_M=64 BLOCK_N=128 BLOCK_K=32" in r["constexprs"] and r["num_warps"] == 4
+                            for r in backward), backward
+    assert all("BLOCK_M=128" in r["constexprs"] for r in gemm if r not in backward)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compile_check.py"), "--record-only",
+                             "--tiles", "gemm_act_fwd=128x128"], capture_output=True, text=True, env=_compiling_env(),
+                            cwd=ROOT)
+    assert result.returncode == 2 and "BMxBNxBK:WARPS:STAGES" in result.stderr
