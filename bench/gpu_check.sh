@@ -6,7 +6,8 @@
 #   2. bench/throughput.py, sr-dit-b1-256 at the target's batch 256: eager, kernels, graphs,
 #      cached-teacher, best (kernels + compile + graphs + cached teacher), then kernels with the
 #      MLPs on cuBLAS (model.fused_mlp=false: is srdit's Triton GEMM worth it?), written row by row
-#   3. bench/kernels.py at SR-DiT-B/1 shapes, batch 32 and 256, with --sweep (each kernel's
+#   3. bench/kernels.py at SR-DiT-B/1 shapes, batch 32 and 256, Triton against eager (torch.compile
+#      of each op's twin is left out: its compiles would use up the step), with --sweep (each kernel's
 #      candidate launch settings against the default, batch 256): the "after" rows; then the
 #      Triton ops of the commit before issue 11's kernel changes (KERNELS_BEFORE, a git worktree,
 #      when this copy has the history): the "before" rows; every attention backend at the step's
@@ -49,8 +50,8 @@ run tests 120 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model
     --junitxml="$OUT/tests.xml"
 run throughput-b256 170 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 \
     --variants eager kernels graphs cached-teacher best kernels-cublas-mlp --json "$OUT/throughput_b256.json"
-run kernels 80 python3 bench/kernels.py --batch 32 256 --sweep --sweep-batch 256 --attention --iters 10 \
-    --json "$OUT/kernels.json"
+run kernels 80 python3 bench/kernels.py --batch 32 256 --variants eager triton --sweep --sweep-batch 256 --attention \
+    --iters 10 --json "$OUT/kernels.json"
 run kernels-before 30 bash -c "git worktree add -f /tmp/srdit-kernels-before $KERNELS_BEFORE >/dev/null &&
     cd /tmp/srdit-kernels-before && python3 bench/kernels.py --batch 32 256 --variants triton --iters 10 \
     --json '$OUT/kernels_before.json'"
