@@ -30,8 +30,8 @@ from srdit.config import KERNELS, ConfigError
 OP_NAMES = ("rms_norm", "rmsnorm_modulate", "residual_rmsnorm_modulate", "layernorm_modulate", "apply_rope",
             "attention_prologue", "gather_tokens", "sprint_fuse", "gelu_mlp")
 
-# The Triton functions of DESIGN.md's contract and the teacher's norms, by the file that defines
-# them, looked up on first access (a module __getattr__, PEP 562) so that `import srdit.kernels`
+# The Triton functions of DESIGN.md's contract and the teacher's norms and fc1 + GELU, by the file
+# that defines them, looked up on first access (a module __getattr__, PEP 562) so that `import srdit.kernels`
 # never imports triton.
 _TRITON_FUNCTIONS = {"rmsnorm_modulate": "rmsnorm", "apply_rope": "rope", "layer_norm": "layernorm",
                      "residual_layer_norm": "layernorm", "linear_gelu": "mlp"}

@@ -1,6 +1,7 @@
 """What autocast does to the GEMM after a fused op: the one rule the fused ops (rmsnorm.py,
-sprint.py) and the teacher's fused norms (srdit/model/dinov2.py) follow to write their output
-in the dtype the next GEMM reads. No triton import: the model's eager path uses it too.
+sprint.py, mlp.py) and the teacher's fused norms (srdit/model/dinov2.py) follow to write their
+output in the dtype the next GEMM reads, or to cast a GEMM's operands as F.linear would. No
+triton import: the model's eager path uses it too.
 """
 from __future__ import annotations
 
@@ -18,3 +19,16 @@ def autocast_gemm_dtype(x: torch.Tensor) -> torch.dtype | None:
             and torch.is_autocast_enabled(device_type)):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM that reads x runs in: autocast's (autocast_gemm_dtype), else x's."""
+    return autocast_gemm_dtype(x) or x.dtype
+
+
+def gemm_operands(x: torch.Tensor, *tensors):
+    """x and `tensors` (None stays None) in gemm_dtype(x): the casts autocast makes before a
+    GEMM (F.linear's), made by a fused op that runs its GEMMs itself; autograd records them as
+    it records autocast's."""
+    dtype = gemm_dtype(x)
+    return [None if t is None else t.to(dtype) for t in (x, *tensors)]

@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from srdit.kernels.triton_utils import compute_dtype, empty_output, index_dtype, row_launch, tl_compute_dtype
+from srdit.kernels.triton_utils import (compute_dtype, empty_output, forward_only, index_dtype, row_launch,
+                                        tl_compute_dtype)
 
 Tensor = torch.Tensor
 
@@ -139,21 +140,15 @@ def _(x, f, gamma, weight, bias, eps, out_dtype):
 # --------------------------------------------------------------------------- public functions
 
 
-def _forward_only(name: str, *tensors: Tensor) -> None:
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise RuntimeError(f"srdit.kernels.layernorm.{name} is forward only (the frozen teacher's norms) and got "
-                           "inputs that require a gradient; call it under torch.no_grad() or with frozen weights")
-
-
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6,
                out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """LayerNorm over the last dim of x [..., D], stored in out_dtype (None: x's dtype)."""
-    _forward_only("layer_norm", x, weight, bias)
+    forward_only("layer_norm", x, weight, bias)
     return torch.ops.srdit.layer_norm(x, weight, bias, eps, out_dtype or x.dtype)
 
 
 def residual_layer_norm(x: Tensor, f: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6,
                         out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """x, f [..., D]; gamma [D] -> (x_new = x + f * gamma in x's dtype, layer_norm(x_new) in out_dtype)."""
-    _forward_only("residual_layer_norm", x, f, gamma, weight, bias)
+    forward_only("residual_layer_norm", x, f, gamma, weight, bias)
     return torch.ops.srdit.residual_layer_norm(x, f, gamma, weight, bias, eps, out_dtype or x.dtype)

@@ -41,9 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from srdit.kernels.autocast import autocast_gemm_dtype
-from srdit.kernels.triton_utils import compute_dtype, empty_output, gemm_launch, index_dtype, interpreting, \
-    round_to, tl_compute_dtype
+from srdit.kernels.autocast import gemm_operands
+from srdit.kernels.triton_utils import compute_dtype, empty_output, forward_only, gemm_launch, index_dtype, \
+    interpreting, round_to, tl_compute_dtype
 
 Tensor = torch.Tensor
 
@@ -169,10 +169,10 @@ def _launch(a, b, stride_b_k, stride_b_n, N, K, *, bias=None, h=None, write_h=Fa
     dtype = a.dtype
     out = alloc((M, N), dtype, a.device)
     h_out = alloc((M, N), dtype, a.device) if write_h else None
-    launch = gemm_launch(M, N, "gemm_act_bwd" if backward else "gemm_act_fwd", dtype) if M else None
-    parts = alloc((launch.m_blocks if M else 0, N), compute_dtype(dtype), a.device) if backward else None
     if M == 0:
-        return out, h_out, parts
+        return out, h_out, alloc((0, N), compute_dtype(dtype), a.device) if backward else None
+    launch = gemm_launch(M, N, "gemm_act_bwd" if backward else "gemm_act_fwd", dtype)
+    parts = alloc((launch.m_blocks, N), compute_dtype(dtype), a.device) if backward else None
     tile = launch.tile
     _gemm_act_kernel[launch.grid](
         a, b, bias if bias is not None else a, h if backward else a,
@@ -296,18 +296,11 @@ _gelu_mlp_op.register_autograd(_backward, setup_context=_setup)
 # --------------------------------------------------------------------------- public functions
 
 
-def _gemm_operands(x, *tensors):
-    """x and the weights in the dtype the GEMMs run in: autocast's under autocast (F.linear's
-    casts, recorded by autograd as they would be), else x's."""
-    dtype = autocast_gemm_dtype(x) or x.dtype
-    return [t.to(dtype) if t is not None else None for t in (x, *tensors)]
-
-
 def gelu_mlp(x, w1, b1, w2, b2, approximate="tanh"):
     """fc2(gelu(fc1(x))) for x [..., K] with fc1 = (w1 [Hd, K], b1), fc2 = (w2 [D, Hd], b2):
     the student's MLP (SiT's GELU(tanh)), in autocast's dtype under autocast, else x's."""
     _check_approximate(approximate)
-    x, w1, b1, w2, b2 = _gemm_operands(x, w1, b1, w2, b2)
+    x, w1, b1, w2, b2 = gemm_operands(x, w1, b1, w2, b2)
     return torch.ops.srdit.gelu_mlp(x, w1, b1, w2, b2, approximate)[0]
 
 
@@ -315,8 +308,6 @@ def linear_gelu(x, weight, bias, approximate="none"):
     """gelu(x @ weight^T + bias), forward only (the frozen teacher's fc1, exact GELU): a call that
     would need a gradient is refused, since the op has no backward."""
     _check_approximate(approximate)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        raise RuntimeError("linear_gelu is forward only (the frozen teacher's); call it under torch.no_grad() "
-                           "or use srdit.kernels.gelu_mlp, which has a backward")
-    x, weight, bias = _gemm_operands(x, weight, bias)
+    forward_only("linear_gelu", x, weight, bias)
+    x, weight, bias = gemm_operands(x, weight, bias)
     return torch.ops.srdit.linear_gelu(x, weight, bias, approximate)

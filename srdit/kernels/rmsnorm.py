@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from srdit.kernels.autocast import autocast_gemm_dtype
+from srdit.kernels.autocast import gemm_dtype
 from srdit.kernels.reference import default_rms_eps
 from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, index_dtype, rms_normalize,
                                         rms_normalize_bwd, round_to, row_launch, split_launch, tl_compute_dtype,
@@ -383,22 +383,16 @@ _residual_rmsnorm_modulate_op.register_autograd(_residual_backward, setup_contex
 # --------------------------------------------------------------------------- public functions
 
 
-def _gemm_dtype(x: Tensor) -> torch.dtype:
-    """y's dtype: what the Linear after the norm consumes (autocast's, else x's). Writing y in it
-    saves autocast's cast pass, and in backward the pass that casts the GEMM's bf16 gradient back."""
-    return autocast_gemm_dtype(x) or x.dtype
-
-
 def rmsnorm_modulate(x, shift, scale, weight=None, eps=1e-6):
     """x [B,N,D], shift/scale [B,D] or both None (then x [..., D]): rms_norm(x) * (1 + scale) + shift,
     in the autocast dtype under autocast (what the next GEMM reads), else in x's."""
-    return torch.ops.srdit.rmsnorm_modulate(x, shift, scale, weight, eps, _gemm_dtype(x))[0]
+    return torch.ops.srdit.rmsnorm_modulate(x, shift, scale, weight, eps, gemm_dtype(x))[0]
 
 
 def residual_rmsnorm_modulate(x, gate, f, shift, scale, weight=None, eps=1e-6):
     """x, f [B,N,D]; gate, shift, scale [B,D] -> (x_new = x + gate * f, rmsnorm_modulate(x_new, ...));
     x_new in x's dtype (the residual stream), y as rmsnorm_modulate's."""
-    x_new, y, _ = torch.ops.srdit.residual_rmsnorm_modulate(x, gate, f, shift, scale, weight, eps, _gemm_dtype(x))
+    x_new, y, _ = torch.ops.srdit.residual_rmsnorm_modulate(x, gate, f, shift, scale, weight, eps, gemm_dtype(x))
     return x_new, y
 
 

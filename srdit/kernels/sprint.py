@@ -70,7 +70,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from srdit.kernels.autocast import autocast_gemm_dtype
+from srdit.kernels.autocast import gemm_operands
 from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, index_dtype, row_launch,
                                         split_launch, tl_compute_dtype)
 
@@ -425,9 +425,5 @@ def sprint_fuse(x_enc, g, ids, mask_token, weight, bias):
         if g.shape != (B, K, D) or (ids is not None and ids.shape != (B, K)):
             raise ValueError(f"sprint_fuse: g must be [B,K,D] with ids [B,K], or [B,T,D] with ids=None; got "
                              f"g {tuple(g.shape)}, ids {None if ids is None else tuple(ids.shape)}, x_enc {(B, T, D)}")
-    dtype = autocast_gemm_dtype(x_enc) or x_enc.dtype
-
-    def cast(t):
-        return t if t is None or t.dtype == dtype else t.to(dtype)
-
-    return _sprint_fuse_op(cast(x_enc), cast(g), ids, cast(mask_token), cast(weight), cast(bias))
+    x_enc, g, mask_token, weight, bias = gemm_operands(x_enc, g, mask_token, weight, bias)
+    return _sprint_fuse_op(x_enc, g, ids, mask_token, weight, bias)

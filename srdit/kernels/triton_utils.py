@@ -16,6 +16,8 @@ Host side
     absent_grad                 the empty tensor a custom op returns for a gradient that does not
                                 exist (a custom op cannot return None)
     unit_last_stride            a tensor with unit last stride, copied only when it has none
+    forward_only                the refusal of a forward-only op (the teacher's) whose inputs need
+                                a gradient
 Device side (@triton.jit, inlined into the kernels that call them)
     head_rows                   a program's (token, head) rows of a [B, N, H, Dh] layout
     load_rope_tables            the cos/sin rows of those tokens (identity rows for a negative id)
@@ -266,6 +268,15 @@ def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     """t itself when its last stride is 1 (views such as adaLN chunks or a slice of qkv stay
     views), else a contiguous copy; None stays None."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def forward_only(name: str, *tensors: torch.Tensor | None) -> None:
+    """Refuse, with the fix, a call of the forward-only op srdit.kernels.`name` (the frozen
+    teacher's: no backward) whose inputs need a gradient, instead of a custom op without a
+    backward failing later."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"srdit.kernels.{name} is forward only (the frozen teacher's) and got inputs that "
+                           "require a gradient; call it under torch.no_grad() or with frozen weights")
 
 
 # --------------------------------------------------------------------------- device helpers

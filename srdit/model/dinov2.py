@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from srdit.config import IMAGENET_MEAN, IMAGENET_STD, KERNELS, TEACHER_PATCH, ConfigError
-from srdit.kernels.autocast import autocast_gemm_dtype
+from srdit.kernels.autocast import autocast_gemm_dtype, gemm_dtype
 from srdit.model.weights import describe_mismatch, load_state_file
 
 POS_INTERPS = ("dinov2", "timm")
@@ -341,7 +341,7 @@ class DINOv2(nn.Module):
         the stream's dtype, as LayerNorm gives it (fp32: under autocast too). The MLP's GELU runs
         in fc1's GEMM (srdit.kernels.linear_gelu, on fc1's stored output as the unfused gelu)."""
         ops = self.fused
-        gemm = autocast_gemm_dtype(x) or x.dtype
+        gemm = gemm_dtype(x)
         first = self.blocks[0].norm1
         y = ops.layer_norm(x, first.weight, first.bias, first.eps, gemm)  # [B, N, D] in the GEMM's dtype
         for i, block in enumerate(self.blocks):
