@@ -1,6 +1,7 @@
 """What every benchmark shares (STYLE 13), besides srdit.runinfo.environment (the record each
 JSON starts with): a timer, the card's measured copy bandwidth and bf16 matmul rate, the JSON
-writer and the table printer.
+writer and the table printer, and the CPU tools' pieces (environment variables, intercepted
+Triton launches, flushed denormals).
 
 Timing: warm-up untimed, then the median (and the interquartile range) of repeated runs, with
 CUDA events on a GPU and perf_counter on the CPU.
@@ -78,6 +79,25 @@ def env_vars(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def triton_launches_intercepted(on_launch):
+    """Every compiled Triton launch goes to on_launch(fn, args, kwargs) (the JITFunction, its
+    positional and keyword arguments) instead of a device: nothing runs, outputs keep what their
+    allocation held. What bench/compile_check.py records and bench/traffic.py counts."""
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.run
+
+    def run(fn, *args, grid, warmup, **kwargs):
+        on_launch(fn, args, kwargs)
+
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = original
 
 
 @contextlib.contextmanager

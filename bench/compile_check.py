@@ -74,7 +74,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from common import env_vars, flush_denormals, table, write_json  # noqa: E402  (also puts the repository on sys.path)
+# common also puts the repository on sys.path
+from common import env_vars, flush_denormals, table, triton_launches_intercepted, write_json  # noqa: E402
 from cuda_autocast import cuda_autocast_on_cpu  # noqa: E402
 
 TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "sm_100a": GPUTarget("cuda", 100, 32)}  # H100/H200, B200
@@ -153,18 +154,12 @@ class Recorder:
 
     @contextlib.contextmanager
     def active(self):
-        original = JITFunction.run
-
-        def run(fn, *args, grid, warmup, **kwargs):
+        def record(fn, args, kwargs):  # nothing is launched: outputs keep whatever their allocation held
             for spec in self._specs(fn, args, kwargs):
                 self.launches[spec] = self.launches.get(spec, 0) + 1
-            return None  # nothing is launched: outputs keep whatever their allocation held
 
-        JITFunction.run = run
-        try:
+        with triton_launches_intercepted(record):
             yield self
-        finally:
-            JITFunction.run = original
 
 
 def _hashable(v) -> bool:

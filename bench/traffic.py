@@ -60,9 +60,8 @@ import sys  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
-from common import ROOT, env_vars, flush_denormals, table, write_json  # noqa: E402
+from common import ROOT, env_vars, flush_denormals, table, triton_launches_intercepted, write_json  # noqa: E402
 from cuda_autocast import cuda_autocast_on_cpu  # noqa: E402
 from throughput import VARIANTS, build_variant_step  # noqa: E402
 
@@ -280,9 +279,7 @@ class Counter(TorchDispatchMode):
     def counting(self, model: torch.nn.Module):
         """Count while active: dispatched ops, Triton launches (intercepted, not run) and the
         model's forward (hooks) as its own phase."""
-        original = JITFunction.run
-
-        def run(fn, *args, grid, warmup, **kwargs):
+        def launch(fn, args, kwargs):
             self.launch(fn.fn.__qualname__, {**dict(zip(fn.arg_names, args)), **kwargs})
 
         def enter(module, inputs):
@@ -292,12 +289,10 @@ class Counter(TorchDispatchMode):
             self.model_depth -= 1
 
         hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
-        JITFunction.run = run
         try:
-            with self:
+            with triton_launches_intercepted(launch), self:
                 yield self
         finally:
-            JITFunction.run = original
             for hook in hooks:
                 hook.remove()
 
