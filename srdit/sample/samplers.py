@@ -176,10 +176,12 @@ def guided(
                   unconditional inputs are concatenated along the batch into ONE model call.
       kind="pdg": path-drop guidance; v_u uses the null label AND path_drop=True (the sparse
                   stream replaced by [MASK]): a different computation, so a second call.
-      kind="none", or scale == 1: the conditional call only (scale 1 is exactly conditional).
+      kind="none", or scale <= 1: the conditional call only. The release guides only when
+                  its cfg_scale > 1 (samplers.py): a scale in (0, 1), a pull toward v_u, is no
+                  guidance there, so none here either.
     The second leaf of a (latent, class token) state is guided with `cls_scale` (None: `scale`),
-    as the release's --cls-cfg-scale: guided when the latent is, and cls_scale <= 0 means its
-    conditional velocity alone.
+    as the release's --cls-cfg-scale: only when the latent is (scale > 1), with any cls_scale > 0
+    (below 1 too, as there), and cls_scale <= 0 means its conditional velocity alone.
     """
     if kind not in GUIDANCE_KINDS:
         raise ValueError(f"kind={kind!r} is not one of {GUIDANCE_KINDS}")

@@ -282,12 +282,17 @@ def _state():
     return torch.arange(B * 2, dtype=torch.float64).reshape(B, 2)
 
 
-def test_guidance_scale_one_is_conditional():
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.0, -2.0])
+def test_guidance_scale_up_to_one_is_conditional(scale):
+    """The release guides only when cfg_scale > 1: scale 1, a scale in (0, 1) and below make the
+    conditional call alone, for the latent and the class token (whatever cls_scale says)."""
     rec = Recorder()
     y = torch.tensor([1, 2, 3, 4])
+    state = (_state(), _state() * 10)
     for kind in ("cfg", "pdg", "none"):
-        out = guided(rec, y, 1.0 if kind != "none" else 4.0, kind=kind)(_state(), torch.full((B,), 0.5))
-        torch.testing.assert_close(out, _state() + y[:, None].double())
+        out = guided(rec, y, scale if kind != "none" else 4.0, kind=kind, cls_scale=3.0)(state, torch.full((B,), 0.5))
+        for leaf_in, leaf_out in zip(state, out):
+            torch.testing.assert_close(leaf_out, leaf_in + y[:, None].double())
     assert len(rec.calls) == 3 and all(c["n"] == B and not c["path_drop"] for c in rec.calls)
 
 
@@ -413,10 +418,12 @@ def _release_em(v_of, x, c, y, steps, scale, cls_scale, low, high, kind, generat
 
 
 @pytest.mark.parametrize("kind", ["cfg", "pdg"])
-@pytest.mark.parametrize("cls_scale", [2.0, 0.0])
-def test_class_token_guidance_scale_is_the_releases_update(kind, cls_scale):
-    """sample.cls_guidance_scale against the release's --cls-cfg-scale on a toy velocity field
-    where the label and the path drop both change the velocity."""
+@pytest.mark.parametrize("scale,cls_scale", [(3.0, 2.0), (3.0, 0.0), (3.0, 0.5), (0.5, 2.0), (0.5, 0.5)])
+def test_class_token_guidance_scale_is_the_releases_update(kind, scale, cls_scale):
+    """sample.guidance_scale and sample.cls_guidance_scale against the release's --cfg-scale and
+    --cls-cfg-scale on a toy velocity field where the label and the path drop both change the
+    velocity: no guidance at all for a scale <= 1 (0.5), the class token's own scale applied
+    whenever it is > 0 (0.5 too)."""
     B = 4
     y = torch.tensor([0, 3, 5, 9])
     A, Ac = torch.tensor(0.7, dtype=torch.float64), torch.tensor(-0.4, dtype=torch.float64)
@@ -432,11 +439,12 @@ def test_class_token_guidance_scale_is_the_releases_update(kind, cls_scale):
 
     x0 = torch.randn(B, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     c0 = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    fn = guided(model_call, y, 3.0, 0.1, 0.8, kind=kind, cls_scale=cls_scale)
+    fn = guided(model_call, y, scale, 0.1, 0.8, kind=kind, cls_scale=cls_scale)
     ours = euler_maruyama(fn, (x0, c0), 8, generator=torch.Generator().manual_seed(3))
-    release = _release_em(v_of, x0, c0, y, 8, 3.0, cls_scale, 0.1, 0.8, kind, torch.Generator().manual_seed(3))
+    release = _release_em(v_of, x0, c0, y, 8, scale, cls_scale, 0.1, 0.8, kind, torch.Generator().manual_seed(3))
     for a, b in zip(ours, release):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    same = euler_maruyama(guided(model_call, y, 3.0, 0.1, 0.8, kind=kind), (x0, c0), 8,
+    same = euler_maruyama(guided(model_call, y, scale, 0.1, 0.8, kind=kind), (x0, c0), 8,
                           generator=torch.Generator().manual_seed(3))
-    assert not torch.allclose(same[1], ours[1])  # the class token's scale does change its result
+    # the class token's scale changes its result exactly when the latent is guided
+    assert torch.allclose(same[1], ours[1]) == (scale <= 1.0)
