@@ -178,6 +178,22 @@ def describe_error(error: BaseException) -> str:
     return str(error)
 
 
+def non_finite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or Inf."""
+    import torch
+
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def check_finite_weights(state: dict, path: str, consequence: str) -> None:
+    """A ValueError naming `path` and its tensors that hold NaN or Inf, ending with `consequence`:
+    such weights load without complaint and every output they compute is NaN or garbage."""
+    bad = non_finite_tensors(state)
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} weight tensor(s) hold NaN or Inf ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); {consequence}")
+
+
 def describe_load_error(error: BaseException) -> str:
     """Why torch.load(weights_only=True) failed, in one line, without torch's advice to load the
     file unsafely (srdit never does: a checkpoint could run code)."""

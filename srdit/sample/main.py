@@ -11,15 +11,18 @@ Streaming and resume. Batch b (global samples b*batch ..) is drawn from a genera
 finished batch is written atomically (temporary file, fsync, rename) as
 `OUT.parts/batch_<b>.npz`; a rerun of the same command skips the batches already there, on any
 number of ranks, and a rerun with other settings is an error naming them
-(`OUT.parts/settings.json`). When every batch exists, rank 0
-assembles OUT by streaming the parts, one at a time, into the zip (srdit.sample.npz: no copy of
-the whole array in RAM), renames it into place and removes the parts. Peak disk use is twice the
-final file (~20 GB for 50K at 256 px), peak RAM one batch. The bytes of OUT depend only on the
-settings (and the device type), not on the number of ranks or on interruptions.
+(`OUT.parts/settings.json`). A rerun reads every part whole before trusting it: one that is
+damaged (a bad zip CRC, truncated, the wrong count) is removed, named, and drawn again. When
+every batch exists, rank 0 assembles OUT by streaming the parts, one at a time, into the zip
+(srdit.sample.npz: no copy of the whole array in RAM), renames it into place and removes the
+parts. Peak disk use is twice the final file (~20 GB for 50K at 256 px), peak RAM one batch.
+The bytes of OUT depend only on the settings (and the device type), not on the number of ranks
+or on interruptions.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -30,15 +33,15 @@ import torch
 
 from srdit import distributed, trainstate
 from srdit.config import ConfigError, apply_overrides, from_dict, preset
-from srdit.io import (atomic_write, check_same_settings, describe_load_error, remove_stale_temporaries,
-                      write_json)
+from srdit.io import (atomic_write, check_finite_weights, check_same_settings, describe_load_error,
+                      remove_stale_temporaries, write_json)
 from srdit.model import build_model, load_release_weights
 from srdit.model.weights import describe_mismatch
 from srdit.progress import Progress
 from srdit.runinfo import code_version, device_name
-from srdit.sample.batches import generate_batch, num_batches
+from srdit.sample.batches import batch_range, generate_batch, num_batches
 from srdit.sample.generate import STATE_DTYPES, save_grid
-from srdit.sample.npz import NpzRows, NpzWriter
+from srdit.sample.npz import NpzRows, NpzWriter, read_arrays
 
 SAMPLES_FORMAT = "srdit-samples-v1"
 GRID_SAMPLES = 100
@@ -81,8 +84,18 @@ def _peek(path: str):
             raise ValueError(f"cannot read {path} as a checkpoint: {describe_load_error(error)}") from error
 
 
+def _checkpoint_in(directory: str) -> str:
+    """The newest training checkpoint in a run folder (or its checkpoints/ folder), else the
+    pattern a run's checkpoints follow: what --ckpt wants when it was given a folder."""
+    found = sorted(glob.glob(os.path.join(directory, "checkpoints", "step_*.pt"))
+                   + glob.glob(os.path.join(directory, "step_*.pt")), key=os.path.basename)
+    return found[-1] if found else os.path.join(directory, "checkpoints", "step_*.pt")
+
+
 def load_model(path: str, preset_name: str | None, overrides, device: torch.device):
     """(EMA model in eval mode on `device`, config, source description)."""
+    if os.path.isdir(path):
+        raise ValueError(f"--ckpt {path} is a directory; give a checkpoint file, e.g. {_checkpoint_in(path)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     obj = _peek(path)
@@ -106,10 +119,7 @@ def load_model(path: str, preset_name: str | None, overrides, device: torch.devi
     if problem:
         raise ValueError(f"{path} does not fit the model of {preset_name or 'its config'} with these overrides: "
                          f"{problem}")
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} weight tensor(s) hold NaN or Inf ({', '.join(bad[:3])}"
-                         f"{', ...' if len(bad) > 3 else ''}); the model would sample garbage")
+    check_finite_weights(state, path, "the model would sample garbage")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval().requires_grad_(False), cfg, source
 
@@ -123,7 +133,9 @@ def load_decoder(cfg, vae_path: str | None, device: torch.device):
         raise ConfigError("this model samples INVAE latents: give --vae e2e-invae-400k.pt (or data.invae=PATH)")
     from srdit.model.invae import load_invae
 
-    return load_invae(path).to(device), f"INVAE {os.path.abspath(path)} (latent / {cfg.data.latent_scale})"
+    vae = load_invae(path)
+    check_finite_weights(vae.state_dict(), path, "the decoded images would be garbage")
+    return vae.to(device), f"INVAE {os.path.abspath(path)} (latent / {cfg.data.latent_scale})"
 
 
 # ----------------------------------------------------------------------------- settings
@@ -196,8 +208,26 @@ class Parts:
             np.savez(f, images=images, labels=labels)
 
     def read(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        with np.load(self.path(b)) as f:
-            return f["images"], f["labels"]
+        try:
+            part = read_arrays(self.path(b), ("images", "labels"))
+        except ValueError as error:  # damaged after planning checked it: the next run draws it again
+            raise SamplingError(f"{error}; rerun the same command to draw it again") from None
+        return part["images"], part["labels"]
+
+    def damage(self, b: int, expected: int) -> str | None:
+        """Why part b cannot be used, naming it (unreadable, or not `expected` uint8 images and
+        int64 labels), or None when it can: a part is read whole once before it is trusted."""
+        path = self.path(b)
+        try:
+            part = read_arrays(path, ("images", "labels"))
+        except ValueError as error:
+            return str(error)
+        images, labels = part["images"], part["labels"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) != expected:
+            return f"{path} holds images {images.dtype} {images.shape}, expected uint8 [{expected}, H, W, 3]"
+        if labels.dtype != np.int64 or labels.shape != (expected,):
+            return f"{path} holds labels {labels.dtype} {labels.shape}, expected int64 [{expected}]"
+        return None
 
     def check_settings(self, settings: dict) -> None:
         """Create the folder for a new job, or check that an interrupted one had the same settings
@@ -304,25 +334,45 @@ def sample(args, dist) -> int:
 
 def plan(out: str, parts: Parts, grid: str, settings: dict, dist) -> list[int] | None:
     """The batches still to draw (None: OUT is complete). Rank 0 decides (the files are shared
-    by all ranks); every rank gets its verdict or its error."""
-    s = settings
-    verdict, todo = None, []
+    by all ranks); every rank gets its verdict or its error, then reads its share of the parts
+    already drawn (damaged_parts): those that cannot be used are drawn again."""
+    n = num_batches(settings["num_samples"], settings["batch"])
+    verdict, drawn = None, []
     if dist.is_main:
         try:
             verdict = _status(out, parts, settings)
-            todo = [b for b in range(num_batches(s["num_samples"], s["batch"])) if not parts.done(b)]
+            drawn = [b for b in range(n) if parts.done(b)]
         except SamplingError as error:
             verdict = f"error: {error}"
-    verdict, todo = distributed.broadcast_object((verdict, todo))
+    verdict, drawn = distributed.broadcast_object((verdict, drawn))
     if verdict.startswith("error: "):
         raise SamplingError(verdict[len("error: "):])
     if verdict != "complete":
-        return todo
+        usable = set(drawn) - damaged_parts(parts, drawn, settings, dist)
+        return [b for b in range(n) if b not in usable]
     if dist.is_main and not os.path.exists(grid):
         write_grid(out, grid)
     if dist.is_main and os.path.isdir(parts.dir):  # interrupted after the rename: tidy up
         shutil.rmtree(parts.dir)
     return None
+
+
+def damaged_parts(parts: Parts, drawn: list[int], settings: dict, dist) -> set[int]:
+    """The parts of `drawn` that cannot be used: each is removed (so it is drawn again, never
+    assembled) and rank 0 names it. Every rank reads an equal share of the parts (a resumed 50K
+    run at 512 px holds ~39 GB of them)."""
+    found = []
+    for b in drawn[dist.rank::dist.world]:
+        start, stop = batch_range(b, settings["num_samples"], settings["batch"])
+        why = parts.damage(b, stop - start)
+        if why:
+            os.remove(parts.path(b))  # before the gather: no rank draws batch b while this file exists
+            found.append((b, why))
+    found = sorted(item for share in distributed.all_gather_objects(found) for item in share)
+    if dist.is_main:
+        for b, why in found:
+            print(f"{why}: removed, batch {b} is drawn again", flush=True)
+    return {b for b, _ in found}
 
 
 def draw(model, cfg, vae, parts: Parts, todo: list[int], dist) -> tuple[int, float]:

@@ -89,6 +89,25 @@ def npz_members(path: str) -> set[str]:
         return {n[:-4] for n in z.namelist() if n.endswith(".npy")}
 
 
+def read_arrays(path: str, names) -> dict[str, np.ndarray]:
+    """The arrays `names` of an existing .npz, each read whole, so that zip checks every member's
+    CRC: a truncated, damaged or foreign file, or a missing array, is a ValueError naming the
+    file and what is wrong with it, in one line."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is unreadable (not a zip archive: truncated or overwritten?)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            present = f.files
+            arrays = {n: f[n] for n in names if n in present}
+    except Exception as error:  # noqa: BLE001 - whatever a damaged file makes zipfile, numpy or the OS raise
+        why = str(error).replace("\n", " ")
+        raise ValueError(f"{path} is unreadable ({type(error).__name__}: {why})") from error
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise ValueError(f"{path} has no array {', '.join(missing)} (it has: {', '.join(present) or 'none'})")
+    return arrays
+
+
 class NpzRows:
     """Row batches of one member of an .npz without loading it whole:
 

@@ -5,7 +5,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from srdit.sample.npz import NpzRows, NpzWriter
+from srdit.sample.npz import NpzRows, NpzWriter, read_arrays
 
 
 def _write(path, images, labels, chunk):
@@ -60,3 +60,23 @@ def test_rows_stream_equals_np_load(tmp_path, compressed):
     np.testing.assert_array_equal(np.concatenate(batches), images)
     with pytest.raises(KeyError, match="has no array 'mu'"):
         NpzRows(str(path), "mu")
+
+
+def test_read_arrays_reads_whole_members_and_names_what_is_wrong(tmp_path):
+    """Reading every byte is what makes zip check the CRC: a flipped byte in the data of a
+    stored member passes np.load's opening and its header, and only the whole read tells."""
+    images = np.random.default_rng(2).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    good = tmp_path / "good.npz"
+    np.savez(good, images=images, labels=np.arange(6))
+    arrays = read_arrays(str(good), ("images", "labels"))
+    np.testing.assert_array_equal(arrays["images"], images)
+    with pytest.raises(ValueError, match=r"good.npz has no array mu, sigma \(it has: images, labels\)"):
+        read_arrays(str(good), ("images", "mu", "sigma"))
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "flipped.npz").write_bytes(data)
+    with pytest.raises(ValueError, match=r"flipped.npz is unreadable \(BadZipFile: Bad CRC-32 for file 'images.npy'\)"):
+        read_arrays(str(tmp_path / "flipped.npz"), ("images",))
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:300])
+    with pytest.raises(ValueError, match=r"cut.npz is unreadable \(not a zip archive"):
+        read_arrays(str(tmp_path / "cut.npz"), ("images",))

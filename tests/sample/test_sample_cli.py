@@ -113,6 +113,50 @@ def test_resume_after_interruption_gives_the_same_file(ckpt, straight, tmp_path,
     assert not os.path.exists(parts)
 
 
+def _damage(path, how: str) -> None:
+    """What a crash, a full disk or bit rot leaves of a part file."""
+    data = bytearray(open(path, "rb").read())
+    if how == "flipped byte":  # the zip still opens; only the CRC of the images tells
+        data[len(data) // 2] ^= 0xFF
+    elif how == "truncated":
+        data = data[: len(data) // 2]
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def test_damaged_parts_are_named_removed_and_drawn_again(ckpt, straight, tmp_path, monkeypatch, capsys):
+    """A damaged part was trusted: assembling failed with BadZipFile on every rerun. Now each
+    part is read whole before it counts as drawn; a bad one is removed, named and drawn again."""
+    out = tmp_path / "samples.npz"
+    monkeypatch.setattr(sample_main.Parts, "write", _stop_after(3))
+    with pytest.raises(KeyboardInterrupt):
+        sample_main.main(["--ckpt", ckpt, "--out", str(out), *SAMPLE])
+    monkeypatch.undo()
+    parts = sample_main.Parts(str(out))
+    _damage(parts.path(0), "flipped byte")
+    _damage(parts.path(1), "truncated")
+    capsys.readouterr()
+    assert sample_main.main(["--ckpt", ckpt, "--out", str(out), *SAMPLE]) == 0
+    text = capsys.readouterr().out
+    assert (f"{parts.path(0)} is unreadable (BadZipFile: Bad CRC-32 for file 'images.npy'): removed, batch 0 is "
+            "drawn again") in text, text
+    assert f"{parts.path(1)} is unreadable (not a zip archive" in text and "batch 1 is drawn again" in text
+    assert "resuming: 8 of 30 samples" in text  # batch 2 was sound and kept
+    assert sha(out) == sha(straight)
+
+
+def test_a_part_damaged_after_planning_is_a_one_line_error(tmp_path):
+    parts = sample_main.Parts(str(tmp_path / "s.npz"))
+    os.makedirs(parts.dir)
+    parts.write(0, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
+    assert parts.damage(0, 2) is None
+    assert parts.damage(0, 3).endswith("batch_000000.npz holds images uint8 (2, 4, 4, 3), expected uint8 [3, H, W, 3]")
+    _damage(parts.path(0), "truncated")
+    with pytest.raises(sample_main.SamplingError, match=r"batch_000000.npz is unreadable .*; rerun the same command "
+                                                        r"to draw it again"):
+        parts.read(0)
+
+
 def _spawn(args, nproc):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     launcher = [sys.executable] if nproc == 1 else torchrun
@@ -122,15 +166,19 @@ def _spawn(args, nproc):
 
 def test_one_and_two_ranks_give_identical_files(ckpt, tmp_path, monkeypatch):
     files = {nproc: tmp_path / f"ranks{nproc}.npz" for nproc in (1, 2)}
-    # the 2-rank run resumes a 1-process run that stopped after batch 0: ranks share batches 1-3
-    monkeypatch.setattr(sample_main.Parts, "write", _stop_after(1))
+    # the 2-rank run resumes a 1-process run that stopped after batches 0 and 1, whose batch 1 is
+    # damaged: rank 1 checks it (the ranks share the check), removes it, rank 0 names it, and the
+    # ranks share batches 1-3
+    monkeypatch.setattr(sample_main.Parts, "write", _stop_after(2))
     with pytest.raises(KeyboardInterrupt):
         sample_main.main(["--ckpt", ckpt, "--out", str(files[2]), *SAMPLE])
     monkeypatch.undo()
+    _damage(sample_main.Parts(str(files[2])).path(1), "flipped byte")
     for nproc in (1, 2):
         result = _spawn(["--ckpt", ckpt, "--out", str(files[nproc]), *SAMPLE], nproc)
         assert result.returncode == 0, result.stdout + result.stderr
     assert "over 2 process(es)" in result.stdout and "resuming: 8 of 30 samples" in result.stdout
+    assert "batch_000001.npz is unreadable (BadZipFile" in result.stdout and "batch 1 is drawn again" in result.stdout
     assert sha(files[1]) == sha(files[2])
 
 
@@ -170,6 +218,11 @@ def test_latent_model_decodes_with_the_invae(latent_release, tmp_path, capsys):
     assert "give --vae" in capsys.readouterr().err
     assert sample_main.main([*args, "--out", str(tmp_path / "a.npz"), "--vae", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt" in capsys.readouterr().err
+    nan_invae = {k: v.clone() for k, v in torch.load(d / "invae.pt", weights_only=True).items()}
+    next(v for v in nan_invae.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    torch.save(nan_invae, tmp_path / "nan-invae.pt")
+    assert sample_main.main([*args, "--out", str(tmp_path / "a.npz"), "--vae", str(tmp_path / "nan-invae.pt")]) == 2
+    assert "nan-invae.pt: 1 weight tensor(s) hold NaN or Inf" in capsys.readouterr().err  # decoded images: garbage
     assert sample_main.main([*args, "--out", str(tmp_path / "a.npz"), "--vae", str(d / "invae.pt")]) == 0
     with np.load(tmp_path / "a.npz") as f:
         assert f["arr_0"].shape == (3, 32, 32, 3) and f["arr_0"].dtype == np.uint8
@@ -182,6 +235,15 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert sample_main.main(["--ckpt", str(missing), "--out", str(tmp_path / "s.npz")]) == 2
     err = capsys.readouterr().err
     assert "checkpoint not found" in err and str(missing) in err
+
+
+def test_a_run_folder_as_ckpt_names_the_checkpoint_to_give(ckpt, tmp_path, capsys):
+    run = os.path.dirname(os.path.dirname(ckpt))
+    assert sample_main.main(["--ckpt", run, "--out", str(tmp_path / "s.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"srdit.sample: error: --ckpt {run} is a directory; give a checkpoint file, e.g. {ckpt}", err
+    assert sample_main.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "s.npz")]) == 2
+    assert f"e.g. {tmp_path}/checkpoints/step_*.pt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides, stored", [
