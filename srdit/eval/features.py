@@ -13,7 +13,8 @@ Images arrive as batches (numpy or torch, NHWC or NCHW uint8); only the features
 Reference features are cached as .npz files, by default in `.srdit_eval_cache/` beside the
 reference file (else ~/.cache/srdit/eval), named after the SHA-256 of the image file, of the
 network's weights and of the preprocessing settings, so a changed file, network or setting never
-reuses a stale cache. Writes are atomic (temporary file, rename).
+reuses a stale cache. Writes are atomic (temporary file, rename); an entry that does not read
+back whole (a damaged or truncated file) is computed again and replaced, with a line saying so.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from srdit.config import IMAGENET_MEAN, IMAGENET_STD
 from srdit.eval import inception as inception_module
 from srdit.eval.metrics import feature_stats, require_finite
 from srdit.io import atomic_write, sha256_file
-from srdit.sample.npz import NpzRows, npz_members
+from srdit.sample.npz import NpzRows, npz_members, read_arrays
 
 KDD_ARCH = "vitl14"
 KDD_SIZE = 224
@@ -133,17 +134,23 @@ def load_kdd_teacher(path: str, device=None):
 # ----------------------------------------------------------------------------- images on disk
 
 
+def _image_rows(rows: NpzRows) -> NpzRows:
+    if rows.dtype != np.uint8 or len(rows.shape) != 4 or rows.shape[-1] != 3:
+        raise ValueError(f"{rows.path}: arr_0 must be uint8 [N, H, W, 3], found {rows.dtype} {rows.shape}")
+    return rows
+
+
 def npz_images(path: str, batch: int):
     """uint8 image batches of `arr_0` of an .npz, streamed (one batch in RAM)."""
     with NpzRows(path, "arr_0") as rows:
-        if rows.dtype != np.uint8 or len(rows.shape) != 4 or rows.shape[-1] != 3:
-            raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, 3], found {rows.dtype} {rows.shape}")
-        yield from rows.batches(batch)
+        yield from _image_rows(rows).batches(batch)
 
 
-def npz_count(path: str) -> int:
+def npz_image_shape(path: str) -> tuple[int, int, int, int]:
+    """(N, H, W, 3) of the images `arr_0` of an .npz, from its header (no image is read); a file
+    without them, or not uint8 [N, H, W, 3], is an error naming it."""
     with NpzRows(path, "arr_0") as rows:
-        return len(rows)
+        return tuple(_image_rows(rows).shape)
 
 
 # ----------------------------------------------------------------------------- identities and cache
@@ -184,15 +191,19 @@ def default_cache_dir(reference: str) -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "srdit", "eval")
 
 
-def cached(cache_dir: str | None, name: str, key_parts: list[str], compute):
-    """compute() -> dict of arrays, stored as <cache_dir>/<name>-<hash>.npz; cache_dir None: no cache."""
+def cached(cache_dir: str | None, name: str, key_parts: list[str], compute, keys: tuple[str, ...]):
+    """compute() -> dict of the arrays `keys`, stored as <cache_dir>/<name>-<hash>.npz; cache_dir
+    None: no cache. An entry that cannot be read whole (damaged, truncated, without one of
+    `keys`) is a miss: computed again and replaced, with a line saying so."""
     if cache_dir is None:
         return compute()
     key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir, f"{name}-{key}.npz")
     if os.path.exists(path):
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+        try:
+            return read_arrays(path, keys)
+        except ValueError as error:
+            print(f"feature cache: {error}; computing it again and replacing it", flush=True)
     value = compute()
     os.makedirs(cache_dir, exist_ok=True)
     with atomic_write(path) as f:
@@ -219,7 +230,8 @@ class ReferenceSet:
         """Inception features of the reference images (pool, spatial, logits)."""
         settings = f"inception v1 size {inception_module.INPUT_SIZE} tf1-bilinear (x-128)/128"
         return cached(self.cache_dir, "inception", self._key(model, settings),
-                      lambda: inception_features(model, npz_images(self.path, self.batch), name=self.path))
+                      lambda: inception_features(model, npz_images(self.path, self.batch), name=self.path),
+                      keys=("pool", "spatial", "logits"))
 
     def stats(self, model) -> tuple[dict[str, np.ndarray], str]:
         """(mu, sigma, mu_s, sigma_s, source): stored in the npz (ADM), else from its images."""
@@ -238,4 +250,4 @@ class ReferenceSet:
         settings = f"kdd v1 size {teacher.img_size} pil-bicubic imagenet-norm cls-after-norm {teacher.pos_interp}"
         return cached(self.cache_dir, "kdd", self._key(teacher, settings),
                       lambda: {"cls": kdd_features(teacher, npz_images(self.path, self.batch),
-                                                   name=self.path)})["cls"]
+                                                   name=self.path)}, keys=("cls",))["cls"]

@@ -11,7 +11,8 @@ The ADM evaluator's numbers (SPEC 5) for a samples .npz (`arr_0` uint8 [N, H, W,
 On the GPU when there is one (fp32, TF32 off). The samples are streamed in batches of --batch
 images (only features stay in RAM: ~1 GB for 50K); the reference's features are cached on first
 use (srdit.eval.features). One line per metric; --json writes them with the settings the samples
-were made with.
+were made with. The reference's images are checked before any network runs, and a reference of
+another resolution than the samples is warned about.
 
 FID's matrix square root: `--fid-method sqrtm` (default) is ADM's scipy.linalg.sqrtm; `eigh`
 (metrics.frechet_distance_eigh) is the same number up to rounding and much faster, for quick looks.
@@ -33,7 +34,7 @@ from srdit.eval.features import (
     inception_features,
     kdd_features,
     load_kdd_teacher,
-    npz_count,
+    npz_image_shape,
     npz_images,
     strict_fp32,
 )
@@ -84,6 +85,25 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def check_real_images(ref: str, kdd_real: str | None, sample_size: tuple[int, int]) -> None:
+    """Before any network runs: the reference (and the KDD real set) hold images arr_0 (precision
+    and recall read the reference's, KDD the real set's), and a reference whose images differ
+    from the samples in resolution is warned about (the metrics would compare unlike sets)."""
+    for path, what in ((ref, "the reference"), (kdd_real, "the KDD real set")):
+        if path is None:
+            continue
+        try:
+            shape = npz_image_shape(path)
+        except KeyError as error:
+            raise ValueError(f"{error.args[0]}: {what} needs its images as arr_0, uint8 [N, H, W, 3] (the ADM "
+                             "reference batch, e.g. VIRTUAL_imagenet256_labeled.npz, holds them)") from None
+        if path == ref and shape[1:3] != sample_size:
+            print(f"srdit.eval: warning: the samples are {sample_size[0]}x{sample_size[1]} px but the reference's "
+                  f"images {shape[1]}x{shape[2]} px ({ref}): the metrics compare sets of different resolutions; "
+                  "use the reference of the samples' resolution (VIRTUAL_imagenet256_labeled.npz for 256 px)",
+                  file=sys.stderr, flush=True)
+
+
 def evaluate(args) -> dict:
     for path, what in ((args.samples, "samples file"), (args.ref, "reference batch"),
                        (args.inception, "Inception weights (pt_inception-2015-12-05-6726825d.pth)"),
@@ -96,9 +116,10 @@ def evaluate(args) -> dict:
     start = time.perf_counter()
     cache_dir = None if args.no_cache else (args.cache_dir or "default")
     ref = ReferenceSet(args.ref, batch=args.batch, cache_dir=cache_dir)
-    n = npz_count(args.samples)
+    n, height, width, _ = npz_image_shape(args.samples)
     if n < 4:
         raise ValueError(f"{args.samples} holds {n} images; the metrics need at least 4 (k = 3 neighbours)")
+    check_real_images(args.ref, args.kdd_real if args.kdd_teacher else None, (height, width))
     inception = load_inception(args.inception, device)
     teacher = load_kdd_teacher(args.kdd_teacher, device) if args.kdd_teacher else None
 

@@ -21,6 +21,7 @@ from srdit.eval import inception as inception_module
 from srdit.eval.main import main
 from srdit.eval.quick import QuickReference, build_quick_eval, fid_key, quick_eval
 from srdit.model import build_model, dinov2
+from srdit.sample.npz import read_arrays
 
 N_REF = 24
 
@@ -217,3 +218,61 @@ def test_bad_inputs_are_one_line_errors(nets, tmp_path, capsys, case):
     assert main([*argv, "--no-cache"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err and "allow_pickle" not in err, err
+
+
+def test_a_damaged_cache_entry_is_computed_again_and_replaced(nets, tmp_path, capsys):
+    """It failed with BadZipFile on every run until the cache was deleted by hand."""
+    out = tmp_path / "m.json"
+    assert run(nets, tmp_path, "--kdd-teacher", nets.kdd, "--json", str(out)) == 0
+    first = json.loads(out.read_text())
+    entries = {f.split("-")[0]: tmp_path / "cache" / f for f in os.listdir(tmp_path / "cache")}
+    data = bytearray(entries["inception"].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the zip opens; the CRC of the features does not match
+    entries["inception"].write_bytes(data)
+    entries["kdd"].write_bytes(entries["kdd"].read_bytes()[:100])  # truncated by a full disk
+    capsys.readouterr()
+    assert run(nets, tmp_path, "--kdd-teacher", nets.kdd, "--json", str(out)) == 0
+    text = capsys.readouterr().out
+    assert (f"feature cache: {entries['inception']} is unreadable (BadZipFile: Bad CRC-32 for file "
+            "'pool.npy'); computing it again and replacing it") in text, text
+    assert f"feature cache: {entries['kdd']} is unreadable (not a zip archive" in text
+    again = json.loads(out.read_text())
+    assert {k: again[k] for k in ("fid", "precision", "recall", "kdd")} == {
+        k: first[k] for k in ("fid", "precision", "recall", "kdd")}
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(p.name for p in entries.values())  # replaced in place
+    read_arrays(str(entries["inception"]), ("pool", "spatial", "logits"))  # whole again
+    read_arrays(str(entries["kdd"]), ("cls",))
+    assert run(nets, tmp_path, "--kdd-teacher", nets.kdd) == 0
+    assert "feature cache" not in capsys.readouterr().out
+
+
+def test_a_reference_without_images_is_refused_before_any_feature_is_computed(nets, tmp_path, capsys, monkeypatch):
+    from srdit.eval import main as eval_main
+
+    with np.load(nets.ref) as f:
+        np.savez(tmp_path / "stats_only.npz", **{k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s")})
+    calls = []
+    monkeypatch.setattr(eval_main, "load_inception", lambda *a, **k: calls.append("load") or nets.inc)
+    assert main([nets.samples, "--ref", str(tmp_path / "stats_only.npz"), "--inception", nets.inception,
+                 "--no-cache"]) == 2
+    assert calls == []  # refused before the networks were loaded or any sample was read
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"srdit.eval: error: {tmp_path / 'stats_only.npz'} has no array 'arr_0' (it has: ")
+    assert "the reference needs its images as arr_0" in err and len(err.splitlines()) == 1, err
+    real = tmp_path / "no_images.npz"
+    np.savez(real, labels=np.arange(3))
+    assert main([nets.samples, "--ref", nets.ref, "--inception", nets.inception, "--kdd-teacher", nets.kdd,
+                 "--kdd-real", str(real), "--no-cache"]) == 2
+    assert "the KDD real set needs its images as arr_0" in capsys.readouterr().err and calls == []
+
+
+def test_samples_and_reference_of_different_resolutions_are_warned_about(nets, tmp_path, capsys):
+    assert run(nets, tmp_path) == 0
+    assert "warning" not in capsys.readouterr().err  # 32 px against 32 px
+    bigger = tmp_path / "samples40.npz"
+    np.savez(bigger, arr_0=np.repeat(np.repeat(nets.images, 5, 1), 5, 2)[:, :40, :40])
+    assert main([str(bigger), "--ref", nets.ref, "--inception", nets.inception, "--batch", "8", "--fid-method",
+                 "eigh", "--cache-dir", str(tmp_path / "cache")]) == 0
+    err = capsys.readouterr().err
+    assert (f"srdit.eval: warning: the samples are 40x40 px but the reference's images 32x32 px ({nets.ref})"
+            in err), err
