@@ -17,6 +17,10 @@ the smallest, lossy) or the cached DINOv2 targets [1 + (r/16)^2, 768] in fp16.
 - Resumable: a shard is written under a temporary name, fsynced, renamed, then recorded in
   OUT/parts/; a rerun of the same command skips recorded shards. The index is written last.
 - torchrun: rank r prepares shards [r K / W, (r+1) K / W); rank 0 writes the index at the end.
+- Nothing non-finite is written: weights holding NaN or Inf are refused when loaded, and an
+  encoder batch whose latents or teacher targets are not finite stops the run naming its files.
+- File names that are not UTF-8 are prepared like any other; the index, parts/ and skipped.txt
+  store them, and messages print them, with the undecodable bytes as \\xNN (sources.printable).
 """
 from __future__ import annotations
 
@@ -44,10 +48,10 @@ from srdit.data.shards import (
     shard_name,
     write_shard,
 )
-from srdit.data.sources import JPEG_QUALITY, Source, SourceError, SourceSamples, as_list, list_source
+from srdit.data.sources import JPEG_QUALITY, Source, SourceError, SourceSamples, as_list, list_source, printable
 from srdit.distributed import Dist, locked_output, teardown
-from srdit.io import (TEMP_MARK, OutputInUse, check_same_settings, describe_error, sha256_file, write_json,
-                      write_text)
+from srdit.io import (TEMP_MARK, OutputInUse, check_finite_weights, check_same_settings, describe_error, sha256_file,
+                      write_json, write_text)
 from srdit.progress import Progress
 
 SETTINGS = "prepare.json"
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
         clean = True
         return status
     except (PrepareError, ShardError, SourceError, ValueError, OSError, OutputInUse) as error:
-        print(f"srdit.data.prepare: error: {describe_error(error)}", file=sys.stderr)
+        print(f"srdit.data.prepare: error: {printable(describe_error(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("srdit.data.prepare: interrupted; finished shards are kept, rerun the same command to resume",
@@ -264,8 +268,21 @@ def pick_device(args, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def check_output_folder(src: str, out: str) -> None:
+    """--out names a folder outside --src: an empty one would put the shards in the current
+    folder, and one inside --src would be listed as part of the source when the command is rerun
+    (an ImageNet-style folder would gain a class)."""
+    if not out.strip():
+        raise PrepareError("--out is empty: give the folder to write the shards to, e.g. --out /data/in256")
+    source, target = os.path.realpath(src), os.path.realpath(out)
+    if os.path.commonpath([source, target]) == source:
+        raise PrepareError(f"--out {out} is inside --src {src}: a rerun would read the prepared folder as part of "
+                           "the source; choose an --out outside --src")
+
+
 def prepare(args) -> int:
     t_start = time.time()
+    check_output_folder(args.src, args.out)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(args, int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1:  # the barrier before the index; gloo works for CPU and GPU runs alike
@@ -323,14 +340,17 @@ def plan(out: str, settings: dict, n_source: int, mine: range, batch: int) -> tu
 def load_invae_for(args, device: torch.device):
     from srdit.model.invae import load_invae
 
-    return load_invae(args.vae).to(device)
+    vae = load_invae(args.vae)
+    check_finite_weights(vae.state_dict(), args.vae, "the latents would be NaN or garbage")
+    return vae.to(device)
 
 
 def load_teacher_for(args, settings: dict, device: torch.device):
     from srdit.model.dinov2 import load_dinov2
 
-    return load_dinov2(args.teacher_arch, args.teacher, settings["teacher"]["img_size"],
-                       args.teacher_pos_interp).to(device)
+    teacher = load_dinov2(args.teacher_arch, args.teacher, settings["teacher"]["img_size"], args.teacher_pos_interp)
+    check_finite_weights(teacher.state_dict(), args.teacher, "the cached targets would be NaN or garbage")
+    return teacher.to(device)
 
 
 def encode_shards(args, source: Source, settings: dict, batches: list[list[int]], vae, teacher,
@@ -345,6 +365,9 @@ def encode_shards(args, source: Source, settings: dict, batches: list[list[int]]
     todo = sum(len(b) for b in batches)
     bar = Progress(f"prepare ({desc})", todo, unit="img", enabled=show and todo > 0)
     buffer, written, skipped_now = None, [], 0
+    latent_cause = ("the release's vae-in/ files hold them (--latents encode --vae INVAE.pt encodes the images "
+                    "instead)" if vae is None else f"the INVAE ({args.vae}) computed them"
+                    + (" in bf16: try --precision fp32" if args.precision == "bf16" else ""))
     for items in loader:
         k = items[0]["index"] // settings["shard_size"]
         if buffer is None or buffer.k != k:
@@ -354,15 +377,19 @@ def encode_shards(args, source: Source, settings: dict, batches: list[list[int]]
         good = [it for it in items if it["error"] is None]
         for it in items:
             if it["error"] is not None:
-                buffer.skipped.append([it["index"], source.files[it["index"]], it["error"]])
+                buffer.skipped.append([it["index"], printable(source.files[it["index"]]), it["error"]])
         skipped_now += len(items) - len(good)
         if good:
             idx = np.array([it["index"] for it in good], np.int64)
             buffer.index.append(idx)
             buffer.label.append(source.labels[idx])
-            buffer.latent.append(encode_latents(good, idx, vae, args, device, source).numpy())
+            latents = encode_latents(good, idx, vae, args, device, source)
+            check_finite(latents, "latents", good, source, k, latent_cause)
+            buffer.latent.append(latents.numpy())
             if teacher is not None:
-                buffer.teacher.append(teacher_targets(teacher, good, device).numpy())
+                targets = teacher_targets(teacher, good, device)
+                check_finite(targets, "teacher targets", good, source, k, f"the teacher ({args.teacher}) computed them")
+                buffer.teacher.append(targets.numpy())
             if settings["image"]:
                 buffer.images += [it["encoded"] for it in good]
         bar.update(len(items), skipped=skipped_now)
@@ -370,6 +397,19 @@ def encode_shards(args, source: Source, settings: dict, batches: list[list[int]]
         written.append(buffer.write(args.out))
     bar.close()
     return written
+
+
+def check_finite(values: torch.Tensor, what: str, items: list[dict], source: Source, k: int, cause: str) -> None:
+    """Stop at an encoder batch whose `what` (CPU, one row per item) holds NaN or Inf, naming the
+    batch, its shard and the files: such values would be written, and trained on, silently."""
+    bad = (~torch.isfinite(values.reshape(len(values), -1))).any(1).nonzero().flatten().tolist()
+    if bad:
+        files = [f"vae-in/{source.latents[i]}" if source.latents is not None else source.files[i]
+                 for i in (items[j]["index"] for j in bad)]
+        raise PrepareError(f"the {what} of {len(bad)} of the {len(items)} images of the encoder batch of source "
+                           f"images {items[0]['index']}-{items[-1]['index']} ({shard_name(k)}) are NaN or Inf: "
+                           f"{', '.join(map(printable, files[:3]))}{' ...' if len(files) > 3 else ''}; {cause}; "
+                           f"nothing of this shard was written, finished shards are kept")
 
 
 def release_latents(items: list[dict], source: Source, resolution: int) -> torch.Tensor:

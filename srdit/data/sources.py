@@ -54,7 +54,7 @@ class Source:
     layout: str  # "imagenet" | "release"
     files: list[str]  # image paths relative to image_root
     labels: np.ndarray  # int64 [N]
-    classes: list[str]
+    classes: list[str]  # names only (printable), for the index
     latents: list[str] | None = None  # release vae-in/ latent files (relative to it), paired by position, or None
 
     @property
@@ -67,10 +67,22 @@ class Source:
     def describe(self) -> dict:
         listing = hashlib.sha256()
         for path, label in zip(self.files, self.labels.tolist()):
-            listing.update(f"{path}\t{label}\n".encode())
-        return {"path": os.path.abspath(self.root), "layout": self.layout, "files": len(self.files),
+            listing.update(os.fsencode(path) + f"\t{label}\n".encode())  # a name's own bytes, UTF-8 or not
+        return {"path": printable(os.path.abspath(self.root)), "layout": self.layout, "files": len(self.files),
                 "listing_sha256": listing.hexdigest(),
                 "latents": "release vae-in sampled latents" if self.latents else "encoded"}
+
+
+def printable(text: str) -> str:
+    """`text` as valid Unicode: the bytes of a file name that are not UTF-8, which os.listdir hands
+    over as lone surrogates, shown as \\xNN (as `ls -b` does); other text is returned as it is.
+    UTF-8 cannot encode a lone surrogate (printing one to a log fails) and JSON holds one only as
+    an escape that other readers reject, so names are stored and printed through this; files are
+    opened by their own names."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte: not from the file system
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _is_image(name: str) -> bool:
@@ -110,7 +122,7 @@ def _list_imagenet(root: str) -> Source:
         labels += [label] * len(names)
     if not files:
         raise SourceError(f"--src {root}: its {len(classes)} class subfolders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return Source(root, "imagenet", files, np.asarray(labels, np.int64), classes)
+    return Source(root, "imagenet", files, np.asarray(labels, np.int64), [printable(c) for c in classes])
 
 
 def _read_labels(path: str) -> dict[str, int]:
@@ -197,7 +209,7 @@ class SourceSamples:
                 item["latent"] = np.load(os.path.join(src.root, "vae-in", src.latents[i]), allow_pickle=False)
             return item
         except Exception as error:  # noqa: BLE001 - any unreadable file is skipped and logged
-            return {"index": i, "error": f"{type(error).__name__}: {error}".replace("\n", " ")}
+            return {"index": i, "error": printable(f"{type(error).__name__}: {error}".replace("\n", " "))}
 
 
 def as_list(items):

@@ -323,3 +323,125 @@ def test_an_unreadable_index_names_the_file(prepared, tmp_path):
     (out / "index.json").write_bytes(b"\xff\xfe garbage")
     with pytest.raises(ShardError, match=r"index.json is not a readable index \(UnicodeDecodeError"):
         ShardDataset(out)
+
+
+def _with_nan(state: dict) -> tuple[dict, str]:
+    """A copy of a state dict with one NaN in its first floating-point tensor, and that tensor's name."""
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state = {k: v.clone() for k, v in state.items()}
+    state[key].view(-1)[0] = float("nan")
+    return state, key
+
+
+def test_non_finite_weights_are_refused_before_anything_is_written(imagenet_src, weights, run_prepare, tmp_path,
+                                                                  monkeypatch):
+    """As srdit.sample refuses a checkpoint holding NaN: the INVAE (whose NaN made every latent NaN
+    and the command exit 0) and the teacher of --cache-teacher."""
+    state, key = _with_nan(torch.load(weights["vae"], weights_only=True))
+    torch.save(state, tmp_path / "nan-invae.pt")
+    args = ["--src", imagenet_src, "--resolution", 64, "--shard-size", 4, "--workers", 0]
+    code, text = run_prepare(*args, "--out", tmp_path / "out", "--vae", tmp_path / "nan-invae.pt")
+    assert code == 2 and f"nan-invae.pt: 1 weight tensor(s) hold NaN or Inf ({key})" in text, text
+    assert len(text.strip().splitlines()) == 1 and not (tmp_path / "out" / "prepare.json").exists()
+    assert not list((tmp_path / "out").glob("shard-*"))
+
+    from srdit.model import dinov2
+
+    real = dinov2.load_dinov2
+
+    def poisoned(*a, **k):  # the teacher file as loaded, with an Inf in it
+        teacher = real(*a, **k)
+        with torch.no_grad():
+            next(teacher.parameters()).view(-1)[0] = float("inf")
+        return teacher
+
+    monkeypatch.setattr(dinov2, "load_dinov2", poisoned)
+    code, text = run_prepare(*args, "--out", tmp_path / "out-t", "--vae", weights["vae"], "--teacher",
+                             weights["teacher"], "--cache-teacher")
+    assert code == 2 and "dinov2_vitb14_pretrain.pth: 1 weight tensor(s) hold NaN or Inf" in text, text
+    assert not list((tmp_path / "out-t").glob("shard-*"))
+
+
+def test_a_batch_encoded_to_nan_stops_the_run_naming_its_files(imagenet_src, weights, run_prepare, tmp_path,
+                                                               monkeypatch):
+    """Finite weights can still give NaN (bf16 overflow, a bad image): the batch is refused, not
+    written; finished shards are kept and a rerun finishes the rest."""
+    from srdit.data import prepare
+
+    real = prepare.posterior_sample
+
+    def nan_for_source_6(mean, std, seed, indices):
+        z = real(mean, std, seed, indices)
+        z[[int(i) == 6 for i in indices]] = float("nan")
+        return z
+
+    monkeypatch.setattr(prepare, "posterior_sample", nan_for_source_6)
+    out = tmp_path / "out"
+    args = ["--src", imagenet_src, "--out", out, "--resolution", 64, "--vae", weights["vae"], "--batch", 5,
+            "--shard-size", 4, "--workers", 0]
+    code, text = run_prepare(*args)
+    assert code == 2, text
+    assert ("the latents of 1 of the 3 images of the encoder batch of source images 5-7 (shard-000001.safetensors) "
+            f"are NaN or Inf: {SOURCE[6]}; the INVAE ({weights['vae']}) computed them") in text, text
+    assert (out / "shard-000000.safetensors").exists() and not (out / "shard-000001.safetensors").exists()
+    assert not (out / "index.json").exists()
+    monkeypatch.undo()
+    code, text = run_prepare(*args)
+    assert code == 0 and "this run: 3 shard(s)" in text, text
+
+
+def test_release_latents_holding_nan_are_refused_naming_the_file(tmp_path, run_prepare):
+    release_layout(tmp_path / "release", [0, 1, 2])
+    path = tmp_path / "release" / "vae-in" / "00000" / "img-latents-00000001.npy"
+    z = np.load(path)
+    z[0, 3, 1, 1] = np.inf
+    np.save(path, z)
+    code, text = run_prepare("--src", tmp_path / "release", "--out", tmp_path / "out", "--resolution", 64,
+                             "--workers", 0)
+    assert code == 2 and "are NaN or Inf: vae-in/00000/img-latents-00000001.npy; the release's vae-in/" in text, text
+
+
+def test_file_names_that_are_not_utf8_are_prepared_listed_and_resumed(weights, run_prepare, tmp_path):
+    """A file or class folder whose name is not UTF-8 (os.listdir gives it as lone surrogates,
+    which UTF-8 cannot encode) aborted the whole run; now it is prepared, or skipped and listed
+    when unreadable, and the JSON files hold valid Unicode (the bytes shown as \\xNN)."""
+    def name(raw: bytes) -> str:
+        return os.fsdecode(raw)
+
+    src = tmp_path / "src"
+    rng = np.random.default_rng(3)
+    for folder, files in ((b"n01", (b"a.JPEG", b"b\xff.JPEG")), (b"n0\xff", (b"a.JPEG",))):
+        os.makedirs(os.path.join(src, name(folder)))
+        for file in files:
+            Image.fromarray(rng.integers(0, 256, (80, 70, 3), np.uint8)).save(
+                os.path.join(src, name(folder), name(file)), format="JPEG")
+    with open(os.path.join(src, "n01", name(b"c\xfe.JPEG")), "wb") as f:
+        f.write(b"not an image")
+    out = tmp_path / "out"
+    args = ["--src", src, "--out", out, "--resolution", 64, "--vae", weights["vae"], "--workers", 0]
+    code, text = run_prepare(*args)
+    assert code == 0 and "3 samples in 1 shards" in text and "1 unreadable image(s) skipped" in text, text
+    ds = ShardDataset(out)
+    assert ds.labels.tolist() == [0, 0, 1] and ds.classes == ["n01", "n0\\xff"]
+    with open(out / "skipped.txt", encoding="utf-8") as f:
+        assert f.read().splitlines()[1].startswith("2\tn01/c\\xfe.JPEG\tUnidentifiedImageError")
+    for path in (out / "index.json", out / "prepare.json", out / "parts" / "shard-000000.json"):
+        with open(path) as f:  # strict UTF-8 throughout: no lone surrogate, raw or escaped
+            json.dumps(json.load(f), ensure_ascii=False).encode("utf-8")
+    code, text = run_prepare(*args)
+    assert code == 0 and "this run: 0 shard(s)" in text, text
+
+
+def test_an_empty_out_or_one_inside_src_is_refused(weights, run_prepare, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    (src / "n01").mkdir(parents=True)
+    Image.fromarray(np.full((80, 70, 3), 90, np.uint8)).save(src / "n01" / "a.JPEG")
+    monkeypatch.chdir(tmp_path)  # where an empty --out used to write its shards
+    base = ["--src", src, "--resolution", 64, "--vae", weights["vae"], "--workers", 0]
+    code, text = run_prepare(*base, "--out", "")
+    assert code == 2 and "--out is empty" in text and len(text.strip().splitlines()) == 1, text
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+    for inside in (src / "prepared", src, src / "n01" / "out"):
+        code, text = run_prepare(*base, "--out", inside)
+        assert code == 2 and f"--out {inside} is inside --src {src}" in text, text
+    assert sorted(p.name for p in src.rglob("*")) == ["a.JPEG", "n01"]
