@@ -28,6 +28,7 @@ import torch
 from srdit.config import Config, apply_overrides
 from srdit.eval import metrics
 from srdit.eval.features import ReferenceSet, inception_features, kdd_features, load_kdd_teacher
+from srdit.io import check_finite_weights
 from srdit.sample.batches import generate_batch, num_batches
 
 
@@ -112,7 +113,9 @@ def build_quick_eval(cfg: Config, device: torch.device, *, num_samples: int = 10
             raise ValueError("the quick evaluation of a latent model needs data.invae (e2e-invae-400k.pt)")
         from srdit.model.invae import load_invae
 
-        vae = load_invae(cfg.data.invae).to(device)
+        vae = load_invae(cfg.data.invae)
+        check_finite_weights(vae.state_dict(), cfg.data.invae, "the decoded samples, and their FID, would be garbage")
+        vae = vae.to(device)
     ref = QuickReference.load(e.reference, inception=inception, kdd_teacher=kdd_teacher, batch=e.batch)
 
     def evaluate(model) -> dict:

@@ -155,6 +155,21 @@ def test_build_quick_eval_needs_reference_and_inception():
         build_quick_eval(preset("quickstart"), torch.device("cpu"))
 
 
+def test_build_quick_eval_refuses_an_invae_holding_nan(nets, tmp_path):
+    """As srdit.sample and srdit.data.prepare do: the training log would show a FID of garbage."""
+    from srdit.model.invae import build_invae
+
+    state = build_invae().state_dict()
+    next(v for v in state.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    torch.save(state, tmp_path / "nan-invae.pt")
+    cfg = apply_overrides(preset("sr-dit-b1-256"), [f"eval.reference={nets.ref}", f"eval.inception={nets.inception}",
+                                                    f"data.invae={tmp_path / 'nan-invae.pt'}"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inception_module, "INPUT_SIZE", 75)
+        with pytest.raises(ValueError, match=r"nan-invae.pt: 1 weight tensor\(s\) hold NaN or Inf"):
+            build_quick_eval(cfg, torch.device("cpu"))
+
+
 def test_training_loop_logs_the_quick_evaluation(nets, tmp_path):
     from srdit.train.main import main as train_main
 
