@@ -266,9 +266,12 @@ class TrainConfig:
     # torch.compile mode when train.compile: "reduce-overhead" and "max-autotune" capture CUDA
     # graphs of the model on a GPU
     compile_mode: str = field(default="default", metadata=RESUMABLE)
-    # the whole step (forward, backward, optimizer, EMA) replayed as CUDA graphs: one GPU, AdamW
-    # (srdit/train/graphs.py)
+    # the whole step (forward, backward, gradient reduction, optimizer, EMA) replayed as CUDA graphs,
+    # on every rank; AdamW (srdit/train/graphs.py)
     cuda_graphs: bool = field(default=False, metadata=RESUMABLE)
+    # the dtype of the cross-rank gradient sum (srdit/train/reduce.py): fp32 is DDP's arithmetic;
+    # bf16 halves the bytes on the wire at a rounding of 2^-8 (relative to the summed magnitudes)
+    grad_reduce_dtype: str = "fp32"
     precision: str = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
     wandb_mode: str = field(default="disabled", metadata=RESUMABLE)  # online | offline | disabled
     wandb_project: str = field(default="srdit", metadata=RESUMABLE)
@@ -282,6 +285,7 @@ class TrainConfig:
         _one_of("train.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
         _one_of("train.compile_mode", self.compile_mode, COMPILE_MODES)
         _one_of("train.ema_update", self.ema_update, ("release", "lerp"))
+        _one_of("train.grad_reduce_dtype", self.grad_reduce_dtype, ("fp32", "bf16"))
         if self.cuda_graphs and self.optimizer != "adamw":
             raise ConfigError(f"train.cuda_graphs needs train.optimizer=adamw (not {self.optimizer!r}): the other "
                               "optimizers read the non-finite-step flag on the host")

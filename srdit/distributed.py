@@ -43,13 +43,39 @@ def setup() -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+_capturing = False
+
+
+@contextlib.contextmanager
+def capturing():
+    """The block records a CUDA-graph step (srdit.train.graphs): a host collective in it is an
+    error (refuse_in_capture), as on a real capture stream, also where the CPU stand-in records."""
+    global _capturing
+    before, _capturing = _capturing, True
+    try:
+        yield
+    finally:
+        _capturing = before
+
+
+def refuse_in_capture(what: str) -> None:
+    """A host collective (barrier, objects, a CPU flag) inside a captured step would run once, at
+    capture, and never at replay: the ranks would then disagree on what was exchanged. Say so."""
+    if _capturing or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        raise RuntimeError(f"{what} is a host collective and cannot run inside the captured training step (CUDA "
+                           "graphs replay device work only): do it before or after the step, as metrics and "
+                           "checkpoints do")
+
+
 def barrier() -> None:
+    refuse_in_capture("distributed.barrier")
     if dist.is_initialized():
         dist.barrier()
 
 
 def all_gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order (a list of one outside torchrun)."""
+    refuse_in_capture("distributed.all_gather_objects")
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
@@ -58,6 +84,7 @@ def all_gather_objects(obj) -> list:
 
 
 def broadcast_object(obj, src: int = 0):
+    refuse_in_capture("distributed.broadcast_object")
     if not dist.is_initialized():
         return obj
     box = [obj]

@@ -148,6 +148,8 @@ def resolve_auto(q, k, v) -> str:
     """The fastest usable backend for this shape (measured on first use, then cached). A step
     that is compiled or captured resolves its shapes before (resolve_auto_for), so a traced graph
     finds its choice here; a shape first met while tracing gets sdpa (never timed in a trace)."""
+    if q.device.type == "meta":
+        return "sdpa"  # a run of shapes only (srdit.train.flat's probe): nothing to time or remember
     key = (q.device.type, tuple(q.shape), q.dtype)
     if key not in _AUTO:
         if q.device.type != "cuda":
@@ -175,6 +177,13 @@ def resolve_auto_for(shapes, dtype: torch.dtype, device: torch.device) -> dict[t
         q, k, v = (torch.randn(shape, dtype=dtype, device=device) for _ in range(3))
         chosen[tuple(shape)] = resolve_auto(q, k, v)
     return chosen
+
+
+def remember_auto(chosen: dict[tuple, str], dtype: torch.dtype, device: torch.device) -> None:
+    """Take `chosen` (resolve_auto_for's result, possibly another process's) as this process's
+    choice for those shapes: ranks that run one step together must run the same kernels."""
+    for shape, backend in chosen.items():
+        _AUTO[(torch.device(device).type, tuple(shape), dtype)] = backend
 
 
 def _auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

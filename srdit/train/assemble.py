@@ -4,32 +4,36 @@ bench/throughput.py, profiling/profile_step.py and the tests all get their step 
 `build_step`, so what is measured and tested is what trains.
 
 Order, and why:
-  0. The parameters become views of one flat buffer (flatten_parameters), before the EMA and the
-     optimizers see them: the EMA's update is then one kernel for the whole model (a launch per
-     parameter otherwise). srdit.train makes its EMA before build_step, so it flattens first too.
-  1. DDP around the model (several processes). Every parameter gets a gradient every step, also
-     on path-drop steps (zeros for the skipped routed blocks), so no find_unused_parameters.
-     Gradients live in DDP's buckets (gradient_as_bucket_view: no copy in or out).
-     static_graph=True made a rank abort at exit now and then (gloo, CPU: "terminate called
-     without an active exception"), so it stays off.
-  2. attention_backend=auto is resolved (timed) for the step's shapes, the teacher's GEMM weights
-     are stored in bf16 under bf16 autocast (which casts them at every call otherwise), then
-     torch.compile around DDP, so that dynamo's DDP optimizer splits the graph at the gradient
-     buckets and all-reduce overlaps backward; the frozen teacher (~36% of a step's FLOPs) is
-     compiled too.
-  3. CUDA graphs around the whole step (forward, losses, backward, clip, AdamW, EMA), outermost:
-     they replay whatever the inner layers launch.
+  0. The parameters become views of one flat buffer laid out in gradient-ready order
+     (srdit.train.flat.flatten_for_training), before the EMA and the optimizers see them: the
+     EMA's update is then one kernel for the whole model, and the gradients become views of a
+     buffer of the same layout (FlatGradients). srdit.train makes its EMA before build_step, so
+     it flattens first too.
+  1. Several ranks: rank 0's weights and EMA are broadcast (as DDP does at construction), and
+     srdit's own reducer (srdit.train.reduce) sums the flat gradients chunk by chunk during the
+     last backward. No DDP: it would copy every gradient into buckets each step, and the model's
+     only buffers (RoPE tables, position ids) are constants, so nothing is re-broadcast either.
+  2. attention_backend=auto is resolved (timed on rank 0, its choice broadcast: every rank runs
+     the same kernels) for the step's shapes, the teacher's GEMM weights are stored in bf16 under
+     bf16 autocast (which casts them at every call otherwise), then torch.compile around the
+     model; the frozen teacher (~36% of a step's FLOPs) is compiled too.
+  3. CUDA graphs around the whole step (forward, losses, backward, reduction, clip, AdamW, EMA),
+     outermost: they replay whatever the inner layers launch.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.distributed as dist
 
+from srdit import distributed
 from srdit.config import Config, ConfigError
-from srdit.kernels.attention import resolve_auto_for
+from srdit.kernels.attention import remember_auto, resolve_auto_for
 from srdit.train import graphs
-from srdit.train.optim import EMA, Optimizers, flatten_parameters
+from srdit.train.flat import FlatGradients, flat_view, flatten_for_training
+from srdit.train.optim import EMA, Optimizers
+from srdit.train.reduce import GradReducer
 from srdit.train.step import StepRunner, step_autocast
 
 GPU_ONLY_ATTENTION = ("cudnn", "flash", "fa3", "fa4", "xformers")
@@ -45,9 +49,10 @@ def check_runtime(cfg: Config, device: torch.device, world: int, *, graph_type=N
     if cfg.model.attention_backend in GPU_ONLY_ATTENTION and device.type != "cuda":
         raise ConfigError(f"model.attention_backend={cfg.model.attention_backend} needs a CUDA GPU; use sdpa or "
                           "eager here")
-    if cfg.train.cuda_graphs and world > 1:
-        raise ConfigError("train.cuda_graphs runs in one process; with several GPUs leave it off (DDP's "
-                          "all-reduce is not captured)")
+    t = cfg.train
+    if t.global_batch % (world * t.grad_accum):
+        raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by {world} rank(s) x "
+                          f"train.grad_accum={t.grad_accum}: choose a global batch that is, or another grad_accum")
     if cfg.train.cuda_graphs and graph_type is None:
         try:
             graphs.default_graph_type(device)  # the GPU's, or the stand-in the tests put in its place
@@ -67,31 +72,34 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
     check_runtime(cfg, device, world, graph_type=graph_type)
     autocast = autocast if autocast is not None else step_autocast(cfg, device)
     bf16 = autocast is not None  # every autocast the step runs under is bf16 (step_autocast)
-    attention = resolve_attention(cfg, device, world, bf16)
+    attention = resolve_attention(cfg, device, rank, world, bf16)
     if teacher is not None and bf16:
         teacher.precast_gemm_weights(torch.bfloat16)  # autocast would cast them at every call; same values
-    if optimizers is None and ema is None:
-        flatten_parameters(model)  # before the EMA sees the weights: its update becomes one kernel
+    if ema is None:  # before the EMA sees the weights (optimizers keep the same Parameter objects)
+        flatten_for_training(model, cfg)
     optimizers = optimizers if optimizers is not None else Optimizers(model, cfg.train, device)
     ema = ema if ema is not None else EMA(model, cfg.train.ema_decay, cfg.train.ema_update)
-    train_model = model
+    grads, reducer = FlatGradients(model), None
     if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        with torch.no_grad():  # every rank starts from rank 0's weights, as DDP makes sure
+            for flat in (flat_view(list(model.parameters())), flat_view(list(ema.model.parameters()))):
+                dist.broadcast(flat, src=0)
+        reducer = GradReducer(grads, dtype=cfg.train.grad_reduce_dtype)
+    train_model = model
     if cfg.train.compile:
         mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
         train_model = torch.compile(train_model, mode=mode, backend=compile_backend)
         if teacher is not None:
             teacher = torch.compile(teacher, mode=mode, backend=compile_backend)
     runner = StepRunner(cfg, model, train_model, teacher, optimizers, ema, rank=rank, world=world, device=device,
-                        autocast=autocast)
+                        autocast=autocast, grads=grads, reducer=reducer)
     if cfg.train.cuda_graphs:
         runner = graphs.GraphedStep(runner, graph_type=graph_type)
     runner.attention = attention  # for the training log
     return runner
 
 
-def resolve_attention(cfg: Config, device: torch.device, world: int, bf16: bool) -> str:
+def resolve_attention(cfg: Config, device: torch.device, rank: int, world: int, bf16: bool) -> str:
     """model.attention_backend, with `auto` resolved now for the step's attention shapes (all
     tokens, and the kept ones of routed blocks), before the model is compiled or captured: a
     trace cannot time candidates. Returns what the training log says about it."""
@@ -100,6 +108,11 @@ def resolve_attention(cfg: Config, device: torch.device, world: int, bf16: bool)
         return backend
     micro = cfg.train.global_batch // world // cfg.train.grad_accum
     tokens = [m.num_tokens] + ([m.num_kept] if m.sprint and m.routed_depth else [])
-    chosen = resolve_auto_for([(micro, m.heads, n, m.head_dim) for n in tokens],
-                              torch.bfloat16 if bf16 else torch.float32, device)
-    return "auto: " + ", ".join(f"{n} tokens -> {chosen[(micro, m.heads, n, m.head_dim)]}" for n in tokens)
+    shapes = [(micro, m.heads, n, m.head_dim) for n in tokens]
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    # timed on rank 0 only and broadcast: ranks that timed on their own could round a close race
+    # differently, and then run different kernels (and capture different graphs)
+    chosen = resolve_auto_for(shapes, dtype, device) if rank == 0 else None
+    chosen = distributed.broadcast_object(chosen)
+    remember_auto(chosen, dtype, device)
+    return "auto: " + ", ".join(f"{n} tokens -> {chosen[shape]}" for n, shape in zip(tokens, shapes))

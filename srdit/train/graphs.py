@@ -18,8 +18,20 @@ values returned are the graph's static outputs, overwritten by the next step, so
 accumulate them before then (DeviceMetrics does). The eager steps and the replays compute the
 same thing in the same order; only launch overhead goes.
 
-One process only, with AdamW (srdit.train.assemble.check_runtime and srdit.config say so):
-DDP's all-reduce in a graph needs NCCL capture settings not wired here, and Muon/Prodigy read
+Several ranks (torchrun): every rank captures its own step, the gradient reduction inside it
+(srdit.train.reduce: each chunk's all_reduce is a captured NCCL kernel), as MLPerf and Megatron
+capture theirs (shared/MULTI_GPU.md). What that needs, and where it is done:
+  - NCCL's async error handling off before the process group starts (srdit.distributed.setup,
+    asked by srdit.train when train.cuda_graphs is on with several ranks);
+  - the communicator made and used before capture: the warm-up steps run the reduction eagerly;
+    then every rank synchronises its GPU and meets the others at a barrier, before and after
+    capture (no collective of a warm-up in flight while another rank captures);
+  - the same graph replayed on every rank: the path-drop coin comes from the host generator,
+    seeded alike on every rank, so every rank picks the same branch with no exchange;
+  - no host collective inside: metrics and checkpoints exchange outside the step, and one tried
+    during capture is an error that says so (srdit.distributed.refuse_in_capture).
+
+AdamW only (srdit.train.assemble.check_runtime and srdit.config say so): Muon and Prodigy read
 the skip flag on the host.
 """
 from __future__ import annotations
@@ -29,6 +41,7 @@ import warnings
 
 import torch
 
+from srdit import distributed
 from srdit.train.loss import StepNoise
 
 WARMUP_STEPS = 3  # eager steps per branch before its capture
@@ -45,7 +58,7 @@ class CudaGraph:
 
     def capture(self, fn) -> None:
         # thread_local: the data loader's threads may still allocate (pinned memory) meanwhile
-        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"), distributed.capturing():
             self.outputs = fn()
 
     def replay(self) -> None:
@@ -65,7 +78,8 @@ class EagerReplay:
         self.fn = fn
 
     def replay(self) -> None:
-        values = self.fn()
+        with distributed.capturing():  # fn is what a real graph would hold: no host collective in it
+            values = self.fn()
         if self.outputs is None:
             self.outputs = {k: v.clone() for k, v in values.items()}
         else:
@@ -132,12 +146,14 @@ class GraphedStep:
                 self._eager(micro_batches, dataclasses.replace(noise, path_drop=branch))
             graph = self.graph_type(self.pool)
             static_noise = dataclasses.replace(self.noise, path_drop=branch)
+            self._all_ranks_idle()
             try:
                 graph.capture(lambda noise=static_noise: self.runner.run(self.batches, noise))
             except Exception as error:
                 raise RuntimeError(f"capturing the training step (path_drop={branch}) as a CUDA graph failed: "
                                    f"{type(error).__name__}: {error}. Train without train.cuda_graphs, and "
                                    "please report it with this traceback") from error
+            self._all_ranks_idle()
             self.graphs[branch] = graph
         with torch.no_grad():
             for t in self._training_state():  # in place: the graphs hold these addresses
@@ -145,6 +161,14 @@ class GraphedStep:
                     t.copy_(saved[id(t)][1])
                 else:  # state the warm-up created: AdamW's state before its first step is all zeros
                     t.zero_()
+
+    def _all_ranks_idle(self) -> None:
+        """Nothing in flight on this GPU and every rank here: a warm-up's collective still running
+        while another rank captures can deadlock NCCL (TensorRT-LLM PR #12462)."""
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+        if self.runner.world > 1:
+            distributed.barrier()
 
     def _training_state(self) -> list[torch.Tensor]:
         """Every tensor a step writes: parameters, EMA weights, optimizer state."""

@@ -30,7 +30,8 @@ from srdit.train import checkpoint
 from srdit.train.assemble import build_step, check_runtime
 from srdit.train.inputs import build_dataset, build_teacher
 from srdit.train.loss import draw_step_noise, loss_weights
-from srdit.train.optim import EMA, Optimizers, flatten_parameters, lr_factor
+from srdit.train.flat import flatten_for_training
+from srdit.train.optim import EMA, Optimizers, lr_factor
 from srdit.train.runlog import RunLog, plot_loss_curve
 from srdit.train.sample_grid import write_sample_grid
 from srdit.train.step import DeviceMetrics, step_autocast
@@ -200,7 +201,7 @@ def build_run(args, cfg: Config, dist, dataset) -> Run:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(t.seed)
-    model = flatten_parameters(build_model(cfg).to(device))  # one buffer: see srdit.train.assemble
+    model = flatten_for_training(build_model(cfg).to(device), cfg)  # one buffer: see srdit.train.assemble
     ema, optimizers = EMA(model, t.ema_decay, t.ema_update), Optimizers(model, t, device)
     state = TrainState(cfg, model, ema, optimizers,
                        step_generator=torch.Generator(device).manual_seed(t.seed),  # per-sample noise, all ranks

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from srdit.config import TrainConfig
+from srdit.train.flat import flat_view, flatten_parameters, layout_order, same_layout
 
 MUON_LR = 1e-3  # the SR-DiT author's Muon run (FID 3.40)
 
@@ -94,8 +95,8 @@ class Optimizers:
         elif not bool(found_inf):  # host sync: these optimizers cannot skip on the device
             for opt in self.optimizers:
                 opt.step()
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
+        # no zero_grad: the gradients are views of one flat buffer (srdit.train.flat) that the step
+        # zeroes with one fill before its backward; set_to_none would cut them loose from it
 
     def state_dict(self) -> list:
         return [o.state_dict() for o in self.optimizers]
@@ -106,54 +107,6 @@ class Optimizers:
             for group in opt.param_groups:  # a checkpoint's own setting would win: this run's must
                 if "capturable" in group:
                     group["capturable"] = self.capturable
-
-
-FLAT_ALIGN_BYTES = 256  # what CUDA's allocator gives a tensor of its own
-
-
-def _aligned(offset: int, element_size: int) -> int:
-    step = max(1, FLAT_ALIGN_BYTES // element_size)
-    return -(-offset // step) * step
-
-
-def flatten_parameters(module: nn.Module) -> nn.Module:
-    """Every parameter of `module` becomes a view of one contiguous buffer, in parameters()
-    order, values unchanged (in place: optimizers and hooks keep the same Parameter objects).
-    Then an update of all weights at once (the EMA) is one kernel over one tensor instead of a
-    launch per parameter. Each view starts 256 bytes aligned, as a tensor of its own would: the
-    alignment that Triton specialises on and vectorised GEMM loads want does not change with the
-    model's size (the gaps are zeros and stay zeros). Call it before the EMA and the optimizers
-    are made. Parameters of several dtypes or devices are left as they are."""
-    params = list(module.parameters())
-    if not params or len({(p.dtype, p.device) for p in params}) > 1 or flat_view(params) is not None:
-        return module
-    size = params[0].element_size()
-    offsets, end = [], 0
-    for p in params:
-        offsets.append(_aligned(end, size))
-        end = offsets[-1] + p.numel()
-    flat = torch.zeros(end, dtype=params[0].dtype, device=params[0].device)
-    for p, offset in zip(params, offsets):
-        view = flat[offset: offset + p.numel()].view_as(p)
-        view.copy_(p.detach())
-        p.data = view
-    return module
-
-
-def flat_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """One 1-D tensor over `tensors` when they lie in one storage in order, each contiguous and
-    starting where flatten_parameters puts it (the end of the previous one, aligned), else None."""
-    if not tensors:
-        return None
-    first = tensors[0]
-    start = end = first.storage_offset()
-    for t in tensors:
-        if (t.dtype != first.dtype or not t.is_contiguous()
-                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                or t.storage_offset() - start != _aligned(end - start, t.element_size())):
-            return None
-        end = t.storage_offset() + t.numel()
-    return first.detach().as_strided((end - start,), (1,), start)
 
 
 class EMA:
@@ -169,7 +122,10 @@ class EMA:
         if update not in ("release", "lerp"):
             raise ValueError(f"EMA update {update!r} is not 'release' or 'lerp'")
         self.decay, self.update_rule = decay, update
-        self.model = flatten_parameters(copy.deepcopy(model).float().eval().requires_grad_(False))
+        # laid out as the model is (deepcopy clones parameter by parameter): then the flat views of
+        # the two correspond element for element
+        self.model = flatten_parameters(copy.deepcopy(model).float().eval().requires_grad_(False),
+                                        layout_order(model))
         self._ema = list(self.model.parameters())
         # detached views of the master weights, made once: optimizer steps and checkpoint loads
         # write in place, so they stay current without a per-step list of new tensors
@@ -179,7 +135,7 @@ class EMA:
         # become one tensor each, so every update below is one kernel for the whole model, the
         # same arithmetic per element as over the per-parameter lists
         flat = (flat_view(self._ema), None if self._upcast else flat_view(self._src))
-        if None not in flat:
+        if None not in flat and same_layout(self._ema, self._src):
             self._ema, self._src = [flat[0]], [flat[1]]
         device = self._ema[0].device if self._ema else torch.device("cpu")
         # the release's fp32 coefficients: decay and (1 - decay) computed in float64, then rounded

@@ -14,7 +14,9 @@ import torch.nn as nn
 from srdit.config import Config
 from srdit.model.dinov2 import repa_targets
 from srdit.train.loss import StepNoise, diffusion_loss
+from srdit.train.flat import FlatGradients
 from srdit.train.optim import EMA, Optimizers
+from srdit.train.reduce import GradReducer
 
 LOSS_PARTS = ("vel", "repa", "cls", "cfm", "disp")
 
@@ -81,12 +83,21 @@ def step_autocast(cfg: Config, device: torch.device):
 
 
 class StepRunner:
+    """One optimizer step over the micro-batches of this rank. The gradients are views of one
+    flat buffer (srdit.train.flat); with several ranks `reducer` (srdit.train.reduce) sums them
+    across ranks during the last backward."""
+
     def __init__(self, cfg: Config, model: nn.Module, train_model: nn.Module, teacher: nn.Module | None,
-                 optimizers: Optimizers, ema: EMA, *, rank: int, world: int, device: torch.device, autocast=None):
+                 optimizers: Optimizers, ema: EMA, *, rank: int, world: int, device: torch.device, autocast=None,
+                 grads: FlatGradients | None = None, reducer: GradReducer | None = None):
         self.cfg, self.model, self.train_model, self.teacher = cfg, model, train_model, teacher
         self.optimizers, self.ema = optimizers, ema
         self.rank, self.world, self.device = rank, world, device
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.grads = grads if grads is not None else FlatGradients(model)
+        self.reducer = reducer
+        if world > 1 and reducer is None:
+            raise ValueError(f"{world} ranks need a GradReducer")
+        self.params = self.grads.params
         # autocast: a context factory (build_step resolves it: step_autocast by default), None for fp32
         self.autocast = autocast if autocast is not None else contextlib.nullcontext
 
@@ -120,23 +131,29 @@ class StepRunner:
         offset = self.rank * micro * accum  # this rank's first row of the global batch
         parts_sum = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
         total_sum = torch.zeros((), device=self.device)
+        self.grads.zero()  # one fill; backward accumulates into the buffer's views in place
         for i, batch in enumerate(micro_batches):
             rows = noise.rows(offset + i * micro, offset + (i + 1) * micro)
             with phase("teacher"):
                 teacher = self.teacher_targets(batch)
-            sync = i == accum - 1 or not hasattr(self.train_model, "no_sync")
-            with (contextlib.nullcontext() if sync else self.train_model.no_sync()):
-                with phase("forward+loss"), self.autocast():
-                    total, parts = diffusion_loss(self.train_model, batch["latent"], batch["label"], teacher, rows,
-                                                  self.cfg.train, kernels=self.cfg.model.kernels)
-                with phase("backward"):
-                    (total / accum).backward()
+            if self.reducer is not None and i == accum - 1:
+                self.reducer.arm()  # chunks go out as their gradients complete in this backward
+            with phase("forward+loss"), self.autocast():
+                total, parts = diffusion_loss(self.train_model, batch["latent"], batch["label"], teacher, rows,
+                                              self.cfg.train, kernels=self.cfg.model.kernels)
+            with phase("backward"):
+                # the mean over the global batch: each rank's share arrives divided by the world
+                # size, so the reduction only sums (srdit.train.reduce)
+                (total / (accum * self.world)).backward()
             total_sum += total.detach() / accum
             for k in LOSS_PARTS:
                 parts_sum[k] += parts[k].float() / accum
+        if self.reducer is not None:
+            with phase("reduce"):
+                self.reducer.finish()
         with phase("clip"):
             # measured also with clipping off (train.grad_clip=0): the log and the skip flag use it
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])  # foreach
+            grad_norm = self.grads.norm()
             found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
             grad_scale = self.clip(grad_norm)
         with phase("optimizer"):

@@ -84,7 +84,8 @@ def test_flat_parameters_make_the_ema_one_kernel_with_the_same_arithmetic():
 
     from srdit.config import preset
     from srdit.model import build_model
-    from srdit.train.optim import EMA, flat_view, flatten_parameters
+    from srdit.train.flat import flat_view, flatten_parameters
+    from srdit.train.optim import EMA
 
     class CountOps(TorchDispatchMode):
         calls = 0

@@ -1,0 +1,195 @@
+"""One buffer for all weights and one for all gradients.
+
+Flat parameters (flatten_parameters): every parameter is a view of one contiguous buffer, so an
+update of all weights at once (the EMA, a sharded optimizer) is one kernel over one tensor, not a
+launch per parameter.
+
+Flat gradients (FlatGradients): every trainable parameter's `.grad` is a fixed view of one fp32
+buffer laid out exactly like the flat parameters (same offsets, same gaps). Zeroing is one fill,
+autograd accumulates into the views in place (AccumulateGrad adds into a `.grad` that exists), the
+clip norm is one reduction, and a gradient chunk is a contiguous slice that one collective can
+reduce with no copy into a bucket (srdit.train.reduce). The addresses never change, which is
+what a captured CUDA graph needs.
+
+The layout follows the order autograd finishes the gradients (gradient_ready_order, measured on
+a two-sample step of a copy of the model on the meta device): the buffer then fills from its start during backward, so its leading chunks
+can be reduced while the rest of the backward runs. In parameters() order they would not: the
+REG token's projection and norm are registered late but get their gradients last, and would hold
+back the chunk of the output layers, whose gradients come first.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from srdit.model import build_model
+from srdit.train.inputs import synthetic_batch
+from srdit.train.loss import diffusion_loss, draw_step_noise
+
+FLAT_ALIGN_BYTES = 256  # what CUDA's allocator gives a tensor of its own
+
+
+def _aligned(offset: int, element_size: int) -> int:
+    step = max(1, FLAT_ALIGN_BYTES // element_size)
+    return -(-offset // step) * step
+
+
+def flatten_parameters(module: nn.Module, order: list[int] | None = None) -> nn.Module:
+    """Every parameter of `module` becomes a view of one contiguous buffer, values unchanged (in
+    place: optimizers and hooks keep the same Parameter objects), laid out in `order` (indices
+    into parameters(); default parameters() order). Each view starts 256 bytes aligned, as a
+    tensor of its own would: the alignment that Triton specialises on and vectorised GEMM loads
+    want does not change with the model's size (the gaps are zeros and stay zeros). Call it before
+    the EMA and the optimizers are made. Parameters of several dtypes or devices are left as they
+    are; already flat parameters too."""
+    params = list(module.parameters())
+    if not params or len({(p.dtype, p.device) for p in params}) > 1 or flat_view(params) is not None:
+        return module
+    order = list(range(len(params))) if order is None else list(order)
+    if sorted(order) != list(range(len(params))):
+        raise ValueError(f"a parameter order must list each of the {len(params)} parameters once")
+    size = params[0].element_size()
+    offsets, end = {}, 0
+    for i in order:
+        offsets[i] = _aligned(end, size)
+        end = offsets[i] + params[i].numel()
+    flat = torch.zeros(end, dtype=params[0].dtype, device=params[0].device)
+    for i, p in enumerate(params):
+        view = flat[offsets[i]: offsets[i] + p.numel()].view_as(p)
+        view.copy_(p.detach())
+        p.data = view
+    return module
+
+
+def flat_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One 1-D tensor over `tensors` when they lie in one storage, each contiguous, one after
+    another (in any order) where flatten_parameters puts them (the end of the previous one,
+    aligned), else None. Its elements are in storage order."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    if any(t.dtype != first.dtype or not t.is_contiguous()
+           or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for t in tensors):
+        return None
+    ordered = sorted(tensors, key=lambda t: t.storage_offset())
+    start = end = ordered[0].storage_offset()
+    for t in ordered:
+        if t.storage_offset() - start != _aligned(end - start, t.element_size()):
+            return None
+        end = t.storage_offset() + t.numel()
+    return first.detach().as_strided((end - start,), (1,), start)
+
+
+def layout_order(module: nn.Module) -> list[int] | None:
+    """The order `module`'s flat parameters lie in (indices into parameters()), to lay a copy out
+    alike (deepcopy clones each parameter on its own); None when they are not flat."""
+    params = list(module.parameters())
+    if flat_view(params) is None:
+        return None
+    return sorted(range(len(params)), key=lambda i: params[i].storage_offset())
+
+
+def same_layout(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """True when two lists of flat tensors sit at the same offsets of their buffers, so their flat
+    views correspond element for element (the model and its EMA copy, made by deepcopy)."""
+    def offsets(ts):
+        base = min(t.storage_offset() for t in ts)
+        return [t.storage_offset() - base for t in ts]
+
+    return len(a) == len(b) and offsets(a) == offsets(b)
+
+
+def gradient_ready_order(model: nn.Module, loss_fn) -> list[int]:
+    """Indices into model.parameters() in the order autograd finishes their gradients, measured
+    on one backward of `loss_fn(model)` (a scalar). The order is the graph's, not the data's: any
+    inputs of the right shapes give it. Parameters that got no gradient come last, in
+    parameters() order. Gradients and the global RNG states are left as they were."""
+    params = list(model.parameters())
+    index = {id(p): i for i, p in enumerate(params)}
+    order: list[int] = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: order.append(index[id(p)]))
+             for p in params if p.requires_grad]
+    saved = [p.grad for p in params]
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            for p in params:
+                p.grad = None
+            loss_fn(model).backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p, g in zip(params, saved):
+            p.grad = g
+    seen = set(order)
+    return order + [i for i in range(len(params)) if i not in seen]
+
+
+class FlatGradients:
+    """The fp32 gradients of `model`'s trainable parameters as views of one buffer laid out like
+    its flat parameters (flatten_parameters first). Frozen parameters keep `.grad` None; their
+    part of the buffer stays zero."""
+
+    def __init__(self, model: nn.Module):
+        params = list(model.parameters())
+        flat = flat_view(params)
+        if flat is None:
+            raise ValueError("flat gradients need flat parameters: call srdit.train.flat.flatten_parameters first")
+        self.buffer = torch.zeros_like(flat)
+        self.base = flat.storage_offset()
+        self.params = [p for p in params if p.requires_grad]
+        for p in self.params:
+            p.grad = self.view_of(p)
+
+    def view_of(self, p: torch.Tensor) -> torch.Tensor:
+        start = p.storage_offset() - self.base
+        return self.buffer[start: start + p.numel()].view_as(p)
+
+    def span(self, p: torch.Tensor) -> tuple[int, int]:
+        """[start, end) of p's gradient in the buffer."""
+        start = p.storage_offset() - self.base
+        return start, start + p.numel()
+
+    def zero(self) -> None:
+        self.buffer.zero_()
+
+    def norm(self) -> torch.Tensor:
+        """The global 2-norm of every gradient: one reduction (the gaps are zeros)."""
+        return torch.linalg.vector_norm(self.buffer)
+
+
+def probe_loss(cfg, device):
+    """loss_fn(model) for gradient_ready_order: the training loss of a two-sample step on random
+    inputs of the real shapes (cached teacher targets: the order is the student's), routed."""
+    m = cfg.model
+
+    def loss(model):
+        g = None if torch.device(device).type == "meta" else torch.Generator(device).manual_seed(0)
+        batch = synthetic_batch(cfg, 2, device, cached=True, generator=g)
+        noise = draw_step_noise(2, (m.in_channels, m.input_size, m.input_size), m, cfg.train, generator=g,
+                                host_generator=torch.Generator().manual_seed(0), device=device)
+        noise = dataclasses.replace(noise, path_drop=False)  # the common branch's order
+        total, _ = diffusion_loss(model, batch["latent"], batch["label"], batch["teacher"].float(), noise.rows(0, 2),
+                                  cfg.train, kernels=m.kernels)
+        return total
+
+    return loss
+
+
+def training_order(cfg) -> list[int]:
+    """gradient_ready_order of cfg's model, measured on a copy of it on the meta device: shapes
+    and autograd's order without memory, arithmetic or timing (attention_backend=auto is not
+    resolved here), and the same on every rank."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = build_model(cfg).to("meta")  # .to: the buffers made from numpy arrive on the CPU
+    return gradient_ready_order(model, probe_loss(cfg, torch.device("meta")))
+
+
+def flatten_for_training(model: nn.Module, cfg) -> nn.Module:
+    """flatten_parameters in gradient-ready order (see the module's docstring): what srdit.train
+    and build_step lay a fresh model out as, before its EMA and optimizers are made."""
+    if flat_view(list(model.parameters())) is not None:
+        return model
+    return flatten_parameters(model, training_order(cfg))
