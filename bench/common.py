@@ -16,10 +16,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import srdit.io  # noqa: E402  (after the path is set)
+import srdit.io  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -79,6 +77,20 @@ def env_vars(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def import_kernel_modules() -> None:
+    """Import every Triton kernel module of srdit now, so that its kernels are compiled ones
+    (JITFunction). The CPU tools build their step with TRITON_INTERPRET=1 set (check_runtime
+    allows Triton on the CPU only so; nothing runs), and a kernel module first imported then, by
+    whatever the build runs, would be interpreted instead: its launches would run, not compile."""
+    import importlib
+    import pkgutil
+
+    import srdit.kernels
+
+    for module in pkgutil.iter_modules(srdit.kernels.__path__):
+        importlib.import_module(f"srdit.kernels.{module.name}")
 
 
 @contextlib.contextmanager

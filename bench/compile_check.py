@@ -74,9 +74,12 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-# common also puts the repository on sys.path
-from common import env_vars, flush_denormals, table, triton_launches_intercepted, write_json  # noqa: E402
-from cuda_autocast import cuda_autocast_on_cpu  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as a script: bench.*
+from bench.common import (env_vars, flush_denormals, import_kernel_modules, table,  # noqa: E402
+                          triton_launches_intercepted, write_json)
+from bench.cuda_autocast import cuda_autocast_on_cpu  # noqa: E402
+
+import_kernel_modules()  # compiled, before record_training builds a step under TRITON_INTERPRET=1
 
 TARGETS = {"sm_90a": GPUTarget("cuda", 90, 32), "sm_100a": GPUTarget("cuda", 100, 32)}  # H100/H200, B200
 PRESETS = ("sr-dit-b1-256", "sr-dit-b1-512")

@@ -42,19 +42,21 @@ import contextlib
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-from common import sync, table, write_json
-from srdit.data import ShardDataset, TorchBatches, dali_available, make_batches
-from srdit.data.prepare import ShardBuffer, finalize
-from srdit.data.crop import center_crop_dhariwal
-from srdit.data.shards import FORMAT, PARTS, VERSION, decode_image
-from srdit.data.sources import JPEG_QUALITY, encode_image
-from srdit.runinfo import environment
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as a script: bench.*
+from bench.common import sync, table, write_json  # noqa: E402
+from srdit.data import ShardDataset, TorchBatches, dali_available, make_batches  # noqa: E402
+from srdit.data.prepare import ShardBuffer, finalize  # noqa: E402
+from srdit.data.crop import center_crop_dhariwal  # noqa: E402
+from srdit.data.shards import FORMAT, PARTS, VERSION, decode_image  # noqa: E402
+from srdit.data.sources import JPEG_QUALITY, encode_image  # noqa: E402
+from srdit.runinfo import environment  # noqa: E402
 
 IMAGENET = 1_281_167
 TARGETS = {"cached": 10_000, "raw": 5_000, "png": 5_000, "jpeg": 5_000}

@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from common import copy_bandwidth_gbps, matmul_tflops, table, time_ms, write_json
-from srdit.kernels import get_ops
-from srdit.kernels.triton_utils import GEMM_TILES, GPU_TILES, GemmTile, Tile
-from srdit.runinfo import environment
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as a script: bench.*
+from bench.common import copy_bandwidth_gbps, matmul_tflops, table, time_ms, write_json  # noqa: E402
+from srdit.kernels import get_ops  # noqa: E402
+from srdit.kernels.triton_utils import GEMM_TILES, GPU_TILES, GemmTile, Tile  # noqa: E402
+from srdit.runinfo import environment  # noqa: E402
 
 D, T, K, H, DH = 768, 257, 64, 12, 64
 

@@ -18,8 +18,8 @@ import re
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import srdit.io  # noqa: E402  (the repository root on the path, as in bench/common.py)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as a script: bench.*
+import srdit.io  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NO_ROWS_YET = re.compile(r"^No GPU measurement yet")

@@ -22,16 +22,19 @@ Timing: bench/common.time_ms (warm-up untimed, median and IQR).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import numpy as np
 import torch
 
-from common import table, time_ms, write_json
-from srdit.config import apply_overrides, preset
-from srdit.model import build_model
-from srdit.model.flops import sampling_flops
-from srdit.runinfo import environment
-from srdit.sample.generate import generate
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as a script: bench.*
+from bench.common import table, time_ms, write_json  # noqa: E402
+from srdit.config import apply_overrides, preset  # noqa: E402
+from srdit.model import build_model  # noqa: E402
+from srdit.model.flops import sampling_flops  # noqa: E402
+from srdit.runinfo import environment  # noqa: E402
+from srdit.sample.generate import generate  # noqa: E402
 
 EVAL_SAMPLES = 50_000
 

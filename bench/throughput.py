@@ -2,7 +2,7 @@
 teacher online (uint8 images in) or cached (targets in), on synthetic inputs already on the
 device, through the training loop's own step (srdit.train.assemble.build_step).
 
-    python bench/throughput.py --preset sr-dit-b1-256 --device cuda [--batch 256] [--steps 20]
+    python bench/throughput.py --preset sr-dit-b1-256 --device cuda [--batch 256 | --world 8] [--steps 20]
                                [--variants eager kernels ...] --json OUT
 
 Variants, all in one run on one device (ratios are the result):
@@ -13,6 +13,7 @@ Variants, all in one run on one device (ratios are the result):
   compile         torch.compile of the model
   kernels+compile both
   graphs          the whole step replayed as CUDA graphs (srdit.train.graphs; GPU only)
+  kernels+graphs  both: the per-rank step the 8 x 32 target is counted for (--world 8)
   cached-teacher  eager, teacher targets given instead of images
   best            kernels + compile + graphs + cached teacher
 FLOPs per image are analytic (srdit.model.flops; checked against torch's flop counter in the
@@ -25,18 +26,21 @@ teacher (the GPU check that the fast step computes the same thing, up to bf16 ro
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import traceback
 
 import torch
 
-from common import matmul_tflops, sync, table, time_ms, write_json
-from srdit.config import apply_overrides, preset
-from srdit.model import build_model
-from srdit.model.flops import model_flops, teacher_flops
-from srdit.runinfo import environment
-from srdit.train.assemble import build_step
-from srdit.train.inputs import build_teacher, synthetic_batch
-from srdit.train.loss import draw_step_noise
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as a script: bench.*
+from bench.common import matmul_tflops, sync, table, time_ms, write_json  # noqa: E402
+from srdit.config import apply_overrides, preset  # noqa: E402
+from srdit.model import build_model  # noqa: E402
+from srdit.model.flops import model_flops, teacher_flops  # noqa: E402
+from srdit.runinfo import environment  # noqa: E402
+from srdit.train.assemble import build_step  # noqa: E402
+from srdit.train.inputs import build_teacher, synthetic_batch  # noqa: E402
+from srdit.train.loss import draw_step_noise  # noqa: E402
 
 # "kernels" means the fused ops: Triton kernels and the batched adaLN GEMM
 VARIANTS = {
@@ -46,24 +50,27 @@ VARIANTS = {
     "compile": dict(kernels="eager", compile=True, cached=False, graphs=False),
     "kernels+compile": dict(kernels="triton", compile=True, cached=False, graphs=False),
     "graphs": dict(kernels="eager", compile=False, cached=False, graphs=True),
+    "kernels+graphs": dict(kernels="triton", compile=False, cached=False, graphs=True),
     "cached-teacher": dict(kernels="eager", compile=False, cached=True, graphs=False),
     "best": dict(kernels="triton", compile=True, cached=True, graphs=True),
 }
 
 
-def build_variant_step(preset_name: str, spec: dict, batch: int, device, *, autocast=None):
+def build_variant_step(preset_name: str, spec: dict, batch: int, device, *, autocast=None, reduce=None,
+                       overrides=()):
     """(cfg, model, step runner, one synthetic micro-batch) of the variant `spec` (a value of
-    VARIANTS) at `batch`, built through srdit.train.assemble.build_step, seed 0. autocast: as
-    build_step's (bench/traffic.py gives CUDA's policy on the CPU)."""
+    VARIANTS) at `batch`, built through srdit.train.assemble.build_step, seed 0. autocast, reduce:
+    as build_step's (bench/traffic.py gives CUDA's policy on the CPU, and a rank's reduction);
+    overrides: more config settings."""
     fused = spec["kernels"] == "triton"
     cfg = apply_overrides(preset(preset_name), [
         f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}", f"train.global_batch={batch}",
         f"data.cached_teacher={spec['cached']}", f"train.compile={spec['compile']}", f"train.cuda_graphs={spec['graphs']}",
-        f"model.fused_mlp={spec.get('fused_mlp', True)}"])
+        f"model.fused_mlp={spec.get('fused_mlp', True)}", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     teacher, _ = build_teacher(cfg, device, random_init=True)  # the real teacher's cost, without its file
-    runner = build_step(cfg, model, teacher, device=device, autocast=autocast)
+    runner = build_step(cfg, model, teacher, device=device, autocast=autocast, reduce=reduce)
     data = synthetic_batch(cfg, batch, device, spec["cached"])
     return cfg, model, runner, data
 
@@ -103,7 +110,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="sr-dit-b1-256")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=None, help="per-device batch (default: 32 on GPU, 8 on CPU)")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--batch", type=int, default=None, help="per-device batch (default: 32 on GPU, 8 on CPU)")
+    shape.add_argument("--world", type=int, default=None,
+                       help="the per-rank step of an N-GPU run of the preset: its global batch / N per device "
+                            "(--world 8: the paper's 8 x 32; the reduction itself is modelled by bench/traffic.py)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
     parser.add_argument("--json", default=None)
@@ -112,6 +123,12 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     batch = args.batch or (32 if device.type == "cuda" else 8)
+    if args.world:
+        global_batch = preset(args.preset).train.global_batch
+        if global_batch % args.world:
+            raise SystemExit(f"--world {args.world} does not divide {args.preset}'s global batch {global_batch}")
+        batch = global_batch // args.world
+        print(f"per-rank step of a {args.world}-GPU run of {args.preset}: batch {batch} of {global_batch}")
     # Triton on a CPU runs only under the interpreter: a correctness tool, not a speed one
     variants = args.variants or (list(VARIANTS) if device.type == "cuda" else ["eager", "cached-teacher"])
     env = environment(device)
@@ -132,7 +149,7 @@ def main(argv=None) -> None:
         compare(rows, peak)
         print(table([row], columns).splitlines()[-1], flush=True)
         # after every variant: a run cut short by a time limit keeps what it measured
-        write_json(args.json, {**env, "preset": args.preset, "batch": batch, "steps": args.steps,
+        write_json(args.json, {**env, "preset": args.preset, "batch": batch, "world": args.world, "steps": args.steps,
                                "matmul_tflops": peak, "rows": rows}, quiet=True)
     print(table(rows, columns))
     if args.json:

@@ -3,6 +3,7 @@ its time on an H200. Not a measurement of speed: bench/throughput.py measures on
 
     python bench/traffic.py [--preset sr-dit-b1-256] [--batch 256] [--variants eager kernels ...]
                             [--top 20] [--measure] [--json OUT]
+    python bench/traffic.py --world 8 --batch 32 [--reduce-dtypes fp32 bf16] [--bus-gbps 370]
 
 What runs. The training step srdit trains with (srdit.train.assemble.build_step, the variants of
 bench/throughput.py that need no GPU: eager, kernels, cached-teacher, kernels+cached), one routed
@@ -32,8 +33,19 @@ What counts (a TorchDispatchMode below autograd and autocast sees every op a GPU
     (TRITON_FLOPS); elementwise FLOPs are left out (their time is their bytes).
   - model: sum over ops of max(FLOPs / matmul rate, bytes / copy bandwidth), H200 rates measured by
     bench/kernels.py when bench/results/ holds such a JSON, else the datasheet's (printed).
-Phases: teacher, forward (the model), loss (noising, losses), backward, clip, optimizer, ema;
-"other" is the step's own bookkeeping (its loss sums).
+Phases: teacher, forward (the model), loss (noising, losses), backward, reduce, clip, optimizer,
+ema; "other" is the step's own bookkeeping (its loss sums, the gradient buffer's zero fill).
+--world N: the per-rank step of an N-rank run at --batch per rank, counted with srdit's gradient
+reducer (srdit.train.reduce, in a one-rank gloo group: its local ops are counted, each chunk's
+all_reduce is marked where the backward launches it). The reduction is then MODELLED: each chunk's
+bytes on the wire per rank (ring: 2 (N-1)/N of its size sent and as much received; NVLink SHARP:
+its size sent and its size received), its time at --bus-gbps (NCCL's bus bandwidth, whose
+all_reduce algorithm bandwidth is bus x N / (2 (N-1))), chunks one after another on the
+communicator's stream, each starting when the backward has reached its launch and the previous
+one is done. What ends after the backward's last op is exposed; the rest overlaps (the model
+assumes the collectives take no SM time or memory bandwidth from the kernels they overlap). The
+per-rank step is the ops' modelled time plus the exposed part, and 400K such steps the run's
+modelled wall-clock.
 --measure (a GPU): the same step's device time per phase from torch.profiler, printed next to
 the model (bench/gpu_check.sh runs it; bench/record.py files it), so the model meets the hardware.
 """
@@ -51,37 +63,42 @@ import collections  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import glob  # noqa: E402
-import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import pkgutil  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
-from common import ROOT, env_vars, flush_denormals, table, triton_launches_intercepted, write_json  # noqa: E402
-from cuda_autocast import cuda_autocast_on_cpu  # noqa: E402
-from throughput import VARIANTS, build_variant_step  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as a script: bench.*
+from bench.common import (ROOT, env_vars, flush_denormals, import_kernel_modules, table,  # noqa: E402
+                          triton_launches_intercepted, write_json)
+from bench.cuda_autocast import cuda_autocast_on_cpu  # noqa: E402
+from bench.throughput import VARIANTS, build_variant_step  # noqa: E402
 
-# every Triton kernel module imported now, compiled kernels (JITFunction): the step is built with
-# TRITON_INTERPRET=1 set (count_step), and a module first imported then would be interpreted
-import srdit.kernels  # noqa: E402
+import_kernel_modules()  # compiled, before count_step builds a step under TRITON_INTERPRET=1
 
-for _module in pkgutil.iter_modules(srdit.kernels.__path__):
-    importlib.import_module(f"srdit.kernels.{_module.name}")
-
-PHASES = ("teacher", "forward", "loss", "backward", "clip", "optimizer", "ema")
+PHASES = ("teacher", "forward", "loss", "backward", "reduce", "clip", "optimizer", "ema")
 # srdit.train.step's phase names (torch.profiler ranges) -> the phases above; the model's own
 # forward inside "forward+loss" is marked by hooks on the model
-STEP_PHASES = {"teacher": "teacher", "forward+loss": "loss", "backward": "backward", "clip": "clip",
-               "optimizer": "optimizer", "ema": "ema"}
+STEP_PHASES = {"teacher": "teacher", "forward+loss": "loss", "backward": "backward", "reduce": "reduce",
+               "clip": "clip", "optimizer": "optimizer", "ema": "ema"}
 COUNTED_VARIANTS = {**{v: VARIANTS[v] for v in ("eager", "kernels", "cached-teacher")},
                     "kernels+cached": dict(kernels="triton", compile=False, cached=True, graphs=False)}
 H200_DATASHEET = {"matmul_tflops": 989.0, "copy_gbps": 4800.0, "source": "H200 SXM datasheet: 989 TFLOP/s dense "
                   "bf16, 4.8 TB/s HBM3e"}
 SMALL_BATCHES = (2, 4)
+# NCCL all_reduce bus bandwidth on 8 NVLink4 GPUs (H100/H200, 900 GB/s NVLink each): ~370 GB/s with
+# the ring algorithm, and what the other collectives reach; NVLink SHARP peaks near 480 GB/s but
+# only above ~256 MB per call (NVIDIA/nccl-tests#212, sjeaugey; shared/MULTI_GPU.md section 4)
+BUS_GBPS = 370.0
+BUS_SOURCE = "NCCL busBw on 8x NVLink4 H100/H200, ring: ~370 GB/s (NVIDIA/nccl-tests#212)"
+# NCCL's bus bandwidth convention: algorithm bandwidth = bus bandwidth / this (nccl-tests PERFORMANCE.md)
+BUS_FACTOR = {"allreduce_": lambda n: 2 * (n - 1) / n, "reduce_scatter_tensor_coalesced_": lambda n: (n - 1) / n,
+              "_reduce_scatter_base_": lambda n: (n - 1) / n, "_allgather_base_": lambda n: (n - 1) / n,
+              "allgather_into_tensor_coalesced_": lambda n: (n - 1) / n}
+RUN_STEPS = 400_000  # the paper's run
 
 # CUDA's multi_tensor_apply (ATen/native/cuda/MultiTensorApply.cuh): tensors per launch by list depth
 MULTI_TENSOR_MAX_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
@@ -112,6 +129,7 @@ class Op:
     launches: int
     bytes: float
     flops: float
+    wire_bytes: float = 0.0  # a collective's buffer (modelled on the wire, not in memory: model_communication)
 
 
 def unique_bytes(t: torch.Tensor) -> int:
@@ -227,6 +245,11 @@ class Counter(TorchDispatchMode):
             opdef = torch._library.custom_ops._maybe_get_opdef(func._schema.name)
             with self:
                 return opdef._init_fn(*args, **kwargs)
+        if func.namespace == "c10d":  # a collective: one NCCL kernel, its buffer modelled on the wire
+            out = func(*args, **kwargs)
+            size = sum(unique_bytes(t) for t in _tensors(args[0]))
+            self.ops.append(Op("reduce", func._schema.name.split("::")[-1], 1, 0.0, 0.0, size))
+            return out
         out = func(*args, **kwargs)
         self.ops.append(self._count(func, args, kwargs, out))
         return out
@@ -345,23 +368,44 @@ def split_launches_of(batch: int, launch_batch: int):
             module.split_launch = original
 
 
+@contextlib.contextmanager
+def one_rank_group():
+    """A gloo process group of this one process (for the reducer's collectives), unless one exists."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = False,
-               launch_batch: int | None = None) -> list[Op]:
+               launch_batch: int | None = None, reduce_dtype: str | None = None) -> list[Op]:
     """The ops of one training step of `variant` at `batch`, with the split launches of
-    `launch_batch` (default `batch`; see split_launches_of and the module docstring)."""
+    `launch_batch` (default `batch`; see split_launches_of and the module docstring); with
+    `reduce_dtype`, the step of a rank of several, its gradients reduced in that dtype."""
     device = torch.device("cpu")
-    # check_runtime allows Triton on the CPU only under the interpreter; nothing runs here. bf16:
-    # the autocast StepRunner uses on a GPU, with CUDA's policy
-    with env_vars(TRITON_INTERPRET="1"):
-        cfg, model, runner, data = build_variant_step(preset_name, COUNTED_VARIANTS[variant], batch, device,
-                                                      autocast=cuda_autocast_on_cpu)
-    noise = routed_noise(cfg, batch, device, path_drop)
-    with flush_denormals(), split_launches_of(batch, launch_batch or batch):
-        with Counter().counting(model):  # warm-up, not counted: optimizer state and lazy buffers come first
-            runner.run([data], noise)
-        counter = Counter()
-        with counter.counting(model):
-            runner.run([data], noise)
+    reduce = reduce_dtype is not None
+    with contextlib.ExitStack() as stack:
+        if reduce:
+            stack.enter_context(one_rank_group())
+        # check_runtime allows Triton on the CPU only under the interpreter; nothing runs here. bf16:
+        # the autocast StepRunner uses on a GPU, with CUDA's policy
+        with env_vars(TRITON_INTERPRET="1"):
+            cfg, model, runner, data = build_variant_step(
+                preset_name, COUNTED_VARIANTS[variant], batch, device, autocast=cuda_autocast_on_cpu, reduce=reduce,
+                overrides=[f"train.grad_reduce_dtype={reduce_dtype}"] if reduce else [])
+        noise = routed_noise(cfg, batch, device, path_drop)
+        with flush_denormals(), split_launches_of(batch, launch_batch or batch):
+            with Counter().counting(model):  # warm-up, not counted: optimizer state and lazy buffers come first
+                runner.run([data], noise)
+            counter = Counter()
+            with counter.counting(model):
+                runner.run([data], noise)
     return counter.ops
 
 
@@ -372,13 +416,13 @@ def extrapolate(small: dict[int, list[Op]], batch: int) -> list[Op]:
         raise RuntimeError(f"the step launches different ops at batch {b1} and {b2}: it cannot be scaled")
     scale = (batch - b1) / (b2 - b1)
     return [Op(a.phase, a.name, a.launches, a.bytes + (b.bytes - a.bytes) * scale,
-               a.flops + (b.flops - a.flops) * scale) for a, b in zip(ops1, ops2)]
+               a.flops + (b.flops - a.flops) * scale, a.wire_bytes) for a, b in zip(ops1, ops2)]
 
 
 def count_variant(preset_name: str, variant: str, batch: int, *, path_drop: bool = False,
-                  small=SMALL_BATCHES) -> list[Op]:
-    return extrapolate({b: count_step(preset_name, variant, b, path_drop=path_drop, launch_batch=batch)
-                        for b in small}, batch)
+                  small=SMALL_BATCHES, reduce_dtype: str | None = None) -> list[Op]:
+    return extrapolate({b: count_step(preset_name, variant, b, path_drop=path_drop, launch_batch=batch,
+                                      reduce_dtype=reduce_dtype) for b in small}, batch)
 
 
 # --------------------------------------------------------------------------- model and report
@@ -433,6 +477,34 @@ def top_ops(ops: list[Op], rates: dict, n: int) -> list[dict]:
         row["flops"] += op.flops
         row["model_ms"] += modelled_ms(op, rates)
     return sorted(merged.values(), key=lambda r: -r["bytes"])[:n]
+
+
+def model_communication(ops: list[Op], rates: dict, world: int, bus_gbps: float) -> dict:
+    """The collectives of a rank's step (Op.wire_bytes) on the wire of `world` ranks: bytes each
+    rank sends and receives (ring and NVLink SHARP), modelled time at `bus_gbps`, and how much of
+    it the compute hides (the module's docstring has the model). Times in ms from the step's
+    start, ops one after another at their modelled time."""
+    clock, end_of_backward, comm_free = 0.0, 0.0, 0.0
+    calls = []
+    for op in ops:
+        if op.wire_bytes:
+            factor = BUS_FACTOR[op.name](world)
+            wire_ms = op.wire_bytes * factor / (bus_gbps * 1e9) * 1e3
+            start = max(clock, comm_free)
+            comm_free = start + wire_ms
+            ring = op.wire_bytes * factor if op.name == "allreduce_" else op.wire_bytes * (world - 1) / world
+            calls.append(dict(op=op.name, mb=op.wire_bytes / 1e6, launched_ms=clock, start_ms=start,
+                              end_ms=comm_free, wire_ms=wire_ms, ring_send_mb=ring / 1e6,
+                              nvls_send_mb=op.wire_bytes / 1e6))
+        clock += modelled_ms(op, rates)
+        if op.phase == "backward":
+            end_of_backward = clock
+    waited_from = max((c["launched_ms"] for c in calls), default=0.0)
+    resume = max(end_of_backward, waited_from)  # where the step waits for the reduction (finish)
+    exposed = max(0.0, comm_free - resume)
+    return {"world": world, "bus_gbps": bus_gbps, "calls": calls, "wire_ms": sum(c["wire_ms"] for c in calls),
+            "exposed_ms": exposed, "overlapped_ms": sum(c["wire_ms"] for c in calls) - exposed,
+            "ring_send_mb": sum(c["ring_send_mb"] for c in calls), "nvls_send_mb": sum(c["nvls_send_mb"] for c in calls)}
 
 
 def _gb(x: float) -> str:
@@ -494,9 +566,14 @@ def measure_phases(preset_name: str, variant: str, batch: int, steps: int = 3) -
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="sr-dit-b1-256")
-    parser.add_argument("--batch", type=int, default=256, help="the step's batch the counts are scaled to")
+    parser.add_argument("--batch", type=int, default=256, help="the step's batch (per rank) the counts are scaled to")
     parser.add_argument("--variants", nargs="+", default=list(COUNTED_VARIANTS), choices=list(COUNTED_VARIANTS))
     parser.add_argument("--path-drop", action="store_true", help="count the path-drop branch (5%% of steps)")
+    parser.add_argument("--world", type=int, default=1,
+                        help="ranks: > 1 counts a rank's step with the gradient reduction and models its wire time")
+    parser.add_argument("--reduce-dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="with --world > 1: train.grad_reduce_dtype values, a row each")
+    parser.add_argument("--bus-gbps", type=float, default=BUS_GBPS, help=f"collective bus bandwidth ({BUS_SOURCE})")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--measure", action="store_true",
                         help="on a GPU: also measure each phase's device time (torch.profiler) next to the model")
@@ -506,33 +583,61 @@ def main(argv=None) -> None:
 
     if args.measure and not torch.cuda.is_available():
         raise SystemExit("--measure needs a CUDA GPU (the counts and the model need none)")
-
+    if args.measure and args.world > 1:
+        raise SystemExit("--measure times one process's step; run it with --world 1")
     env = environment(torch.device("cuda" if args.measure else "cpu"))
     rates = h200_rates()
+    shape = f"batch {args.batch}" + (f" per rank of {args.world} (global {args.batch * args.world})" if args.world > 1
+                                     else "")
     print(f"counted on the CPU{' (measured on ' + env['device_name'] + ')' if args.measure else ''}, "
           f"torch {env['torch']}, commit {env['commit']}: "
-          f"{args.preset}, batch {args.batch} (scaled from {SMALL_BATCHES}), "
+          f"{args.preset}, {shape} (scaled from {SMALL_BATCHES}), "
           f"{'path-drop' if args.path_drop else 'routed'} step, bf16 autocast with CUDA's policy")
     print(f"roofline rates: {rates['matmul_tflops']:.0f} TFLOP/s, {rates['copy_gbps']:.0f} GB/s ({rates['source']})")
+    if args.world > 1:
+        print(f"collectives: {args.bus_gbps:.0f} GB/s bus bandwidth ({BUS_SOURCE if args.bus_gbps == BUS_GBPS else 'given'})")
     results = []
-    for variant in args.variants:
-        ops = count_variant(args.preset, variant, args.batch, path_drop=args.path_drop)
+    runs = [(v, d) for v in args.variants for d in (args.reduce_dtypes if args.world > 1 else [None])]
+    for variant, dtype in runs:
+        ops = count_variant(args.preset, variant, args.batch, path_drop=args.path_drop, reduce_dtype=dtype)
         summary, tops = summarize(ops, rates, args.batch), top_ops(ops, rates, args.top)
-        print(report(variant, summary, tops, args.batch), flush=True)
+        name = variant if dtype is None else f"{variant}, {dtype} reduction"
+        print(report(name, summary, tops, args.batch), flush=True)
+        row = {"variant": variant, **summary["total"], "phases": summary["phases"], "top": tops}
+        if dtype is not None:
+            comm = model_communication(ops, rates, args.world, args.bus_gbps)
+            step_ms = summary["total"]["model_ms"] + comm["exposed_ms"]
+            row.update(reduce_dtype=dtype, world=args.world, communication=comm, step_ms=step_ms,
+                       run_hours=RUN_STEPS * step_ms / 3.6e6)
+            print(communication_report(comm, summary["total"]["model_ms"], step_ms), flush=True)
         if args.measure:
             measured = measure_phases(args.preset, variant, args.batch)
-            for phase, row in summary["phases"].items():
-                row["measured_ms"] = measured.get(phase)
+            for phase, r in summary["phases"].items():
+                r["measured_ms"] = measured.get(phase)
             print(table([dict(phase=p, model_ms=f"{r['model_ms']:.2f}", measured_ms=f"{r.get('measured_ms') or 0:.2f}")
                          for p, r in summary["phases"].items() if r["launches"]], ["phase", "model_ms", "measured_ms"]),
                   flush=True)
-        results.append({"variant": variant, **summary["total"], "phases": summary["phases"], "top": tops})
+        results.append(row)
         write_json(args.json, {**env, "kind": "count (CPU), not a measurement" + ("; measured_ms: GPU profiler"
                                                                                    if args.measure else ""),
-                               "preset": args.preset, "batch": args.batch, "path_drop": args.path_drop,
-                               "small_batches": list(SMALL_BATCHES), "rates": rates, "variants": results}, quiet=True)
+                               "preset": args.preset, "batch": args.batch, "world": args.world,
+                               "path_drop": args.path_drop, "small_batches": list(SMALL_BATCHES), "rates": rates,
+                               "bus_gbps": args.bus_gbps, "variants": results}, quiet=True)
     if args.json:
         print(f"wrote {args.json}")
+
+
+def communication_report(comm: dict, compute_ms: float, step_ms: float) -> str:
+    rows = [dict(call=c["op"], MB=f"{c['mb']:.1f}", launched_ms=f"{c['launched_ms']:.2f}", start_ms=f"{c['start_ms']:.2f}",
+                 end_ms=f"{c['end_ms']:.2f}", wire_ms=f"{c['wire_ms']:.2f}", ring_send_MB=f"{c['ring_send_mb']:.1f}",
+                 nvls_send_MB=f"{c['nvls_send_mb']:.1f}") for c in comm["calls"]]
+    return "\n".join([
+        f"-- {comm['world']} ranks: each rank sends (and receives) {comm['ring_send_mb']:.0f} MB per step with the "
+        f"ring algorithm, {comm['nvls_send_mb']:.0f} MB with NVLink SHARP; modelled wire time {comm['wire_ms']:.2f} ms, "
+        f"{comm['overlapped_ms']:.2f} ms of it behind the backward, {comm['exposed_ms']:.2f} ms exposed",
+        table(rows, ["call", "MB", "launched_ms", "start_ms", "end_ms", "wire_ms", "ring_send_MB", "nvls_send_MB"]),
+        f"-- per-rank step: {compute_ms:.2f} ms of ops + {comm['exposed_ms']:.2f} ms exposed = {step_ms:.2f} ms modelled; "
+        f"{RUN_STEPS:,} steps = {RUN_STEPS * step_ms / 3.6e6:.2f} h (a model, not a measurement)"])
 
 
 if __name__ == "__main__":

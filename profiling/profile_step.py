@@ -17,8 +17,8 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from throughput import VARIANTS, build_variant  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # as a script: bench.*
+from bench.throughput import VARIANTS, build_variant  # noqa: E402
 
 from srdit.train.step import phase  # noqa: E402
 

@@ -62,13 +62,15 @@ def check_runtime(cfg: Config, device: torch.device, world: int, *, graph_type=N
 
 def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | None, *, device: torch.device,
                rank: int = 0, world: int = 1, optimizers=None, ema: EMA | None = None,
-               compile_backend: str = "inductor", graph_type=None, autocast=None):
+               compile_backend: str = "inductor", graph_type=None, autocast=None, reduce: bool | None = None):
     """The step of `cfg` for `model` (unwrapped, on `device`): a StepRunner, or a GraphedStep
     with train.cuda_graphs; either has `.run(micro_batches, noise)`, `.model`, `.ema` and
     `.optimizers`. optimizers/ema: built from cfg.train when None. compile_backend: torch.compile's
     backend (tests use "aot_eager"); graph_type: what captures graphs (None: CUDA; tests pass
     srdit.train.graphs.EagerReplay); autocast: a context factory for the teacher and the forward
-    (None: srdit.train.step.step_autocast; bench/traffic.py gives CUDA's bf16 policy on the CPU)."""
+    (None: srdit.train.step.step_autocast; bench/traffic.py gives CUDA's bf16 policy on the CPU);
+    reduce: sum the gradients over the default process group (None: with several ranks; the GPU
+    check forces it on one rank, whose communicator captures as eight do)."""
     check_runtime(cfg, device, world, graph_type=graph_type)
     autocast = autocast if autocast is not None else step_autocast(cfg, device)
     bf16 = autocast is not None  # every autocast the step runs under is bf16 (step_autocast)
@@ -80,7 +82,9 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
     optimizers = optimizers if optimizers is not None else Optimizers(model, cfg.train, device)
     ema = ema if ema is not None else EMA(model, cfg.train.ema_decay, cfg.train.ema_update)
     grads, reducer = FlatGradients(model), None
-    if world > 1:
+    if reduce is None:
+        reduce = world > 1
+    if reduce:
         with torch.no_grad():  # every rank starts from rank 0's weights, as DDP makes sure
             for flat in (flat_view(list(model.parameters())), flat_view(list(ema.model.parameters()))):
                 dist.broadcast(flat, src=0)

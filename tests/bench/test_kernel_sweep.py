@@ -2,12 +2,10 @@
 list led by the default the kernels use until a GPU sweep is recorded; the sweep runs (on the CPU
 under the interpreter, where its times mean nothing) and bench/record.py files its rows; and
 bench/gpu_check.sh, which runs it, still fits one device call."""
-import importlib.util
 import json
 import os
 import re
 import shutil
-import sys
 
 from test_bench import ROOT, bench
 
@@ -15,13 +13,9 @@ from srdit.kernels.triton_utils import GEMM_TILES, GPU_TILES
 
 
 def _kernels_bench():
-    if os.path.join(ROOT, "bench") not in sys.path:
-        sys.path.insert(0, os.path.join(ROOT, "bench"))  # its `import common`, as when run as a script
-    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "bench", "kernels.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    from bench import kernels
+
+    return kernels
 
 
 def test_candidates_cover_every_kernel_and_start_with_the_default():

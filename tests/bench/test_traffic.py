@@ -12,15 +12,14 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+from bench.cuda_autocast import CUDA_POLICY, cuda_autocast_on_cpu, differing_ops
 
-from cuda_autocast import CUDA_POLICY, cuda_autocast_on_cpu, differing_ops  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_python(*args, timeout=600):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SRDIT_LAUNCH")}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "bench"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     return result.stdout
@@ -52,7 +51,8 @@ def test_fused_ops_count_their_docstring_formula(checks, name):
 
 
 SCALING = """
-import json, traffic
+import json
+from bench import traffic
 out = {}
 for variant in ("eager", "kernels"):
     direct = traffic.count_step("quickstart", variant, 6)
@@ -127,3 +127,52 @@ def test_cuda_autocast_on_cpu_gives_cuda_dtypes_and_restores_the_cpu_policy():
     with torch.autocast("cpu", dtype=b16):
         assert dtypes() == cpu  # the CPU's own policy is back
     assert cpu["pow"] == b16  # the CPU policy does differ: the emulation is needed
+
+
+OVERLAP = """
+import json
+from bench import traffic
+rates = {"matmul_tflops": 1.0, "copy_gbps": 1.0}  # 1 GB/s: an op of 1e6 bytes takes 1 ms
+bwd = lambda: traffic.Op("backward", "mm", 1, 1e6, 0.0)
+chunk = lambda: traffic.Op("reduce", "allreduce_", 1, 0.0, 0.0, wire_bytes=3e6)
+ops = [bwd(), chunk(), bwd(), chunk(), traffic.Op("clip", "norm", 1, 1e6, 0.0)]
+print(json.dumps(traffic.model_communication(ops, rates, world=4, bus_gbps=3 * 2 * 3 / 4)))
+"""
+
+
+def test_the_reduction_model_overlaps_chunks_with_the_backward_in_closed_form():
+    """4 ranks: all_reduce's algorithm bandwidth is bus / (2 (N-1) / N) = 3 GB/s here, so a 3 MB
+    chunk takes 1 ms on the wire. Chunk 1 goes out at 1 ms (after the first backward op) and ends
+    at 2; chunk 2 at 2 ms, ends at 3; the backward ends at 2: 1 ms exposed, 1 ms hidden. Each rank
+    sends 2 (N-1)/N of a chunk with the ring, a chunk with NVLink SHARP."""
+    comm = json.loads(run_python("-c", OVERLAP).strip().splitlines()[-1])
+    assert [(c["start_ms"], c["end_ms"]) for c in comm["calls"]] == [(1.0, 2.0), (2.0, 3.0)]
+    assert comm["exposed_ms"] == pytest.approx(1.0) and comm["overlapped_ms"] == pytest.approx(1.0)
+    assert comm["ring_send_mb"] == pytest.approx(2 * 3 * 1.5) and comm["nvls_send_mb"] == pytest.approx(6.0)
+
+
+def test_world_counts_a_ranks_step_with_its_reduction(tmp_path):
+    from srdit.config import preset
+    from srdit.model import build_model
+    from srdit.train.flat import flat_view, flatten_for_training
+    from srdit.train.reduce import CHUNKS
+
+    cfg = preset("quickstart")
+    buffer = flat_view(list(flatten_for_training(build_model(cfg), cfg).parameters()))
+    out = tmp_path / "traffic.json"
+    stdout = run_python(os.path.join(ROOT, "bench", "traffic.py"), "--preset", "quickstart", "--batch", "8",
+                        "--world", "2", "--variants", "kernels", "--reduce-dtypes", "fp32", "bf16", "--top", "1",
+                        "--json", str(out))
+    assert "2 ranks: each rank sends" in stdout and "per-rank step" in stdout
+    data = json.loads(out.read_text())
+    assert data["world"] == 2
+    for row, element in zip(data["variants"], (4, 2)):
+        comm = row["communication"]
+        assert len(comm["calls"]) == CHUNKS and {c["op"] for c in comm["calls"]} == {"allreduce_"}
+        assert sum(c["mb"] for c in comm["calls"]) * 1e6 == pytest.approx(buffer.numel() * element)
+        assert comm["ring_send_mb"] == pytest.approx(comm["nvls_send_mb"])  # 2 (N-1)/N = 1 at N = 2
+        assert comm["exposed_ms"] + comm["overlapped_ms"] == pytest.approx(comm["wire_ms"])
+        assert row["step_ms"] == pytest.approx(row["model_ms"] + comm["exposed_ms"])
+        assert row["run_hours"] == pytest.approx(400_000 * row["step_ms"] / 3.6e6)
+        # chunk launches, and with bf16 the copies back, in the reduce phase
+        assert row["phases"]["reduce"]["launches"] == CHUNKS * (1 if element == 4 else 2)

@@ -8,11 +8,11 @@ import sys
 
 assert "TRITON_INTERPRET" not in os.environ, "run without TRITON_INTERPRET (compiled kernels are intercepted)"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, ROOT)  # run as a script (test_traffic.py): the repository root, for bench.traffic
 
 import torch  # noqa: E402
 
-import traffic  # noqa: E402
+from bench import traffic  # noqa: E402
 
 out = {}
 

@@ -63,9 +63,8 @@ def test_every_kernel_compiles_within_budget(tmp_path):
 
 
 RECORD = """
-import json, sys
-sys.path.insert(0, "bench")
-import compile_check as cc
+import json
+from bench import compile_check as cc
 
 def keys(part, precisions, depth=None, batch=2, extra=()):
     recorder = cc.Recorder(["sm_90a"])

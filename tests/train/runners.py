@@ -11,7 +11,7 @@ from srdit.train.loss import draw_step_noise
 
 
 def build_runner(device, *overrides, teacher=False, optimizers=None, seed=0, graph_type=None,
-                 compile_backend="aot_eager"):
+                 compile_backend="aot_eager", reduce=None):
     """(cfg, step) for the quickstart preset with `overrides`; random-init DINOv2 teacher if asked.
     The step is a StepRunner, or a GraphedStep (captured with graph_type) with train.cuda_graphs;
     train.compile uses compile_backend (aot_eager: dynamo and AOT autograd without inductor's
@@ -21,7 +21,7 @@ def build_runner(device, *overrides, teacher=False, optimizers=None, seed=0, gra
     model = build_model(cfg).to(device)
     frozen = build_teacher(cfg, device, random_init=True)[0] if teacher else None
     return cfg, build_step(cfg, model, frozen, device=device, optimizers=optimizers, graph_type=graph_type,
-                           compile_backend=compile_backend)
+                           compile_backend=compile_backend, reduce=reduce)
 
 
 def step_noise(cfg, batch, device, *, generator=None, host_generator=None):

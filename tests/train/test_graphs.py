@@ -141,6 +141,63 @@ def test_cuda_graph_step_matches_eager(kernels):
                 (step, k, x[k].item(), y[k].item())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_step_with_the_nccl_reduction_captured_matches_eager():
+    """The reduction captured with the step: a one-rank NCCL communicator captures its all_reduce
+    as eight do. bench/gpu_check.sh runs this under torchrun (env:// rendezvous); alone, it makes
+    its own one-rank group."""
+    import os
+
+    import torch.distributed as dist
+
+    from srdit import distributed
+
+    distributed.allow_collective_capture()  # before the process group starts, as srdit.train does
+    own_group = not dist.is_initialized()
+    if own_group:
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("nccl", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        cuda = torch.device("cuda")
+        overrides = ["train.path_drop_prob=0.5", "train.cuda_graphs=true", "model.kernels=triton",
+                     "model.batched_adaln=true"]
+        cfg, eager = build_runner(cuda, *overrides, teacher=True, reduce=True)
+        eager = eager.runner
+        _, graphed = build_runner(cuda, *overrides, teacher=True, reduce=True)
+        assert graphed.runner.reducer is not None
+        a, coins = trajectory(eager.run, cfg, cuda, steps=6, micro=4, accum=2, cached=False)
+        b, _ = trajectory(graphed.run, cfg, cuda, steps=6, micro=4, accum=2, cached=False)
+        assert set(coins) == {False, True} and set(graphed.graphs) == {False, True}
+        for step, (x, y) in enumerate(zip(a, b)):
+            for k in ("loss", "grad_norm"):
+                assert torch.isfinite(y[k]) and abs(x[k].item() - y[k].item()) <= 2e-3 * max(1.0, abs(x[k].item())), \
+                    (step, k, x[k].item(), y[k].item())
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def test_a_host_collective_inside_the_captured_step_is_an_error_that_says_so(monkeypatch):
+    from srdit import distributed
+    from srdit.train import step
+
+    real = step.diffusion_loss
+
+    def with_a_barrier(*args, **kwargs):
+        distributed.barrier()
+        return real(*args, **kwargs)
+
+    cfg, runner = build_runner(CPU, *TINY)
+    graphed = GraphedStep(runner, graph_type=EagerReplay)
+    monkeypatch.setattr(step, "diffusion_loss", with_a_barrier)
+    with pytest.raises(RuntimeError, match="distributed.barrier is a host collective and cannot run inside the "
+                                           "captured training step"):
+        graphed.run([synthetic_batch(cfg, 2, CPU, cached=True)],
+                    step_noise(cfg, 2, CPU, host_generator=torch.Generator().manual_seed(0)))
+
+
 def test_a_resumed_optimizer_keeps_this_runs_capturable_setting():
     """Optimizer.load_state_dict would bring back the checkpoint's flag, and capture refuses an
     AdamW that is not capturable; a capturable one warns on every uncaptured step."""
