@@ -24,13 +24,15 @@ autograd adds the two incoming gradients before the backward kernel folds them i
 One kernel row is one (token, head) pair; a program handles the q, k and v parts of its rows.
 
 Precision: loads are upcast to fp32 (fp64 for fp64 qkv) right after the load; norm statistics,
-RoPE, the value mix and all reductions run there; q, k, v are rounded once to qkv's dtype. The
-reference's v follows torch promotion instead: a 0-dim fp32 lam does not promote a bf16 v, so
-under bf16 (autocast or not) it computes lam*v0, (1-lam)*v and their sum in bf16, rounding three
-times; this op rounds once (so it is closer to the float64 twin; both are bf16 tensors).
-Backward: q/k weight gradients reduced in fp32 (fp64) per-program partials [programs, Dh],
-summed by torch (deterministic); dlam likewise from [programs] partials. d v0 = lam * g is
-computed in fp32 and stored once in v0's dtype: without v0_ids every element is written; with
+RoPE, the value mix and all reductions run there (RoPE's products each rounded before their
+sum: no FMA, as the twin); q, k are rounded once to qkv's dtype. The value mix rounds as the
+reference's under torch promotion: a 0-dim fp32 lam does not promote a bf16 v, so under bf16
+(autocast or not) lam is rounded to v0's dtype, 1 - lam (computed in lam's) to v's, and
+lam*v0, (1-lam)*v and their sum are each rounded to bf16 (docs/kernels.md "Rounding where the
+twin rounds"). Backward: q/k weight gradients reduced in fp32 (fp64) per-program partials
+[programs, Dh], summed by torch (deterministic); dlam likewise from [programs] partials.
+d v0 = lam * g and d v = (1 - lam) * g with the rounded lam and 1 - lam of the forward, computed
+in fp32 and stored once in v0's (qkv's) dtype: without v0_ids every element is written; with
 v0_ids it is stored at the kept rows of a zeroed buffer. Saved for backward: the inputs only
 (qkv, weights, tables, ids, v0, lam); rstd is recomputed from qkv, which the backward reads anyway.
 
@@ -52,8 +54,8 @@ import triton.language as tl
 
 from srdit.kernels.reference import default_rms_eps
 from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, head_rows, index_dtype,
-                                        load_rope_tables, rms_normalize, rms_normalize_bwd, rotate_pairs, row_launch,
-                                        tl_compute_dtype, unit_last_stride)
+                                        load_rope_tables, rms_normalize, rms_normalize_bwd, rotate_pairs, round_to,
+                                        row_launch, tl_compute_dtype, unit_last_stride)
 
 # --------------------------------------------------------------------------- kernels
 
@@ -92,6 +94,14 @@ def _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_v0_
     return lam, t, v0
 
 
+@triton.jit
+def _mix_weights(lam, LAM: tl.constexpr, V0: tl.constexpr, V: tl.constexpr):
+    """The value mix's weights as the eager `lam * v0 + (1.0 - lam) * v` applies them: a 0-dim lam
+    takes the dtype of the tensor it multiplies, so it is rounded to v0's dtype V0 (bf16 under
+    autocast), and 1 - lam, computed in lam's dtype LAM, to v's V; returned in lam's compute dtype."""
+    return round_to(lam, V0).to(lam.dtype), round_to(round_to(1.0 - lam, LAM).to(lam.dtype), V).to(lam.dtype)
+
+
 @triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: one compile for every batch
 def _attention_prologue_fwd_kernel(
     qkv_ptr, q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, ids_ptr, v0_ptr, v0_ids_ptr, lam_ptr,
@@ -118,15 +128,18 @@ def _attention_prologue_fwd_kernel(
                                 row_mask, d_mask, COMPUTE)
         q = rotate_pairs(q, c, s, ROWS, BLOCK_D, False)
         k = rotate_pairs(k, c, s, ROWS, BLOCK_D, False)
-    tl.store(q_ptr + out_offs, q.to(out_ty), mask=mask)
-    tl.store(k_ptr + out_offs, k.to(out_ty), mask=mask)
+    tl.store(q_ptr + out_offs, round_to(q, out_ty), mask=mask)
+    tl.store(k_ptr + out_offs, round_to(k, out_ty), mask=mask)
 
     v = tl.load(qkv_ptr + x_offs + 2 * D, mask=mask, other=0.0).to(COMPUTE)
     if HAS_V0:
         lam, t, v0 = _load_v0(v0_ptr, v0_ids_ptr, lam_ptr, b, n, h, d, row_mask, mask, stride_v0_ids_b,
                               stride_v0_ids_n, stride_v0_b, stride_v0_t, stride_v0_h, HAS_V0_IDS, COMPUTE)
-        v = lam * v0 + (1.0 - lam) * v
-    tl.store(v_ptr + out_offs, v.to(out_ty), mask=mask)
+        v0_ty = v0_ptr.dtype.element_ty
+        lam_v0, lam_v = _mix_weights(lam, lam_ptr.dtype.element_ty, v0_ty, out_ty)
+        # each product rounded to its tensor's dtype, the sum once (in fp32, then to the output)
+        v = round_to(lam_v0 * v0, v0_ty).to(COMPUTE) + round_to(lam_v * v, out_ty).to(COMPUTE)
+    tl.store(v_ptr + out_offs, round_to(v, out_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -177,11 +190,12 @@ def _attention_prologue_bwd_kernel(
                               stride_v0_ids_n, stride_v0_b, stride_v0_t, stride_v0_h, HAS_V0_IDS, COMPUTE)
         v = tl.load(qkv_ptr + x_offs + 2 * D, mask=mask, other=0.0).to(COMPUTE)
         tl.store(dlam_part_ptr + pid, tl.sum(tl.sum(gv * (v0 - v), axis=1), axis=0))
+        lam_v0, lam_v = _mix_weights(lam, lam_ptr.dtype.element_ty, v0_ptr.dtype.element_ty, qkv_ptr.dtype.element_ty)
         # one writer per element: v0_ids are unique within a sample (module docstring, Shapes)
         dv0_offs = (b * stride_dv0_b + t * stride_dv0_t + h * stride_dv0_h)[:, None] + d[None, :]
-        tl.store(dv0_ptr + dv0_offs, (lam * gv).to(dv0_ptr.dtype.element_ty), mask=mask)
-        gv = (1.0 - lam) * gv
-    tl.store(dqkv_ptr + dx_offs + 2 * D, gv.to(dx_ty), mask=mask)
+        tl.store(dv0_ptr + dv0_offs, round_to(lam_v0 * gv, dv0_ptr.dtype.element_ty), mask=mask)
+        gv = lam_v * gv
+    tl.store(dqkv_ptr + dx_offs + 2 * D, round_to(gv, dx_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- host launchers
@@ -224,6 +238,7 @@ def _launch_fwd(qkv, heads, q_weight=None, k_weight=None, cos=None, sin=None, ro
         **_flags(q_weight, k_weight, cos, v0, v0_ids),
         COMPUTE=tl_compute_dtype(qkv.dtype), INDEX=index_dtype(qkv, v0, q), ROWS=launch.rows, BLOCK_D=launch.block_d,
         num_warps=launch.num_warps,
+        enable_fp_fusion=False,  # RoPE's and the value mix's products are rounded before their sums, as eager's
     )
     return out
 

@@ -1,7 +1,8 @@
 """What autocast does to the GEMM after a fused op: the one rule the fused ops (rmsnorm.py,
 sprint.py, mlp.py) and the teacher's fused norms (srdit/model/dinov2.py) follow to write their
-output in the dtype the next GEMM reads, or to cast a GEMM's operands as F.linear would. No
-triton import: the model's eager path uses it too.
+output in the dtype the next GEMM reads, or to cast a GEMM's operands as F.linear would; and
+the dtype of an op autocast runs in fp32 (rms_norm). No triton import: the model's eager path
+uses it too.
 """
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ def autocast_gemm_dtype(x: torch.Tensor) -> torch.dtype | None:
 def gemm_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a GEMM that reads x runs in: autocast's (autocast_gemm_dtype), else x's."""
     return autocast_gemm_dtype(x) or x.dtype
+
+
+def fp32_op_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of an op that CUDA's autocast runs in fp32 (rms_norm, layer_norm) on x: fp32
+    under autocast for an fp16/bf16/fp32 x, else x's. CUDA's policy, not the CPU's (whose
+    autocast leaves rms_norm alone): the kernels run on CUDA, and the tests emulate its policy."""
+    return torch.float32 if autocast_gemm_dtype(x) is not None else x.dtype
 
 
 def gemm_operands(x: torch.Tensor, *tensors):

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from srdit.kernels.triton_utils import (compute_dtype, empty_output, forward_only, index_dtype, row_launch,
-                                        tl_compute_dtype)
+from srdit.kernels.triton_utils import (compute_dtype, empty_output, forward_only, index_dtype, round_to,
+                                        row_launch, tl_compute_dtype)
 
 Tensor = torch.Tensor
 
@@ -59,7 +59,7 @@ def _layer_norm_fwd_kernel(
     if RESIDUAL:
         f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         gamma = tl.load(gamma_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
-        x_new = (x + f * gamma[None, :]).to(x_new_ptr.dtype.element_ty)  # the residual stream, as stored
+        x_new = round_to(x + f * gamma[None, :], x_new_ptr.dtype.element_ty)  # the residual stream, as stored
         tl.store(x_new_ptr + offs, x_new, mask=mask)
         x = x_new.to(COMPUTE)
     mean = tl.sum(x, axis=1) / D  # [ROWS]; padded lanes hold 0
@@ -68,7 +68,7 @@ def _layer_norm_fwd_kernel(
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
     b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- host launcher

@@ -19,9 +19,13 @@ Precision: every load is upcast to the compute dtype (fp32 for fp16/bf16/fp32 in
 for fp64 inputs, so gradcheck works); rstd, the row sums and all reductions over rows are in
 that dtype; x_new, dx, df are stored in their input's dtype, y in the dtype the next GEMM
 consumes: the autocast dtype under autocast (for fp32/fp16/bf16 x; the Linear after the norm
-would cast it there anyway), else x's; rms_norm's y always in x's (the REG token joins the fp32
-stream). y is rounded once from the compute dtype to nearest, ties to even: the bits of the
-cast it replaces (bf16 by integer arithmetic, triton_utils.round_to). The reductions over rows
+would cast it there anyway), else x's; rms_norm's y in what torch's rms_norm gives (fp32 under
+autocast, else x's: the REG token joins the fp32 stream). The forward rounds where the eager
+ops round under autocast (docs/kernels.md "Rounding where the twin rounds"): 1 + scale to
+scale's dtype, gate * f to the dtype of their product, each product before its sum (no FMA),
+and y once, to nearest, ties to even: the bits of the cast it replaces (all by
+triton_utils.round_to, bf16 by integer arithmetic). The backward multiplies by the same rounded
+1 + scale. The reductions over rows
 (dshift, dscale, dweight, dgate) are per-program partial rows [G, S, D] in the compute dtype (G
 batch groups, S programs per group from split_launch; no program's rows cross a batch), summed
 by torch: deterministic, the same bits run to run. Saved for backward: x (or x_new), rstd
@@ -48,13 +52,20 @@ import torch
 import triton
 import triton.language as tl
 
-from srdit.kernels.autocast import gemm_dtype
+from srdit.kernels.autocast import fp32_op_dtype, gemm_dtype
 from srdit.kernels.reference import default_rms_eps
 from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, index_dtype, rms_normalize,
                                         rms_normalize_bwd, round_to, row_launch, split_launch, tl_compute_dtype,
-                                        unit_last_stride)
+                                        tl_dtype, unit_last_stride)
 
 Tensor = torch.Tensor
+
+
+@triton.jit
+def _one_plus_scale(scale, SCALE: tl.constexpr):
+    """1 + scale rounded to scale's dtype SCALE, as the eager `1 + scale` stores it (bf16 under
+    autocast: a scale in [-2^-9, 2^-8] gives exactly 1), back in scale's compute dtype."""
+    return round_to(1.0 + scale, SCALE).to(scale.dtype)
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: one compile for every batch
@@ -62,7 +73,7 @@ def _rmsnorm_modulate_fwd_kernel(
     x_ptr, f_ptr, gate_ptr, shift_ptr, scale_ptr, w_ptr,  # inputs: x, f [R,D]; gate, shift, scale [B,D]; w [D]
     y_ptr, x_new_ptr, rstd_ptr,  # outputs: y [R,D] (in the next GEMM's dtype), x_new [R,D] (residual only), rstd [R]
     n_rows, N, D, stride_gate_b, stride_shift_b, stride_scale_b, eps,
-    HAS_MOD: tl.constexpr, HAS_W: tl.constexpr, RESIDUAL: tl.constexpr,
+    HAS_MOD: tl.constexpr, HAS_W: tl.constexpr, RESIDUAL: tl.constexpr, GATE_F: tl.constexpr,
     COMPUTE: tl.constexpr, INDEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(INDEX) * ROWS + tl.arange(0, ROWS)  # [ROWS]
@@ -76,7 +87,8 @@ def _rmsnorm_modulate_fwd_kernel(
     if RESIDUAL:
         f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         gate = tl.load(gate_ptr + b[:, None] * stride_gate_b + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-        x_new = (x + gate * f).to(x_new_ptr.dtype.element_ty)  # the residual stream, as stored
+        # gate * f is rounded to GATE_F (bf16 under autocast) before the add, as the unfused ops do
+        x_new = round_to(x + round_to(gate * f, GATE_F).to(COMPUTE), x_new_ptr.dtype.element_ty)
         tl.store(x_new_ptr + offs, x_new, mask=mask)
         x = x_new.to(COMPUTE)
     y, rstd = rms_normalize(x, D, eps)  # [ROWS, BLOCK_D], [ROWS]
@@ -86,7 +98,7 @@ def _rmsnorm_modulate_fwd_kernel(
     if HAS_MOD:
         shift = tl.load(shift_ptr + b[:, None] * stride_shift_b + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         scale = tl.load(scale_ptr + b[:, None] * stride_scale_b + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-        y = y * (1.0 + scale) + shift
+        y = y * _one_plus_scale(scale, scale_ptr.dtype.element_ty) + shift  # no FMA: see _launch_fwd
     tl.store(y_ptr + offs, round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -109,7 +121,7 @@ def _rmsnorm_modulate_bwd_kernel(
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)
     if HAS_MOD:
         scale = tl.load(scale_ptr + group * stride_scale_b + cols, mask=col_mask, other=0.0).to(COMPUTE)
-        one_plus_scale = 1.0 + scale
+        one_plus_scale = _one_plus_scale(scale, scale_ptr.dtype.element_ty)  # what the forward multiplied by
     if RESIDUAL:
         gate = tl.load(gate_ptr + group * stride_gate_b + cols, mask=col_mask, other=0.0).to(COMPUTE)
     # [BLOCK_D] accumulators (summed over the tile's rows each step: few registers per thread)
@@ -203,8 +215,10 @@ def _launch_fwd(x, shift, scale, weight, eps, gate=None, f=None, *, y_dtype=None
         R, N, D, gate.stride(0) if residual else 0, shift.stride(0) if shift is not None else 0,
         scale.stride(0) if scale is not None else 0, eps,
         HAS_MOD=shift is not None, HAS_W=weight is not None, RESIDUAL=residual,
+        GATE_F=tl_dtype(torch.promote_types(gate.dtype, f.dtype)) if residual else tl_compute_dtype(x.dtype),
         COMPUTE=tl_compute_dtype(x.dtype), INDEX=index_dtype(x, f, gate, shift, scale), ROWS=launch.rows,
         BLOCK_D=launch.block_d, num_warps=launch.num_warps,
+        enable_fp_fusion=False,  # y * (1 + scale) + shift rounds the product, as the unfused ops do
     )
     return x_new, y, rstd
 
@@ -397,7 +411,9 @@ def residual_rmsnorm_modulate(x, gate, f, shift, scale, weight=None, eps=1e-6):
 
 
 def rms_norm(x, weight=None, eps=None):
-    """Plain RMSNorm over the last dim (the REG token's wg_norm), in x's dtype: its output joins the
-    residual stream, not a GEMM. eps=None is torch's default."""
+    """Plain RMSNorm over the last dim (the REG token's wg_norm): its output joins the residual
+    stream, not a GEMM, so it comes out as torch's rms_norm gives it: fp32 under autocast (which
+    runs rms_norm in fp32; the bf16 token of an autocast Linear stays unrounded), else x's dtype.
+    eps=None is torch's default."""
     eps = default_rms_eps(x.dtype) if eps is None else eps
-    return torch.ops.srdit.rmsnorm_modulate(x, None, None, weight, eps, x.dtype)[0]
+    return torch.ops.srdit.rmsnorm_modulate(x, None, None, weight, eps, fp32_op_dtype(x))[0]

@@ -13,8 +13,10 @@ Shapes: x [B,N,H,Dh] (Dh even; any strides with a unit last stride, others are c
 [B,N,H,Dh] tensor in x's dtype. One kernel row is one (token, head) pair of Dh elements.
 
 Precision: loads are upcast to fp32 (fp64 for fp64 x) right after the load, the rotation is
-computed there, the result is rounded once to x's dtype. Nothing is saved for backward except the
-tables and ids (x itself is not needed: the map is linear).
+computed there, the forward's products each rounded before their sum (no FMA contraction), as
+the eager twin computes them, and the result is rounded once to x's dtype, to nearest even
+(round_to): the twin's bits. Nothing is saved for backward except the tables and ids (x itself
+is not needed: the map is linear).
 
 Bytes per call (M = B*N*H*Dh elements of size e, T = B*N tokens): read x M*e, write M*e, read
 ids 8T and the table rows 2*4*Dh*T (shared by the H heads of a token, so mostly cache hits).
@@ -29,7 +31,7 @@ import triton
 import triton.language as tl
 
 from srdit.kernels.triton_utils import (empty_output, head_rows, index_dtype, load_rope_tables, rotate_pairs,
-                                        row_launch, tl_compute_dtype, unit_last_stride)
+                                        round_to, row_launch, tl_compute_dtype, unit_last_stride)
 
 
 @triton.jit
@@ -44,7 +46,7 @@ def _rope_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, ids_ptr, n_rows, N, H, Dh,
     c, s = load_rope_tables(cos_ptr, sin_ptr, ids_ptr, b, n, stride_ids_b, stride_ids_n, stride_cos_p, d, row_mask,
                             d_mask, COMPUTE)
     y = rotate_pairs(x, c, s, ROWS, BLOCK_D, TRANSPOSE)
-    tl.store(out_ptr + r[:, None] * Dh + d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + r[:, None] * Dh + d[None, :], round_to(y, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: one compile for every batch
@@ -77,9 +79,10 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_ids: torc
         raise ValueError(f"apply_rope: rope_ids must be [{B},{N}], got {tuple(rope_ids.shape)}")
 
 
-def _launch(kernel, x, cos, sin, rope_ids, alloc):
+def _launch(kernel, x, cos, sin, rope_ids, alloc, **options):
     """Run `kernel` (forward or backward) over every (token, head) row of x into a new
-    contiguous [B,N,H,Dh] tensor made by `alloc` (every element written)."""
+    contiguous [B,N,H,Dh] tensor made by `alloc` (every element written); `options` go to the
+    launch (compile options)."""
     B, N, H, Dh = x.shape
     x = unit_last_stride(x)
     out = alloc((B, N, H, Dh), x.dtype, x.device)
@@ -92,14 +95,15 @@ def _launch(kernel, x, cos, sin, rope_ids, alloc):
         x, out, cos, sin, rope_ids, n_rows, N, H, Dh,
         x.stride(0), x.stride(1), x.stride(2), rope_ids.stride(0), rope_ids.stride(1), cos.stride(0),
         COMPUTE=tl_compute_dtype(x.dtype), INDEX=index_dtype(x, out), ROWS=launch.rows, BLOCK_D=launch.block_d,
-        num_warps=launch.num_warps,
+        num_warps=launch.num_warps, **options,
     )
     return out
 
 
 def _launch_fwd(x, cos, sin, rope_ids, alloc=empty_output):
     """RoPE of x [B,N,H,Dh] -> a contiguous [B,N,H,Dh] tensor from `alloc` (shape, dtype, device)."""
-    return _launch(_apply_rope_fwd_kernel, x, cos, sin, rope_ids, alloc)
+    # each product rounded before the sum, as the eager twin's (no FMA); the backward may fuse
+    return _launch(_apply_rope_fwd_kernel, x, cos, sin, rope_ids, alloc, enable_fp_fusion=False)
 
 
 def _launch_bwd(grad, cos, sin, rope_ids, alloc=empty_output):

@@ -51,8 +51,13 @@ sprint_fuse(x_enc, g, ids, mask_token, weight, bias) = Linear(2D -> D)(concat(x_
             inputs x_enc and g, which exist anyway.
 
 Precision: GEMMs are torch's (cuBLAS on the GPU: fp32 accumulation, output in the input
-dtype). The epilogue adds in fp32: a kept row is round(x W1^T + round(b + mW2)) + gW2 - mW2 in
-fp32, rounded once more, within one or two roundings of the reference's single GEMM. Column
+dtype). b + mW2 is accumulated in fp32, as the reference's GEMM accumulates it (from an fp32
+copy of W2: 3.5 MB moved per call at D = 768), and rounded once into the bias b', so a dropped
+row is round(x W1^T + b'): within one rounding of the larger of the output and b + mW2 from the
+reference's round(x W1^T + mW2 + b). The epilogue adds in fp32: a kept row is
+round(x W1^T + b') + round(g W2^T) - (b' - b), rounded once more: within one rounding of the
+largest of x W1^T + b', b' and g W2^T (each GEMM's bf16 output) from the reference's row
+(tests/kernels/test_autocast_rounding.py, under bf16 autocast). Column
 sums (d b, s) accumulate in fp32; s stays fp32 for d m = s W2 (fp32 GEMV) and for the s^T m
 outer product, which is rounded to the input dtype before cuBLAS adds dout[kept]^T g to it.
 Outputs and gradients are in the input dtype. Saved for backward: x_enc, g, ids, mask_token,
@@ -71,7 +76,7 @@ import triton
 import triton.language as tl
 
 from srdit.kernels.autocast import gemm_operands
-from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, index_dtype, row_launch,
+from srdit.kernels.triton_utils import (absent_grad, compute_dtype, empty_output, index_dtype, round_to, row_launch,
                                         split_launch, tl_compute_dtype)
 
 
@@ -111,10 +116,11 @@ def _gather_tokens_bwd_kernel(dout_ptr, ids_ptr, dx_ptr, n_rows, K, T, F,
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # batch-dependent: one compile for every batch
-def _sprint_fuse_fwd_kernel(out_ptr, gw2_ptr, mw2_ptr, ids_ptr, n_rows, K, T, D,
+def _sprint_fuse_fwd_kernel(out_ptr, gw2_ptr, fold_ptr, ids_ptr, n_rows, K, T, D,
                             BLOCK_D: tl.constexpr, ROWS: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr):
-    """In place on out [B*T, D] (= x_enc W1^T + b + mW2 everywhere): out[b*T + ids[r]] += gW2[r] - mW2
-    for the ROWS kept rows r = b*K + k of this program, in COMPUTE (fp32; fp64 for fp64 inputs)."""
+    """In place on out [B*T, D] (= x_enc W1^T + b + fold everywhere, fold ~ mW2 [D] in COMPUTE: what the
+    bias gained): out[b*T + ids[r]] += gW2[r] - fold for the ROWS kept rows r = b*K + k of this
+    program, in COMPUTE (fp32; fp64 for fp64 inputs)."""
     rows = tl.program_id(0).to(INDEX) * ROWS + tl.arange(0, ROWS)  # [R]
     cols = tl.arange(0, BLOCK_D)
     row_mask = rows < n_rows
@@ -126,8 +132,8 @@ def _sprint_fuse_fwd_kernel(out_ptr, gw2_ptr, mw2_ptr, ids_ptr, n_rows, K, T, D,
     dst = ((b * T + t) * D)[:, None] + cols[None, :]  # [R, BD]
     base = tl.load(out_ptr + dst, mask=mask, other=0.0).to(COMPUTE)
     gw2 = tl.load(gw2_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-    mw2 = tl.load(mw2_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)  # [BD]
-    tl.store(out_ptr + dst, (base + gw2 - mw2[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+    fold = tl.load(fold_ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)  # [BD]
+    tl.store(out_ptr + dst, round_to(base + gw2 - fold[None, :], out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows", "tiles_per_program"])  # batch-dependent
@@ -221,15 +227,15 @@ def _launch_gather_bwd(dout: torch.Tensor, ids: torch.Tensor, num_tokens: int, a
     return dx
 
 
-def _launch_fuse_fwd_epilogue(out: torch.Tensor, gw2: torch.Tensor, mw2: torch.Tensor, ids: torch.Tensor) -> None:
-    """In place: out [B,T,D] (contiguous) += gw2 [B*K,D] - mw2 [D] at the kept rows ids [B,K]."""
+def _launch_fuse_fwd_epilogue(out: torch.Tensor, gw2: torch.Tensor, fold: torch.Tensor, ids: torch.Tensor) -> None:
+    """In place: out [B,T,D] (contiguous) += gw2 [B*K,D] - fold [D] at the kept rows ids [B,K]."""
     B, T, D = out.shape
     K = ids.shape[1]
     if B * K == 0:
         return
     launch = row_launch(B * K, D, "sprint_fuse_fwd")
     _sprint_fuse_fwd_kernel[launch.grid](
-        out, gw2.contiguous(), mw2.contiguous(), ids.contiguous(), B * K, K, T, D,
+        out, gw2.contiguous(), fold.contiguous(), ids.contiguous(), B * K, K, T, D,
         BLOCK_D=launch.block_d, ROWS=launch.rows, COMPUTE=tl_compute_dtype(out.dtype), INDEX=index_dtype(out, gw2),
         num_warps=launch.num_warps)
 
@@ -266,12 +272,17 @@ def _sprint_fuse_fwd(x_enc, g, ids, mask_token, weight, bias, alloc=empty_output
             torch.addmm(bias, x2, W1.t(), out=o2)
         o2.addmm_(g.reshape(B * T, D), W2.t())  # cuBLAS beta = 1
         return out
-    mw2 = F.linear(mask_token.reshape(1, D), W2).reshape(D)  # [D] = m W2^T
-    bias_m = mw2 if bias is None else bias + mw2  # [D]: [MASK] folded into the bias
+    # b + m W2^T accumulated in the compute dtype, as the single GEMM of the reference accumulates
+    # it, and rounded once, into the bias: a bf16 m W2^T would round it once more (by up to half a
+    # bf16 step of m W2^T, which can be far larger than the output itself)
+    acc = compute_dtype(x_enc.dtype)
+    m, b_acc = mask_token.reshape(D).to(acc), None if bias is None else bias.to(acc)
+    folded = torch.mv(W2.to(acc), m) if bias is None else torch.addmv(b_acc, W2.to(acc), m)  # [D]
+    bias_m = folded.to(x_enc.dtype)  # [D]: [MASK] folded into the bias
     torch.addmm(bias_m, x2, W1.t(), out=o2)  # every row as if dropped
-    if g is not None:  # routed: correct the kept rows
+    if g is not None:  # routed: take back at the kept rows what the bias gained (promoted to acc)
         gw2 = torch.mm(g.reshape(-1, D), W2.t())  # [B*K, D]
-        _launch_fuse_fwd_epilogue(out, gw2, mw2, ids)
+        _launch_fuse_fwd_epilogue(out, gw2, bias_m.to(acc) if bias is None else bias_m - b_acc, ids)
     return out
 
 

@@ -11,6 +11,7 @@ Host side
     compute_dtype, tl_compute_dtype
                                 the dtype kernels compute and accumulate in: fp32, or fp64 for
                                 fp64 tensors (so gradcheck runs the same kernels)
+    tl_dtype                    a torch floating dtype as Triton's (where a kernel rounds)
     empty_output                the default `alloc(shape, dtype, device)` of every launcher; the
                                 tests pass one that fills the buffer with NaN instead
     absent_grad                 the empty tensor a custom op returns for a gradient that does not
@@ -75,7 +76,7 @@ class Tile:
 GPU_TILES = {
     "rmsnorm_fwd": Tile(2048),  # 2 rows of 1024 (D = 768): x, f, y, shift/scale rows; <= 56 registers
     "rmsnorm_bwd": Tile(1024),  # 1 row: dy, x, dx_new, f, dx live, plus 4 accumulator rows; <= 96
-    "apply_rope": Tile(4096),  # 64 (token, head) rows of Dh = 64: x and the two table tiles; <= 92
+    "apply_rope": Tile(4096),  # 64 (token, head) rows of Dh = 64: x and the two table tiles; <= 94
     "attention_prologue_fwd": Tile(1024),  # 16 rows: q, k, v, v0 and the tables; <= 56
     "attention_prologue_bwd": Tile(1024),  # 16 rows: three gradients, q, k, v, v0, tables; <= 80
     "gather_tokens": Tile(4096),  # 4 rows of 1024: a copy; <= 40
@@ -248,6 +249,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def tl_compute_dtype(dtype: torch.dtype):
     """compute_dtype as a Triton dtype, for a kernel's COMPUTE constexpr."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton dtype of a torch floating dtype (a constexpr naming where a kernel rounds)."""
+    return {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16,
+            torch.bfloat16: tl.bfloat16}[dtype]
 
 
 def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:

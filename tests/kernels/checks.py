@@ -31,6 +31,26 @@ def assert_close(out, ref, dtype, name=""):
     assert err <= TOLERANCES[dtype], f"{name}: relative error {err:.3e} > {TOLERANCES[dtype]:.0e} ({dtype})"
 
 
+def within_one_rounding(got, want, name="", magnitude=None):
+    """got (low precision) differs from want (fp32, or already rounded) rounded to got's dtype by
+    at most one step of that dtype at |want|, or at `magnitude` where that is larger (the size of
+    an intermediate the fused op rounds and the twin does not): the fp32 values differ in the
+    last bits only (summation order, tanh and erf's implementations), which can move a value
+    across a rounding boundary, no further."""
+    finfo = torch.finfo(got.dtype)
+    diff = (got.double() - want.to(got.dtype).double()).abs()
+    size = want.double().abs() if magnitude is None else torch.maximum(want.double().abs(), magnitude.double().abs())
+    bound = finfo.eps * size + finfo.tiny
+    assert (diff <= bound).all(), f"{name}: {int((diff > bound).sum())} elements differ by more than one rounding"
+
+
+def assert_bits_equal(got, want, name=""):
+    """got and want hold the same values bit for bit (NaN nowhere), in the same dtype."""
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype}, the twin's {want.dtype}"
+    differ = got != want
+    assert not differ.any(), f"{name}: {int(differ.sum())} of {got.numel()} elements differ from the twin's"
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so that any element a kernel forgets to write fails the comparison."""
     return t.fill_(float("nan"))

@@ -11,7 +11,7 @@ for bf16, as in the other kernel tests.
 import pytest
 import torch
 
-from checks import DTYPES, assert_close, gpu_launch, poisoned, rand  # noqa: F401 (a fixture)
+from checks import DTYPES, assert_close, gpu_launch, poisoned, rand, within_one_rounding  # noqa: F401 (a fixture)
 from srdit.kernels import layernorm as ln
 from srdit.kernels import reference
 from srdit.kernels import triton_utils
@@ -46,16 +46,6 @@ def twin(inputs, dtype=None, out_dtype=None):
 def launch(inputs, out_dtype, **kw):
     return ln._launch_fwd(inputs["x"], inputs["weight"], inputs["bias"], EPS, out_dtype, inputs.get("f"),
                           inputs.get("gamma"), **kw)
-
-
-def within_one_rounding(got, want_fp32, name):
-    """got (low precision) differs from the fp32 twin rounded to its dtype by at most one step of
-    that dtype: the fp32 values differ in the last bits only (summation order), which can move
-    a value across a rounding boundary, no further."""
-    finfo = torch.finfo(got.dtype)
-    diff = (got.double() - want_fp32.to(got.dtype).double()).abs()
-    bound = finfo.eps * want_fp32.double().abs() + finfo.tiny
-    assert (diff <= bound).all(), f"{name}: {int((diff > bound).sum())} elements differ by more than one rounding"
 
 
 # --------------------------------------------------------------------------- launcher, poisoned

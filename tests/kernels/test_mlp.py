@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checks import DTYPES, DEVICE, assert_close, gpu_launch, poisoned, rand  # noqa: F401 (a fixture)
+from checks import (DTYPES, DEVICE, assert_close, gpu_launch, poisoned, rand,  # noqa: F401 (a fixture)
+                    within_one_rounding)
 from srdit.kernels import mlp, reference, triton_utils
 from srdit.kernels.triton_utils import GemmTile, gemm_launch
 
@@ -21,16 +22,6 @@ SMALL_TILE = GemmTile(16, 16, 16, warps=4, stages=1, group_m=2)
 # (40 = 2.5 steps), one row, a K below one step, widths of the model's ratio (hidden = 4 * K)
 SHAPES = [(37, 40, 72, 24), (1, 16, 16, 16), (50, 8, 32, 20), (33, 24, 96, 24)]
 APPROXIMATIONS = ["tanh", "none"]
-
-
-def within_one_rounding(got, want_fp32):
-    """got (low precision) is want_fp32 rounded to got's dtype, or its neighbour: the fp32 values
-    differ in the last bits only (tanh and erf's implementations), which can cross a rounding
-    boundary, no more."""
-    finfo = torch.finfo(got.dtype)
-    diff = (got.double() - want_fp32.to(got.dtype).double()).abs()
-    bound = finfo.eps * want_fp32.double().abs() + finfo.tiny
-    assert (diff <= bound).all(), f"{int((diff > bound).sum())} elements differ by more than one rounding"
 
 
 @pytest.fixture
