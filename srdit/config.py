@@ -272,6 +272,9 @@ class TrainConfig:
     # the dtype of the cross-rank gradient sum (srdit/train/reduce.py): fp32 is DDP's arithmetic;
     # bf16 halves the bytes on the wire at a rounding of 2^-8 (relative to the summed magnitudes)
     grad_reduce_dtype: str = "fp32"
+    # each rank updates 1/world of the weights (AdamW and EMA sharded, ZeRO-1; srdit/train/reduce.py):
+    # auto = with several ranks and AdamW; the same math (the clip's norm summed in another order)
+    shard_optimizer: str = field(default="auto", metadata=RESUMABLE)
     precision: str = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
     wandb_mode: str = field(default="disabled", metadata=RESUMABLE)  # online | offline | disabled
     wandb_project: str = field(default="srdit", metadata=RESUMABLE)
@@ -286,6 +289,10 @@ class TrainConfig:
         _one_of("train.compile_mode", self.compile_mode, COMPILE_MODES)
         _one_of("train.ema_update", self.ema_update, ("release", "lerp"))
         _one_of("train.grad_reduce_dtype", self.grad_reduce_dtype, ("fp32", "bf16"))
+        _one_of("train.shard_optimizer", self.shard_optimizer, ("auto", "true", "false"))
+        if self.shard_optimizer == "true" and self.optimizer != "adamw":
+            raise ConfigError(f"train.shard_optimizer=true shards AdamW; train.optimizer={self.optimizer} is not "
+                              "sharded (use train.shard_optimizer=auto or false)")
         if self.cuda_graphs and self.optimizer != "adamw":
             raise ConfigError(f"train.cuda_graphs needs train.optimizer=adamw (not {self.optimizer!r}): the other "
                               "optimizers read the non-finite-step flag on the host")

@@ -56,7 +56,10 @@ class TrainState:
 
     def state_dict(self) -> dict:
         """The checkpoint dict. A collective under torchrun: every rank calls it (each rank's
-        RNG states are gathered into it)."""
+        RNG states are gathered into it; with a sharded optimizer, so are the weights, the
+        average and AdamW's moments: the file holds them whole, at any number of ranks)."""
+        self.optimizers.gather_weights()
+        self.ema.gather()
         return {"format": FORMAT, "step": self.step, "config": self.cfg.to_dict(),
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizers.state_dict(), "step_generator": self.step_generator.get_state(),

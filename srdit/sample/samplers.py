@@ -191,7 +191,7 @@ def guided(
     def cond(state: State, t: Tensor) -> State:
         return model_call(state, t, y, path_drop=False)
 
-    if kind == "none" or scale == 1.0:
+    if kind == "none" or scale <= 1.0:  # the release's cfg_scale > 1.0 test
         return cond
 
     def model_fn(state: State, t: Tensor) -> State:
