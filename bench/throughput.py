@@ -39,8 +39,11 @@ from srdit.model import build_model  # noqa: E402
 from srdit.model.flops import model_flops, teacher_flops  # noqa: E402
 from srdit.runinfo import environment  # noqa: E402
 from srdit.train.assemble import build_step  # noqa: E402
+from srdit.train.flat import ShardLayout, flatten_for_training  # noqa: E402
 from srdit.train.inputs import build_teacher, synthetic_batch  # noqa: E402
 from srdit.train.loss import draw_step_noise  # noqa: E402
+from srdit.train.optim import EMA, Optimizers  # noqa: E402
+from srdit.train.reduce import CHUNKS  # noqa: E402
 
 # "kernels" means the fused ops: Triton kernels and the batched adaLN GEMM
 VARIANTS = {
@@ -57,11 +60,12 @@ VARIANTS = {
 
 
 def build_variant_step(preset_name: str, spec: dict, batch: int, device, *, autocast=None, reduce=None,
-                       overrides=()):
+                       overrides=(), shard_world: int | None = None):
     """(cfg, model, step runner, one synthetic micro-batch) of the variant `spec` (a value of
     VARIANTS) at `batch`, built through srdit.train.assemble.build_step, seed 0. autocast, reduce:
     as build_step's (bench/traffic.py gives CUDA's policy on the CPU, and a rank's reduction);
-    overrides: more config settings."""
+    overrides: more config settings; shard_world: the update sharded as rank 0 of that many
+    (AdamW and the EMA over its pieces; bench/traffic.py counts its collectives, not runs them)."""
     fused = spec["kernels"] == "triton"
     cfg = apply_overrides(preset(preset_name), [
         f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}", f"train.global_batch={batch}",
@@ -70,7 +74,13 @@ def build_variant_step(preset_name: str, spec: dict, batch: int, device, *, auto
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     teacher, _ = build_teacher(cfg, device, random_init=True)  # the real teacher's cost, without its file
-    runner = build_step(cfg, model, teacher, device=device, autocast=autocast, reduce=reduce)
+    optimizers = ema = None
+    if shard_world:
+        layout = ShardLayout(flatten_for_training(model, cfg, shard_world), 0, shard_world, CHUNKS)
+        optimizers, ema = Optimizers(model, cfg.train, device, layout), EMA(model, cfg.train.ema_decay,
+                                                                             cfg.train.ema_update, layout)
+    runner = build_step(cfg, model, teacher, device=device, autocast=autocast, reduce=reduce, optimizers=optimizers,
+                        ema=ema)
     data = synthetic_batch(cfg, batch, device, spec["cached"])
     return cfg, model, runner, data
 

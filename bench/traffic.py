@@ -41,11 +41,13 @@ all_reduce is marked where the backward launches it). The reduction is then MODE
 bytes on the wire per rank (ring: 2 (N-1)/N of its size sent and as much received; NVLink SHARP:
 its size sent and its size received), its time at --bus-gbps (NCCL's bus bandwidth, whose
 all_reduce algorithm bandwidth is bus x N / (2 (N-1))), chunks one after another on the
-communicator's stream, each starting when the backward has reached its launch and the previous
-one is done. What ends after the backward's last op is exposed; the rest overlaps (the model
-assumes the collectives take no SM time or memory bandwidth from the kernels they overlap). The
-per-rank step is the ops' modelled time plus the exposed part, and 400K such steps the run's
-modelled wall-clock.
+communicator's stream, each starting when the step has reached its launch and the previous one
+is done; where the step waits for them (the reduction before the clip; sharded, the weights'
+all-gather before the student's forward) whatever has not ended is exposed, the rest overlaps
+(the model assumes the collectives take no SM time or memory bandwidth from the kernels they
+overlap). The per-rank step is the ops' modelled time plus the exposed part, and 400K such steps
+the run's modelled wall-clock. --shard counts the sharded update (train.shard_optimizer=true):
+reduce-scatter, AdamW and EMA on the rank's 1/N, the weights' all-gather behind the teacher.
 --measure (a GPU): the same step's device time per phase from torch.profiler, printed next to
 the model (bench/gpu_check.sh runs it; bench/record.py files it), so the model meets the hardware.
 """
@@ -130,6 +132,7 @@ class Op:
     bytes: float
     flops: float
     wire_bytes: float = 0.0  # a collective's buffer (modelled on the wire, not in memory: model_communication)
+    wait: bool = False  # where the step waits for the collectives launched before (srdit.train.reduce.wait_for)
 
 
 def unique_bytes(t: torch.Tensor) -> int:
@@ -256,6 +259,8 @@ class Counter(TorchDispatchMode):
 
     def _profiler_mark(self, func, args, kwargs):
         out = func(*args, **kwargs)
+        if func._overloadpacket.__name__ == "_record_function_enter_new" and args[0] == "wait":
+            self.ops.append(Op(self.phase, "wait", 0, 0.0, 0.0, wait=True))
         if func._overloadpacket.__name__ == "_record_function_enter_new":
             self.phases.append(STEP_PHASES.get(args[0]))
         elif func._overloadpacket.__name__ == "_record_function_exit" and self.phases:
@@ -313,11 +318,41 @@ class Counter(TorchDispatchMode):
 
         hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
         try:
-            with triton_launches_intercepted(launch), self:
+            with triton_launches_intercepted(launch), collectives_counted(self), self:
                 yield self
         finally:
             for hook in hooks:
                 hook.remove()
+
+
+class _Launched:
+    """What a collective counted, not run, returns: nothing to wait for."""
+
+    def wait(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def collectives_counted(counter: Counter):
+    """srdit's gradient and weight collectives (srdit.train.reduce) counted, not run: one launch
+    each, their buffer modelled on the wire (model_communication). A rank of several ranks can be
+    counted in one process this way, its pieces the size they would be (a real group here has one
+    rank, whose collectives would want the whole buffer). The names are c10d's ops."""
+    from srdit.train import reduce
+
+    def counted(name, tensor):
+        counter.ops.append(Op("reduce", name, 1, 0.0, 0.0, unique_bytes(tensor)))
+        return _Launched()
+
+    saved = {name: getattr(reduce, name) for name in ("_all_reduce", "_reduce_scatter", "_all_gather")}
+    reduce._all_reduce = lambda tensor, group: counted("allreduce_", tensor)
+    reduce._reduce_scatter = lambda output, input, group: counted("_reduce_scatter_base_", input)
+    reduce._all_gather = lambda output, input, group: counted("_allgather_base_", output)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(reduce, name, fn)
 
 
 # --------------------------------------------------------------------------- one step
@@ -384,10 +419,12 @@ def one_rank_group():
 
 
 def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = False,
-               launch_batch: int | None = None, reduce_dtype: str | None = None) -> list[Op]:
+               launch_batch: int | None = None, reduce_dtype: str | None = None, world: int = 1,
+               shard: bool = False) -> list[Op]:
     """The ops of one training step of `variant` at `batch`, with the split launches of
     `launch_batch` (default `batch`; see split_launches_of and the module docstring); with
-    `reduce_dtype`, the step of a rank of several, its gradients reduced in that dtype."""
+    `reduce_dtype`, the step of a rank of `world`, its gradients reduced in that dtype (with
+    `shard`, reduce-scattered and the update sharded: rank 0's 1/world)."""
     device = torch.device("cpu")
     reduce = reduce_dtype is not None
     with contextlib.ExitStack() as stack:
@@ -398,7 +435,8 @@ def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = 
         with env_vars(TRITON_INTERPRET="1"):
             cfg, model, runner, data = build_variant_step(
                 preset_name, COUNTED_VARIANTS[variant], batch, device, autocast=cuda_autocast_on_cpu, reduce=reduce,
-                overrides=[f"train.grad_reduce_dtype={reduce_dtype}"] if reduce else [])
+                overrides=[f"train.grad_reduce_dtype={reduce_dtype}"] if reduce else [],
+                shard_world=world if shard else None)
         noise = routed_noise(cfg, batch, device, path_drop)
         with flush_denormals(), split_launches_of(batch, launch_batch or batch):
             with Counter().counting(model):  # warm-up, not counted: optimizer state and lazy buffers come first
@@ -416,13 +454,13 @@ def extrapolate(small: dict[int, list[Op]], batch: int) -> list[Op]:
         raise RuntimeError(f"the step launches different ops at batch {b1} and {b2}: it cannot be scaled")
     scale = (batch - b1) / (b2 - b1)
     return [Op(a.phase, a.name, a.launches, a.bytes + (b.bytes - a.bytes) * scale,
-               a.flops + (b.flops - a.flops) * scale, a.wire_bytes) for a, b in zip(ops1, ops2)]
+               a.flops + (b.flops - a.flops) * scale, a.wire_bytes, a.wait) for a, b in zip(ops1, ops2)]
 
 
 def count_variant(preset_name: str, variant: str, batch: int, *, path_drop: bool = False,
-                  small=SMALL_BATCHES, reduce_dtype: str | None = None) -> list[Op]:
+                  small=SMALL_BATCHES, reduce_dtype: str | None = None, world: int = 1, shard: bool = False) -> list[Op]:
     return extrapolate({b: count_step(preset_name, variant, b, path_drop=path_drop, launch_batch=batch,
-                                      reduce_dtype=reduce_dtype) for b in small}, batch)
+                                      reduce_dtype=reduce_dtype, world=world, shard=shard) for b in small}, batch)
 
 
 # --------------------------------------------------------------------------- model and report
@@ -482,9 +520,11 @@ def top_ops(ops: list[Op], rates: dict, n: int) -> list[dict]:
 def model_communication(ops: list[Op], rates: dict, world: int, bus_gbps: float) -> dict:
     """The collectives of a rank's step (Op.wire_bytes) on the wire of `world` ranks: bytes each
     rank sends and receives (ring and NVLink SHARP), modelled time at `bus_gbps`, and how much of
-    it the compute hides (the module's docstring has the model). Times in ms from the step's
-    start, ops one after another at their modelled time."""
-    clock, end_of_backward, comm_free = 0.0, 0.0, 0.0
+    it the compute hides (the module's docstring has the model). The ops run one after another at
+    their modelled time; the collectives one after another on the communicator's stream, each
+    from its launch; at a wait (Op.wait) the step stalls until those launched before it end: the
+    stalls are the exposed time. Times in ms from the step's start."""
+    clock, comm_free, pending, exposed = 0.0, 0.0, [], 0.0
     calls = []
     for op in ops:
         if op.wire_bytes:
@@ -492,19 +532,23 @@ def model_communication(ops: list[Op], rates: dict, world: int, bus_gbps: float)
             wire_ms = op.wire_bytes * factor / (bus_gbps * 1e9) * 1e3
             start = max(clock, comm_free)
             comm_free = start + wire_ms
+            pending.append(comm_free)
             ring = op.wire_bytes * factor if op.name == "allreduce_" else op.wire_bytes * (world - 1) / world
+            # NVLink SHARP: all_reduce sends its buffer once and receives the sum once; the
+            # one-way collectives move what the ring moves
+            nvls = op.wire_bytes if op.name == "allreduce_" else ring
             calls.append(dict(op=op.name, mb=op.wire_bytes / 1e6, launched_ms=clock, start_ms=start,
-                              end_ms=comm_free, wire_ms=wire_ms, ring_send_mb=ring / 1e6,
-                              nvls_send_mb=op.wire_bytes / 1e6))
+                              end_ms=comm_free, wire_ms=wire_ms, ring_send_mb=ring / 1e6, nvls_send_mb=nvls / 1e6))
+        if op.wait and pending:
+            stall = max(0.0, max(pending) - clock)
+            exposed += stall
+            clock += stall
+            pending = []
         clock += modelled_ms(op, rates)
-        if op.phase == "backward":
-            end_of_backward = clock
-    waited_from = max((c["launched_ms"] for c in calls), default=0.0)
-    resume = max(end_of_backward, waited_from)  # where the step waits for the reduction (finish)
-    exposed = max(0.0, comm_free - resume)
-    return {"world": world, "bus_gbps": bus_gbps, "calls": calls, "wire_ms": sum(c["wire_ms"] for c in calls),
-            "exposed_ms": exposed, "overlapped_ms": sum(c["wire_ms"] for c in calls) - exposed,
-            "ring_send_mb": sum(c["ring_send_mb"] for c in calls), "nvls_send_mb": sum(c["nvls_send_mb"] for c in calls)}
+    wire = sum(c["wire_ms"] for c in calls)
+    return {"world": world, "bus_gbps": bus_gbps, "calls": calls, "wire_ms": wire, "exposed_ms": exposed,
+            "overlapped_ms": wire - exposed, "ring_send_mb": sum(c["ring_send_mb"] for c in calls),
+            "nvls_send_mb": sum(c["nvls_send_mb"] for c in calls)}
 
 
 def _gb(x: float) -> str:
@@ -573,6 +617,8 @@ def main(argv=None) -> None:
                         help="ranks: > 1 counts a rank's step with the gradient reduction and models its wire time")
     parser.add_argument("--reduce-dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                         help="with --world > 1: train.grad_reduce_dtype values, a row each")
+    parser.add_argument("--shard", nargs="+", default=["false"], choices=["false", "true"],
+                        help="with --world > 1: train.shard_optimizer values, a row each")
     parser.add_argument("--bus-gbps", type=float, default=BUS_GBPS, help=f"collective bus bandwidth ({BUS_SOURCE})")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--measure", action="store_true",
@@ -597,17 +643,19 @@ def main(argv=None) -> None:
     if args.world > 1:
         print(f"collectives: {args.bus_gbps:.0f} GB/s bus bandwidth ({BUS_SOURCE if args.bus_gbps == BUS_GBPS else 'given'})")
     results = []
-    runs = [(v, d) for v in args.variants for d in (args.reduce_dtypes if args.world > 1 else [None])]
-    for variant, dtype in runs:
-        ops = count_variant(args.preset, variant, args.batch, path_drop=args.path_drop, reduce_dtype=dtype)
+    runs = [(v, d, sh) for v in args.variants for d in (args.reduce_dtypes if args.world > 1 else [None])
+            for sh in (args.shard if args.world > 1 else ["false"])]
+    for variant, dtype, shard in runs:
+        ops = count_variant(args.preset, variant, args.batch, path_drop=args.path_drop, reduce_dtype=dtype,
+                            world=args.world, shard=shard == "true")
         summary, tops = summarize(ops, rates, args.batch), top_ops(ops, rates, args.top)
-        name = variant if dtype is None else f"{variant}, {dtype} reduction"
+        name = variant if dtype is None else f"{variant}, {dtype} reduction{', sharded' if shard == 'true' else ''}"
         print(report(name, summary, tops, args.batch), flush=True)
         row = {"variant": variant, **summary["total"], "phases": summary["phases"], "top": tops}
         if dtype is not None:
             comm = model_communication(ops, rates, args.world, args.bus_gbps)
             step_ms = summary["total"]["model_ms"] + comm["exposed_ms"]
-            row.update(reduce_dtype=dtype, world=args.world, communication=comm, step_ms=step_ms,
+            row.update(reduce_dtype=dtype, world=args.world, sharded=shard == "true", communication=comm, step_ms=step_ms,
                        run_hours=RUN_STEPS * step_ms / 3.6e6)
             print(communication_report(comm, summary["total"]["model_ms"], step_ms), flush=True)
         if args.measure:

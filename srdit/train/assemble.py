@@ -31,9 +31,9 @@ from srdit import distributed
 from srdit.config import Config, ConfigError
 from srdit.kernels.attention import remember_auto, resolve_auto_for
 from srdit.train import graphs
-from srdit.train.flat import FlatGradients, flat_view, flatten_for_training
+from srdit.train.flat import FlatGradients, ShardLayout, flat_buffer, flatten_for_training
 from srdit.train.optim import EMA, Optimizers
-from srdit.train.reduce import GradReducer
+from srdit.train.reduce import CHUNKS, GradReducer
 from srdit.train.step import StepRunner, step_autocast
 
 GPU_ONLY_ATTENTION = ("cudnn", "flash", "fa3", "fa4", "xformers")
@@ -78,17 +78,22 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
     if teacher is not None and bf16:
         teacher.precast_gemm_weights(torch.bfloat16)  # autocast would cast them at every call; same values
     if ema is None:  # before the EMA sees the weights (optimizers keep the same Parameter objects)
-        flatten_for_training(model, cfg)
-    optimizers = optimizers if optimizers is not None else Optimizers(model, cfg.train, device)
-    ema = ema if ema is not None else EMA(model, cfg.train.ema_decay, cfg.train.ema_update)
+        flatten_for_training(model, cfg, world)
+    # sharded when srdit.train built its optimizer so (the one place: shard_layout)
+    shards = (optimizers.layout if optimizers is not None and optimizers.sharded else
+              None if optimizers is not None else shard_layout(cfg, model, rank, world))
+    optimizers = optimizers if optimizers is not None else Optimizers(model, cfg.train, device, shards)
+    ema = ema if ema is not None else EMA(model, cfg.train.ema_decay, cfg.train.ema_update, shards)
     grads, reducer = FlatGradients(model), None
     if reduce is None:
         reduce = world > 1
     if reduce:
         with torch.no_grad():  # every rank starts from rank 0's weights, as DDP makes sure
-            for flat in (flat_view(list(model.parameters())), flat_view(list(ema.model.parameters()))):
+            for flat in (flat_buffer(model), flat_buffer(ema.model)):
                 dist.broadcast(flat, src=0)
-        reducer = GradReducer(grads, dtype=cfg.train.grad_reduce_dtype)
+        reducer = GradReducer(grads, dtype=cfg.train.grad_reduce_dtype, layout=shards)
+    # AdamW over flat weights reads its runs' gradients from the buffer (sharded: the shard)
+    optimizers.attach_gradients(reducer.shard if shards is not None else grads.buffer)
     train_model = model
     if cfg.train.compile:
         mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
@@ -101,6 +106,18 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
         runner = graphs.GraphedStep(runner, graph_type=graph_type)
     runner.attention = attention  # for the training log
     return runner
+
+
+def shard_layout(cfg: Config, model: torch.nn.Module, rank: int, world: int) -> ShardLayout | None:
+    """train.shard_optimizer resolved, in one place (srdit.train builds its optimizer and EMA with
+    it before build_step): each rank updates 1/world of the weights with AdamW. auto (the
+    default) shards whenever several ranks train with AdamW: the update's bytes per rank fall by
+    the world size at no extra communication (a reduce-scatter and an all-gather move what an
+    all-reduce moves), and the gather hides behind the teacher's forward (docs/training.md)."""
+    t = cfg.train
+    if world == 1 or t.shard_optimizer == "false" or t.optimizer != "adamw":
+        return None
+    return ShardLayout(model, rank, world, CHUNKS)
 
 
 def resolve_attention(cfg: Config, device: torch.device, rank: int, world: int, bf16: bool) -> str:

@@ -36,14 +36,15 @@ def _aligned(offset: int, element_size: int) -> int:
     return -(-offset // step) * step
 
 
-def flatten_parameters(module: nn.Module, order: list[int] | None = None) -> nn.Module:
+def flatten_parameters(module: nn.Module, order: list[int] | None = None, multiple: int = 1) -> nn.Module:
     """Every parameter of `module` becomes a view of one contiguous buffer, values unchanged (in
     place: optimizers and hooks keep the same Parameter objects), laid out in `order` (indices
-    into parameters(); default parameters() order). Each view starts 256 bytes aligned, as a
-    tensor of its own would: the alignment that Triton specialises on and vectorised GEMM loads
-    want does not change with the model's size (the gaps are zeros and stay zeros). Call it before
-    the EMA and the optimizers are made. Parameters of several dtypes or devices are left as they
-    are; already flat parameters too."""
+    into parameters(); default parameters() order), the buffer's length padded with zeros to a
+    multiple of `multiple` elements (equal shards for several ranks). Each view starts 256 bytes
+    aligned, as a tensor of its own would: the alignment that Triton specialises on and
+    vectorised GEMM loads want does not change with the model's size (the gaps are zeros and stay
+    zeros). Call it before the EMA and the optimizers are made. Parameters of several dtypes or
+    devices are left as they are; already flat parameters too."""
     params = list(module.parameters())
     if not params or len({(p.dtype, p.device) for p in params}) > 1 or flat_view(params) is not None:
         return module
@@ -55,7 +56,7 @@ def flatten_parameters(module: nn.Module, order: list[int] | None = None) -> nn.
     for i in order:
         offsets[i] = _aligned(end, size)
         end = offsets[i] + params[i].numel()
-    flat = torch.zeros(end, dtype=params[0].dtype, device=params[0].device)
+    flat = torch.zeros(-(-end // multiple) * multiple, dtype=params[0].dtype, device=params[0].device)
     for i, p in enumerate(params):
         view = flat[offsets[i]: offsets[i] + p.numel()].view_as(p)
         view.copy_(p.detach())
@@ -89,6 +90,16 @@ def layout_order(module: nn.Module) -> list[int] | None:
     if flat_view(params) is None:
         return None
     return sorted(range(len(params)), key=lambda i: params[i].storage_offset())
+
+
+def flat_buffer(module: nn.Module) -> torch.Tensor | None:
+    """The whole buffer `module`'s flat parameters are views of, its padding included (1-D);
+    None when they are not flat."""
+    params = list(module.parameters())
+    if flat_view(params) is None:
+        return None
+    first = params[0].detach()
+    return first.as_strided((first.untyped_storage().nbytes() // first.element_size(),), (1,), 0)
 
 
 def same_layout(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -134,11 +145,14 @@ class FlatGradients:
 
     def __init__(self, model: nn.Module):
         params = list(model.parameters())
-        flat = flat_view(params)
+        flat = flat_buffer(model)
         if flat is None:
             raise ValueError("flat gradients need flat parameters: call srdit.train.flat.flatten_parameters first")
         self.buffer = torch.zeros_like(flat)
         self.base = flat.storage_offset()
+        # the parameters' extent, without the padding to equal shards: a norm over it does not
+        # depend on the number of ranks
+        self.used = flat_view(params).numel()
         self.params = [p for p in params if p.requires_grad]
         for p in self.params:
             p.grad = self.view_of(p)
@@ -157,7 +171,7 @@ class FlatGradients:
 
     def norm(self) -> torch.Tensor:
         """The global 2-norm of every gradient: one reduction (the gaps are zeros)."""
-        return torch.linalg.vector_norm(self.buffer)
+        return torch.linalg.vector_norm(self.buffer[:self.used])
 
 
 def probe_loss(cfg, device):
@@ -187,9 +201,98 @@ def training_order(cfg) -> list[int]:
     return gradient_ready_order(model, probe_loss(cfg, torch.device("meta")))
 
 
-def flatten_for_training(model: nn.Module, cfg) -> nn.Module:
-    """flatten_parameters in gradient-ready order (see the module's docstring): what srdit.train
-    and build_step lay a fresh model out as, before its EMA and optimizers are made."""
+ALIGN = FLAT_ALIGN_BYTES // 4  # fp32 elements: each rank's piece of a chunk starts aligned
+
+
+def flatten_for_training(model: nn.Module, cfg, world: int = 1) -> nn.Module:
+    """flatten_parameters in gradient-ready order (see the module's docstring), padded so that
+    `world` ranks get equal aligned pieces: what srdit.train and build_step lay a fresh model out
+    as, before its EMA and optimizers are made. The parameters' offsets do not depend on `world`."""
     if flat_view(list(model.parameters())) is not None:
         return model
-    return flatten_parameters(model, training_order(cfg))
+    return flatten_parameters(model, training_order(cfg), multiple=world * ALIGN)
+
+
+def chunk_bounds(spans: list[tuple[int, int]], total: int, chunks: int, multiple: int = 1) -> list[int]:
+    """Chunk boundaries [0, b1, ..., total] over a buffer of `total` elements: near equal sizes,
+    each cut where a parameter's span ends (`spans`: their [start, end)), rounded to a multiple of
+    `multiple` (so that each rank's piece of a chunk is whole and aligned; `total` is one). Fewer
+    chunks when there are fewer parameters."""
+    ends = sorted(end for _, end in spans)
+    bounds = [0]
+    for k in range(1, chunks):
+        target = total * k // chunks
+        cut = min(ends, key=lambda e: abs(e - target), default=total)
+        cut = round(cut / multiple) * multiple
+        if bounds[-1] < cut < total:
+            bounds.append(cut)
+    bounds.append(total)
+    return bounds
+
+
+class ShardLayout:
+    """How `world` ranks split the flat buffers of `model` (flatten_for_training(..., world)):
+    CHUNKS contiguous chunks (chunk_bounds), each cut into `world` equal pieces; rank r owns the
+    r-th piece of every chunk. One layout serves the gradients (reduce-scatter: each rank gets the
+    sum of its pieces), the optimizer and the EMA (each rank updates its pieces) and the weights
+    (all-gather: the pieces back into every rank's chunks)."""
+
+    def __init__(self, model: nn.Module, rank: int, world: int, chunks: int):
+        params = list(model.parameters())
+        buffer = flat_buffer(model)
+        if buffer is None or (world > 1 and buffer.numel() % (world * ALIGN)):
+            raise ValueError(f"sharding over {world} ranks needs flat parameters padded for them "
+                             "(srdit.train.flat.flatten_for_training(model, cfg, world))")
+        base = buffer.storage_offset()
+        spans = [(p.storage_offset() - base, p.storage_offset() - base + p.numel()) for p in params]
+        self.rank, self.world = rank, world
+        self.total = buffer.numel()
+        self.bounds = chunk_bounds([s for s, p in zip(spans, params) if p.requires_grad], self.total, chunks,
+                                   world * ALIGN)
+        self.frozen = sorted(s for s, p in zip(spans, params) if not p.requires_grad)
+
+    @classmethod
+    def whole(cls, model: nn.Module) -> "ShardLayout":
+        """One rank's layout: the whole buffer is its one piece (the unsharded update)."""
+        return cls(model, 0, 1, 1)
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        return list(zip(self.bounds, self.bounds[1:]))
+
+    def piece(self, k: int) -> tuple[int, int]:
+        """[start, end) of this rank's piece of chunk k, in the flat buffer."""
+        a, b = self.chunks[k]
+        size = (b - a) // self.world
+        return a + self.rank * size, a + (self.rank + 1) * size
+
+    def pieces(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's piece of every chunk of a flat buffer, as views."""
+        return [buffer[slice(*self.piece(k))] for k in range(len(self.chunks))]
+
+    def compact_offsets(self) -> list[int]:
+        """Where each piece starts in a compact buffer of this rank's pieces only (the reduced
+        gradients: total / world elements)."""
+        offsets, at = [], 0
+        for k in range(len(self.chunks)):
+            offsets.append(at)
+            start, end = self.piece(k)
+            at += end - start
+        return offsets
+
+    def trainable_runs(self) -> list[tuple[int, int, int]]:
+        """(start, end, compact start) of the runs of this rank's pieces that hold no frozen
+        parameter: what the optimizer updates (weight decay must not touch a frozen weight)."""
+        runs = []
+        for k, compact in enumerate(self.compact_offsets()):
+            start, end = self.piece(k)
+            at = start
+            for f0, f1 in self.frozen:
+                if f1 <= at or f0 >= end:
+                    continue
+                if f0 > at:
+                    runs.append((at, f0, compact + at - start))
+                at = max(at, f1)
+            if at < end:
+                runs.append((at, end, compact + at - start))
+        return runs

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from srdit.config import TrainConfig
-from srdit.train.flat import flat_view, flatten_parameters, layout_order, same_layout
+from srdit.train.flat import ShardLayout, flat_buffer, flat_view, flatten_parameters, layout_order, same_layout
+from srdit.train.reduce import gather_pieces, wait_for
 
 MUON_LR = 1e-3  # the SR-DiT author's Muon run (FID 3.40)
 
@@ -40,10 +41,29 @@ def lr_factor(step: int, max_steps: int, decay_steps: int) -> float:
 
 
 class Optimizers:
-    """One or two torch optimizers stepped together, with a device-side skip flag."""
+    """One or two torch optimizers stepped together, with a device-side skip flag.
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device):
+    AdamW over flat weights (srdit.train.flat) updates runs of the flat buffer, not parameters:
+    the whole buffer's trainable runs, or with a ShardLayout of several ranks
+    (train.shard_optimizer) this rank's pieces' runs, whose gradients are then the reducer's
+    reduce-scattered shard (attach_gradients); gather_weights brings every rank's pieces back.
+    Either way the state_dict is the per-parameter one torch's AdamW writes (gathered from every
+    rank when sharded: a collective), so a checkpoint loads at any number of ranks, sharded or
+    not, and old checkpoints load too. (The same runs at one rank as at several: AdamW's
+    arithmetic per element does not depend on which tensor an element is in on a GPU; the CPU's
+    vectorised kernel rounds the last elements of a tensor apart, and the same runs keep the
+    tests' comparisons exact.)"""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, layout: ShardLayout | None = None):
         params = [p for p in model.parameters() if p.requires_grad]
+        self.layout, self.model_params = None, params
+        if cfg.optimizer == "adamw" and flat_buffer(model) is not None:
+            self.layout = layout if layout is not None else ShardLayout.whole(model)
+            self.buffer = flat_buffer(model)
+            self.runs = self.layout.trainable_runs()
+            params = [self.buffer[a:b] for a, b, _ in self.runs]  # views: the update writes the weights
+        elif layout is not None:
+            raise ValueError(f"a sharded optimizer is AdamW over flat weights (train.optimizer={cfg.optimizer})")
         # capturable: fused AdamW's math is the same either way; torch only refuses graph capture
         # without it (and warns when a capturable optimizer steps outside a graph)
         self.capturable = cfg.cuda_graphs
@@ -98,15 +118,90 @@ class Optimizers:
         # no zero_grad: the gradients are views of one flat buffer (srdit.train.flat) that the step
         # zeroes with one fill before its backward; set_to_none would cut them loose from it
 
+    @property
+    def sharded(self) -> bool:
+        return self.layout is not None and self.layout.world > 1
+
+    def attach_gradients(self, gradients: torch.Tensor) -> None:
+        """Over flat weights: each run's gradient is its fixed view of `gradients`, the flat
+        gradient buffer or, sharded, the reducer's reduce-scattered shard (compact offsets)."""
+        if self.layout is None:
+            return
+        for p, (a, b, compact) in zip(self.optimizers[0].param_groups[0]["params"], self.runs):
+            p.grad = gradients[compact: compact + (b - a)]
+
+    def gather_weights(self, wait: bool = True) -> list:
+        """Sharded: every rank's updated pieces into every rank's weights (a collective); the
+        works when not `wait`. Nothing to do unsharded."""
+        if not self.sharded:
+            return []
+        works = gather_pieces(self.buffer, self.layout)
+        if wait:
+            wait_for(works)
+            return []
+        return works
+
     def state_dict(self) -> list:
+        if self.layout is not None:
+            return [self._per_parameter_state()]
         return [o.state_dict() for o in self.optimizers]
 
     def load_state_dict(self, states: list) -> None:
+        if self.layout is not None:
+            states = [self._runs_state(states[0])]
         for opt, state in zip(self.optimizers, states, strict=True):
             opt.load_state_dict(state)
             for group in opt.param_groups:  # a checkpoint's own setting would win: this run's must
                 if "capturable" in group:
                     group["capturable"] = self.capturable
+
+
+    def _spans(self) -> list[tuple[int, int]]:
+        base = self.buffer.storage_offset()
+        return [(p.storage_offset() - base, p.storage_offset() - base + p.numel()) for p in self.model_params]
+
+    def _per_parameter_state(self) -> dict:
+        """The flat AdamW's state as torch's AdamW over the parameters writes it: moments per
+        parameter (sharded: gathered from every rank's pieces, a collective), the same step and
+        hyperparameters, indexed as the parameters are."""
+        opt = self.optimizers[0]
+        group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        group["params"] = list(range(len(self.model_params)))
+        shard_params = opt.param_groups[0]["params"]
+        if not opt.state:
+            return {"state": {}, "param_groups": [group]}
+        full = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            flat = torch.zeros_like(self.buffer)
+            for p, (a, b, _) in zip(shard_params, self.runs):
+                flat[a:b] = opt.state[p][key]
+            if self.sharded:
+                wait_for(gather_pieces(flat, self.layout))
+            full[key] = flat
+        step = opt.state[shard_params[0]]["step"]
+        state = {i: {"step": step.clone(), **{k: full[k][a:b].view_as(p).clone() for k in full}}
+                 for i, (p, (a, b)) in enumerate(zip(self.model_params, self._spans()))}
+        return {"state": state, "param_groups": [group]}
+
+    def _runs_state(self, unsharded: dict) -> dict:
+        """A per-parameter AdamW state dict (any checkpoint's) as the state of this one's runs."""
+        shard_params = self.optimizers[0].param_groups[0]["params"]
+        group = {**unsharded["param_groups"][0], "params": list(range(len(shard_params)))}
+        if not unsharded["state"]:
+            return {"state": {}, "param_groups": [group]}
+        if len(unsharded["state"]) != len(self.model_params):
+            raise ValueError(f"the checkpoint's optimizer holds {len(unsharded['state'])} parameters' state, "
+                             f"this model has {len(self.model_params)}")
+        full = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            flat = torch.zeros_like(self.buffer)
+            for i, (a, b) in enumerate(self._spans()):
+                flat[a:b] = unsharded["state"][i][key].reshape(-1).to(flat)
+            full[key] = flat
+        step = unsharded["state"][0]["step"]
+        state = {j: {"step": torch.as_tensor(step).clone(), **{k: full[k][a:b].clone() for k in full}}
+                 for j, (a, b, _) in enumerate(self.runs)}
+        return {"state": state, "param_groups": [group]}
 
 
 class EMA:
@@ -118,14 +213,15 @@ class EMA:
     model; otherwise per-parameter multi-tensor ops, whose 0-dim weights make CUDA launch one
     kernel per parameter and op."""
 
-    def __init__(self, model: nn.Module, decay: float, update: str = "release"):
+    def __init__(self, model: nn.Module, decay: float, update: str = "release", layout: ShardLayout | None = None):
         if update not in ("release", "lerp"):
             raise ValueError(f"EMA update {update!r} is not 'release' or 'lerp'")
-        self.decay, self.update_rule = decay, update
-        # laid out as the model is (deepcopy clones parameter by parameter): then the flat views of
-        # the two correspond element for element
+        self.decay, self.update_rule, self.layout = decay, update, layout
+        # laid out as the model is, padding included (deepcopy clones parameter by parameter):
+        # then the flat views of the two correspond element for element
+        source = flat_buffer(model)
         self.model = flatten_parameters(copy.deepcopy(model).float().eval().requires_grad_(False),
-                                        layout_order(model))
+                                        layout_order(model), multiple=source.numel() if source is not None else 1)
         self._ema = list(self.model.parameters())
         # detached views of the master weights, made once: optimizer steps and checkpoint loads
         # write in place, so they stay current without a per-step list of new tensors
@@ -136,7 +232,11 @@ class EMA:
         # same arithmetic per element as over the per-parameter lists
         flat = (flat_view(self._ema), None if self._upcast else flat_view(self._src))
         if None not in flat and same_layout(self._ema, self._src):
-            self._ema, self._src = [flat[0]], [flat[1]]
+            # the whole buffers, or sharded this rank's pieces of them (gather() brings the rest)
+            self.layout = layout if layout is not None else ShardLayout.whole(model)
+            self._ema, self._src = self.layout.pieces(flat_buffer(self.model)), self.layout.pieces(source)
+        elif layout is not None:
+            raise ValueError("a sharded EMA needs the model's flat fp32 parameters (flatten_for_training)")
         device = self._ema[0].device if self._ema else torch.device("cpu")
         # the release's fp32 coefficients: decay and (1 - decay) computed in float64, then rounded
         self._keep = torch.tensor(decay, dtype=torch.float32, device=device)
@@ -155,6 +255,12 @@ class EMA:
         keep = torch.where(found_inf > 0, torch.ones_like(self._keep), self._keep)
         torch._foreach_mul_(self._ema, [keep] * len(self._ema))
         torch._foreach_addcmul_(self._ema, src, [take] * len(self._ema))
+
+    def gather(self) -> None:
+        """Sharded: every rank's averaged pieces into every rank's copy (a collective), before the
+        whole average is read (checkpoint, sample grid, evaluation). Nothing to do unsharded."""
+        if self.layout is not None and self.layout.world > 1:
+            wait_for(gather_pieces(flat_buffer(self.model), self.layout))
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -1,13 +1,22 @@
-"""srdit's own gradient reduction across ranks, in place of DistributedDataParallel.
+"""srdit's own gradient reduction across ranks, in place of DistributedDataParallel, and the
+collectives of the sharded update.
 
-The flat gradient buffer (srdit.train.flat) is cut into CHUNKS contiguous chunks at parameter
-boundaries. A post-accumulate-grad hook counts the gradients that land in each chunk during the
-last micro-batch's backward; when a chunk's last gradient lands, its all_reduce is launched
+The flat gradient buffer (srdit.train.flat) is cut into CHUNKS contiguous chunks. A
+post-accumulate-grad hook counts the gradients that land in each chunk during the last
+micro-batch's backward; when a chunk's last gradient lands, its collective is launched
 asynchronously, so it runs while autograd computes the rest. The buffer is laid out in
 gradient-ready order, so the chunks complete from the first to the last. `finish()` launches what
 is left (a chunk whose parameters got no gradient this step) and waits for all: on a GPU the wait
 is a stream dependency, not a host block, and everything here is captured in the step's CUDA
 graph (srdit.train.graphs) with the rest of the step.
+
+Unsharded, each chunk is all-reduced in place. Sharded (train.shard_optimizer; a ShardLayout:
+each chunk cut into world equal pieces, rank r owning the r-th), each chunk is reduce-scattered:
+rank r receives the sum of its pieces only, in `shard`, the gradients of its part of the update
+(srdit.train.optim: AdamW and the EMA on the pieces). The updated pieces go back to every rank by
+an all-gather (gather_pieces) launched at the start of the next step, behind the teacher's forward,
+and waited for before the student's forward (srdit.train.step). A reduce-scatter and an all-gather
+move what an all-reduce moves; the update's bytes per rank fall by the world size.
 
 Arithmetic: the step seeds each rank's backward with 1 / (grad_accum x world) (srdit.train.step),
 so a rank's gradient arrives already divided by the world size and the all_reduce sums. DDP
@@ -37,40 +46,70 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from srdit.train.flat import FlatGradients
+from srdit.train.flat import FlatGradients, ShardLayout, chunk_bounds
 
 CHUNKS = 4  # a few, so the first all_reduce starts a quarter into the backward; fewer launches than DDP's 25 MB buckets
 REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def chunk_bounds(spans: list[tuple[int, int]], total: int, chunks: int) -> list[int]:
-    """Chunk boundaries [0, b1, ..., total] over a buffer of `total` elements, cut only where a
-    parameter's span ends and near equal sizes; `spans` are the parameters' [start, end) in
-    buffer order. Fewer chunks when there are fewer parameters."""
-    ends = sorted(end for _, end in spans)
-    bounds = [0]
-    for k in range(1, chunks):
-        target = total * k // chunks
-        cut = min(ends, key=lambda e: abs(e - target), default=total)
-        if bounds[-1] < cut < total:
-            bounds.append(cut)
-    bounds.append(total)
-    return bounds
+def _all_reduce(tensor, group):
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+def _reduce_scatter(output, input, group):
+    # torch 2.14 renames reduce_scatter_tensor (the GPU image's torch 2.11 has only the old name)
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+def _all_gather(output, input, group):
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group, async_op=True)
+
+
+def gather_pieces(buffer: torch.Tensor, layout: ShardLayout, group=None) -> list:
+    """Launch the all-gather of every rank's pieces of a flat buffer into every rank's copy, in
+    place (each rank's input is its own piece of the output), chunk by chunk; returns the works
+    to wait for. What the weights and the EMA go through after a sharded update."""
+    return [_all_gather(buffer[a:b], buffer[slice(*layout.piece(k))], group)
+            for k, (a, b) in enumerate(layout.chunks)]
+
+
+def wait_for(works: list) -> None:
+    """Wait for collectives (on a GPU: the current stream waits, the host does not); a profiler
+    range marks the point, where bench/traffic.py's model makes the step wait too."""
+    with torch.profiler.record_function("wait"):
+        for work in works:
+            work.wait()
 
 
 class GradReducer:
-    """Sum the flat gradients of every rank in place (each already divided by the world size)."""
+    """Sum the flat gradients of every rank (each already divided by the world size): in place
+    with all_reduce, or, with a ShardLayout, reduce-scattered into `shard`, a compact buffer of
+    this rank's pieces (the sharded optimizer's gradients)."""
 
-    def __init__(self, grads: FlatGradients, *, dtype: str = "fp32", chunks: int = CHUNKS, group=None):
-        self.grads, self.group = grads, group
+    def __init__(self, grads: FlatGradients, *, dtype: str = "fp32", chunks: int = CHUNKS, group=None,
+                 layout: ShardLayout | None = None):
+        self.grads, self.group, self.layout = grads, group, layout
         self.dtype = REDUCE_DTYPES[dtype]
         spans = {id(p): grads.span(p) for p in grads.params}
-        self.bounds = chunk_bounds(list(spans.values()), grads.buffer.numel(), chunks)
+        self.bounds = layout.bounds if layout is not None else chunk_bounds(list(spans.values()), grads.buffer.numel(),
+                                                                            chunks)
         self.chunks = [grads.buffer[a:b] for a, b in zip(self.bounds, self.bounds[1:])]
         self.staging = (None if self.dtype == grads.buffer.dtype else
                         [torch.empty(c.numel(), dtype=self.dtype, device=c.device) for c in self.chunks])
-        self.chunk_of = {key: self._chunk_index(start) for key, (start, _) in spans.items()}
-        self.members = [sum(1 for k in self.chunk_of.values() if k == i) for i in range(len(self.chunks))]
+        self.shard = self.shard_staging = None
+        if layout is not None:
+            self.shard = torch.zeros(grads.buffer.numel() // layout.world, dtype=grads.buffer.dtype,
+                                     device=grads.buffer.device)
+            offsets = layout.compact_offsets() + [self.shard.numel()]
+            self.shard_pieces = [self.shard[a:b] for a, b in zip(offsets, offsets[1:])]
+            if self.staging is not None:
+                self.shard_staging = [torch.empty(p.numel(), dtype=self.dtype, device=p.device) for p in self.shard_pieces]
+        # a parameter belongs to every chunk it overlaps (a sharded chunk may cut one)
+        self.chunks_of = {key: [i for i, (a, b) in enumerate(zip(self.bounds, self.bounds[1:])) if start < b and a < end]
+                          for key, (start, end) in spans.items()}
+        self.members = [sum(1 for ks in self.chunks_of.values() if i in ks) for i in range(len(self.chunks))]
         self.armed, self.remaining, self.works = False, [], []
         # of the last reduction: the chunks in the order they went out, and how many gradients had
         # landed when each did (the overlap with the backward: bench/traffic.py models it)
@@ -78,9 +117,6 @@ class GradReducer:
         self.landed_at_launch: list[int] = []
         self.landed = 0
         self.hooks = [p.register_post_accumulate_grad_hook(self._landed) for p in grads.params]
-
-    def _chunk_index(self, start: int) -> int:
-        return max(i for i, b in enumerate(self.bounds[:-1]) if b <= start)
 
     def arm(self) -> None:
         """The next backward is the step's last: reduce each chunk as it completes."""
@@ -90,18 +126,22 @@ class GradReducer:
     def _landed(self, p: torch.Tensor) -> None:
         if not self.armed:
             return
-        i = self.chunk_of[id(p)]
         self.landed += 1
-        self.remaining[i] -= 1
-        if self.remaining[i] == 0:
-            self._launch(i)
+        for i in self.chunks_of[id(p)]:
+            self.remaining[i] -= 1
+            if self.remaining[i] == 0:
+                self._launch(i)
 
     def _launch(self, i: int) -> None:
         tensor = self.chunks[i]
         if self.staging is not None:
             self.staging[i].copy_(tensor)
             tensor = self.staging[i]
-        self.works[i] = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        if self.layout is None:
+            self.works[i] = _all_reduce(tensor, self.group)
+        else:
+            out = self.shard_pieces[i] if self.shard_staging is None else self.shard_staging[i]
+            self.works[i] = _reduce_scatter(out, tensor, self.group)
         self.launch_order.append(i)
         self.landed_at_launch.append(self.landed)
 
@@ -113,8 +153,11 @@ class GradReducer:
         for i, work in enumerate(self.works):
             if work is None:
                 self._launch(i)
-        for i, work in enumerate(self.works):
-            work.wait()
-            if self.staging is not None:
-                self.chunks[i].copy_(self.staging[i])
+        wait_for(self.works)
+        if self.staging is not None:  # back from bf16
+            for i in range(len(self.chunks)):
+                if self.layout is None:
+                    self.chunks[i].copy_(self.staging[i])
+                else:
+                    self.shard_pieces[i].copy_(self.shard_staging[i])
         self.armed, self.works = False, []

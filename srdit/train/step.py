@@ -16,7 +16,7 @@ from srdit.model.dinov2 import repa_targets
 from srdit.train.loss import StepNoise, diffusion_loss
 from srdit.train.flat import FlatGradients
 from srdit.train.optim import EMA, Optimizers
-from srdit.train.reduce import GradReducer
+from srdit.train.reduce import GradReducer, wait_for
 
 LOSS_PARTS = ("vel", "repa", "cls", "cfm", "disp")
 
@@ -101,6 +101,19 @@ class StepRunner:
         # autocast: a context factory (build_step resolves it: step_autocast by default), None for fp32
         self.autocast = autocast if autocast is not None else contextlib.nullcontext
 
+    def norm_and_skip(self, total_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global gradient norm and the skip flag (1.0: a non-finite loss or gradient). Sharded,
+        each rank holds 1/world of the summed gradients: the norm is the square root of the
+        all-reduced sum of the shards' squared norms (summed in another order than one norm over
+        the whole buffer: equal to rounding), and a non-finite loss on any rank skips everywhere."""
+        if self.reducer is None or self.reducer.shard is None:
+            grad_norm = self.grads.norm()
+            return grad_norm, (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
+        local = torch.stack([torch.linalg.vector_norm(self.reducer.shard).square(), (~torch.isfinite(total_sum)).float()])
+        dist.all_reduce(local)  # a device collective: captured with the step
+        grad_norm = local[0].sqrt()
+        return grad_norm, ((~torch.isfinite(grad_norm)) | (local[1] > 0)).float()
+
     def clip(self, grad_norm: torch.Tensor) -> torch.Tensor | None:
         """Gradient clipping to train.grad_clip, as torch's clip_grad_norm_: g * min(1, c / (|g| +
         1e-6)). Fused AdamW takes it as its grad_scale (it divides each gradient by it as it reads
@@ -132,10 +145,16 @@ class StepRunner:
         parts_sum = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
         total_sum = torch.zeros((), device=self.device)
         self.grads.zero()  # one fill; backward accumulates into the buffer's views in place
+        # sharded: the last step updated only this rank's pieces of the weights; gather the rest
+        # behind the teacher's forward, which does not read them
+        gathering = self.optimizers.gather_weights(wait=False)
         for i, batch in enumerate(micro_batches):
             rows = noise.rows(offset + i * micro, offset + (i + 1) * micro)
             with phase("teacher"):
                 teacher = self.teacher_targets(batch)
+            if gathering:
+                wait_for(gathering)
+                gathering = []
             if self.reducer is not None and i == accum - 1:
                 self.reducer.arm()  # chunks go out as their gradients complete in this backward
             with phase("forward+loss"), self.autocast():
@@ -153,8 +172,7 @@ class StepRunner:
                 self.reducer.finish()
         with phase("clip"):
             # measured also with clipping off (train.grad_clip=0): the log and the skip flag use it
-            grad_norm = self.grads.norm()
-            found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
+            grad_norm, found_inf = self.norm_and_skip(total_sum)
             grad_scale = self.clip(grad_norm)
         with phase("optimizer"):
             self.optimizers.step(found_inf, grad_scale)

@@ -135,7 +135,8 @@ from bench import traffic
 rates = {"matmul_tflops": 1.0, "copy_gbps": 1.0}  # 1 GB/s: an op of 1e6 bytes takes 1 ms
 bwd = lambda: traffic.Op("backward", "mm", 1, 1e6, 0.0)
 chunk = lambda: traffic.Op("reduce", "allreduce_", 1, 0.0, 0.0, wire_bytes=3e6)
-ops = [bwd(), chunk(), bwd(), chunk(), traffic.Op("clip", "norm", 1, 1e6, 0.0)]
+wait = traffic.Op("reduce", "wait", 0, 0.0, 0.0, wait=True)
+ops = [bwd(), chunk(), bwd(), chunk(), wait, traffic.Op("clip", "norm", 1, 1e6, 0.0)]
 print(json.dumps(traffic.model_communication(ops, rates, world=4, bus_gbps=3 * 2 * 3 / 4)))
 """
 
@@ -143,8 +144,8 @@ print(json.dumps(traffic.model_communication(ops, rates, world=4, bus_gbps=3 * 2
 def test_the_reduction_model_overlaps_chunks_with_the_backward_in_closed_form():
     """4 ranks: all_reduce's algorithm bandwidth is bus / (2 (N-1) / N) = 3 GB/s here, so a 3 MB
     chunk takes 1 ms on the wire. Chunk 1 goes out at 1 ms (after the first backward op) and ends
-    at 2; chunk 2 at 2 ms, ends at 3; the backward ends at 2: 1 ms exposed, 1 ms hidden. Each rank
-    sends 2 (N-1)/N of a chunk with the ring, a chunk with NVLink SHARP."""
+    at 2; chunk 2 at 2 ms, ends at 3; the step waits at 2 (the backward's end): 1 ms exposed, 1 ms
+    hidden. Each rank sends 2 (N-1)/N of a chunk with the ring, a chunk with NVLink SHARP."""
     comm = json.loads(run_python("-c", OVERLAP).strip().splitlines()[-1])
     assert [(c["start_ms"], c["end_ms"]) for c in comm["calls"]] == [(1.0, 2.0), (2.0, 3.0)]
     assert comm["exposed_ms"] == pytest.approx(1.0) and comm["overlapped_ms"] == pytest.approx(1.0)
@@ -176,3 +177,23 @@ def test_world_counts_a_ranks_step_with_its_reduction(tmp_path):
         assert row["run_hours"] == pytest.approx(400_000 * row["step_ms"] / 3.6e6)
         # chunk launches, and with bf16 the copies back, in the reduce phase
         assert row["phases"]["reduce"]["launches"] == CHUNKS * (1 if element == 4 else 2)
+
+
+def test_shard_counts_a_reduce_scatter_a_gather_and_a_smaller_update(tmp_path):
+    """--shard true: the chunks are reduce-scattered and the weights all-gathered (each a chunk's
+    whole buffer on the wire, (N-1)/N of it sent), AdamW and the EMA move 1/N of their bytes."""
+    out = tmp_path / "traffic.json"
+    run_python(os.path.join(ROOT, "bench", "traffic.py"), "--preset", "quickstart", "--batch", "8", "--world", "4",
+               "--variants", "kernels", "--shard", "false", "true", "--top", "1", "--json", str(out))
+    plain, sharded = json.loads(out.read_text())["variants"]
+    assert not plain["sharded"] and sharded["sharded"]
+    calls = [c["op"] for c in sharded["communication"]["calls"]]
+    assert calls.count("_reduce_scatter_base_") == calls.count("_allgather_base_") > 0
+    wire = lambda row, op: sum(c["mb"] for c in row["communication"]["calls"] if c["op"] == op)  # noqa: E731
+    # the same buffer, padded for 4 equal aligned pieces (at most 4 x 64 elements more)
+    assert 0 <= wire(sharded, "_reduce_scatter_base_") - wire(plain, "allreduce_") <= 4 * 256 / 1e6
+    assert wire(sharded, "_allgather_base_") == pytest.approx(wire(sharded, "_reduce_scatter_base_"))
+    # the ring moves the same bytes: a reduce-scatter and an all-gather are an all-reduce
+    assert sharded["communication"]["ring_send_mb"] == pytest.approx(plain["communication"]["ring_send_mb"], rel=1e-3)
+    for phase in ("optimizer", "ema"):
+        assert sharded["phases"][phase]["bytes"] == pytest.approx(plain["phases"][phase]["bytes"] / 4, rel=0.05), phase

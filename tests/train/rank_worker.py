@@ -4,10 +4,13 @@ or alone as one process. Runs the scenarios named on the command line on a tiny 
 with gloo and saves what the tests compare to OUT/rank<R>.pt.
 
 Scenarios:
-  train ACCUM GRAPHS DTYPE  steps of build_step's step (the global batch split over the ranks and
+  train:ACCUM:GRAPHS:DTYPE[:shard=..:clip=..:save=NAME@STEP:load=NAME:start=N:steps=N]
+                            steps of build_step's step (the global batch split over the ranks and
                             ACCUM micro-batches; EagerReplay graphs when GRAPHS=1; the gradient
-                            sum in DTYPE), both path-drop branches: per-step values, final model,
-                            EMA and optimizer state, gradient addresses, the collectives issued
+                            sum in DTYPE; train.shard_optimizer, train.grad_clip), both path-drop
+                            branches: per-step values, final model, EMA and optimizer state (as a
+                            checkpoint holds them), gradient addresses, the collectives issued;
+                            save/load a checkpoint of model, EMA and optimizer in OUT
   ddp DTYPE                 one backward reduced by srdit's reducer and by torch's DDP, and each
                             rank's own unreduced gradient (for the bf16 bound)
 """
@@ -30,7 +33,7 @@ TINY = ["model.hidden=32", "model.heads=2", "model.depth=5", "model.projector_di
         "train.lr_decay_steps=0", "train.global_batch=8", "model.kernels=eager"]
 STEPS = 4  # host coins with seed 7 at p=0.5 give both branches in 4 steps (checked by the tests)
 COLLECTIVES = ("all_reduce", "broadcast", "barrier", "all_gather_object", "broadcast_object_list", "all_gather",
-               "reduce_scatter_tensor", "all_gather_into_tensor")
+               "reduce_scatter_tensor", "all_gather_into_tensor", "reduce_scatter_single", "all_gather_single")
 
 
 class CollectiveLog:
@@ -69,36 +72,61 @@ def global_batches(cfg, steps, device):
         yield batch, noise
 
 
-def train(rank, world, accum, graphs, dtype):
-    cfg = apply_overrides(preset("quickstart"), [*TINY, f"train.grad_accum={accum}", f"train.cuda_graphs={graphs}",
-                                                 f"train.grad_reduce_dtype={dtype}"])
+def train(rank, world, accum, graphs, dtype, *, shard="false", clip=None, save=None, load=None, start=0,
+          steps=STEPS, out="."):
+    """`steps` steps of build_step's step from step `start` (the data and noise of the steps
+    before are drawn and skipped; `load`: the checkpoint file they left, in out/), the checkpoint
+    saved to out/`save`=NAME@STEP after that step (all ranks take part: gathers)."""
+    overrides = [*TINY, f"train.grad_accum={accum}", f"train.cuda_graphs={graphs}", f"train.grad_reduce_dtype={dtype}",
+                 f"train.shard_optimizer={shard}"] + ([f"train.grad_clip={clip}"] if clip else [])
+    cfg = apply_overrides(preset("quickstart"), overrides)
     torch.manual_seed(0)
     model = build_model(cfg)
     step = build_step(cfg, model, None, device=torch.device("cpu"), rank=rank, world=world,
                       graph_type=EagerReplay if graphs else None)
     runner = step.runner if graphs else step
+    if load:
+        sd = torch.load(os.path.join(out, load), weights_only=True)
+        model.load_state_dict(sd["model"])
+        runner.ema.load_state_dict(sd["ema"])
+        runner.optimizers.load_state_dict(sd["optimizer"])
     micro = cfg.train.global_batch // world // accum
     values, coins, addresses = [], [], []
     with CollectiveLog() as log:
-        for batch, noise in global_batches(cfg, STEPS, torch.device("cpu")):
+        for index, (batch, noise) in enumerate(global_batches(cfg, start + steps, torch.device("cpu"))):
+            if index < start:
+                continue
             first = rank * micro * accum
             micro_batches = [{k: v[first + i * micro: first + (i + 1) * micro] for k, v in batch.items()}
                              for i in range(accum)]
-            out = step.run(micro_batches, noise)
+            out_values = step.run(micro_batches, noise)
             if world > 1:  # the global batch's values, as DeviceMetrics logs them
-                out = {k: v.clone() for k, v in out.items()}
-                dist.all_reduce(out["loss"])
-                out["loss"] /= world
-            values.append({k: v.clone() for k, v in out.items()})
+                out_values = {k: v.clone() for k, v in out_values.items()}
+                dist.all_reduce(out_values["loss"])
+                out_values["loss"] /= world
+            values.append({k: v.clone() for k, v in out_values.items()})
             coins.append(noise.path_drop)
             addresses.append([p.grad.data_ptr() for p in runner.grads.params])
-    opt = runner.optimizers.optimizers[0]
+            if save and index + 1 == int(save.split("@")[1]):
+                state = checkpoint_of(model, runner)
+                if rank == 0:
+                    torch.save(state, os.path.join(out, save.split("@")[0]))
+    state = checkpoint_of(model, runner)
     return {"values": values, "coins": coins, "addresses": addresses, "collectives": log.calls,
             "views": [runner.grads.view_of(p).data_ptr() for p in runner.grads.params],
-            "model": {k: v.clone() for k, v in model.state_dict().items()},
+            "model": state["model"], "ema": state["ema"],
+            "optimizer": [state["optimizer"][0]["state"][i] for i in sorted(state["optimizer"][0]["state"])],
+            "launch_order": list(runner.reducer.launch_order) if runner.reducer else [],
+            "sharded": runner.reducer is not None and runner.reducer.shard is not None}
+
+
+def checkpoint_of(model, runner) -> dict:
+    """What TrainState.state_dict puts in a checkpoint of these (a collective when sharded)."""
+    runner.optimizers.gather_weights()
+    runner.ema.gather()
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
             "ema": {k: v.clone() for k, v in runner.ema.state_dict().items()},
-            "optimizer": [{k: v.clone() for k, v in opt.state[p].items()} for p in opt.param_groups[0]["params"]],
-            "launch_order": list(runner.reducer.launch_order) if runner.reducer else []}
+            "optimizer": runner.optimizers.state_dict()}
 
 
 def ddp(rank, world, dtype):
@@ -139,8 +167,12 @@ def main(out, *scenarios):
     results = {}
     for spec in scenarios:
         name, *args = spec.split(":")
-        if name == "train":
-            results[spec] = train(rank, world, int(args[0]), args[1] == "1", args[2])
+        if name == "train":  # train:ACCUM:GRAPHS:DTYPE[:key=value ...] (train()'s keywords)
+            extra = dict(a.split("=", 1) for a in args[3:])
+            for key in ("start", "steps"):
+                if key in extra:
+                    extra[key] = int(extra[key])
+            results[spec] = train(rank, world, int(args[0]), args[1] == "1", args[2], out=out, **extra)
         elif name == "ddp":
             results[spec] = ddp(rank, world, args[0])
         else:

@@ -8,10 +8,10 @@ import torch.distributed as dist
 
 from srdit.config import apply_overrides, preset
 from srdit.model import build_model
-from srdit.train.flat import (FlatGradients, flat_view, flatten_for_training, flatten_parameters,
+from srdit.train.flat import (FlatGradients, chunk_bounds, flat_view, flatten_for_training, flatten_parameters,
                               gradient_ready_order, probe_loss, training_order)
 from srdit.train.optim import EMA
-from srdit.train.reduce import GradReducer, chunk_bounds
+from srdit.train.reduce import GradReducer
 
 TINY = ["model.hidden=32", "model.heads=2", "model.depth=5", "model.projector_dim=32"]
 CPU = torch.device("cpu")
@@ -97,6 +97,8 @@ def test_chunks_are_cut_at_parameter_ends_into_near_equal_parts():
     assert chunk_bounds(spans, 100, 2) == [0, 50, 100]
     assert chunk_bounds(spans, 100, 4) == [0, 10, 50, 70, 100]  # the ends nearest 25, 50 and 75
     assert chunk_bounds(spans[:1], 10, 4) == [0, 10]
+    # the ends nearest 32, 64 and 96 (50, 70, 100) rounded to multiples of 32: 64, 64 (one cut), 96
+    assert chunk_bounds(spans, 128, 4, multiple=32) == [0, 64, 96, 128]
 
 
 def test_chunks_go_out_during_the_backward_in_buffer_order(one_rank_group):

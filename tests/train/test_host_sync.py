@@ -25,7 +25,8 @@ def test_a_training_step_reads_nothing_on_the_host(kernels, cached):
     cfg, runner = build_runner(META, f"model.kernels={kernels}", f"model.batched_adaln={kernels == 'triton'}",
                                teacher=not cached, optimizers=SimpleNamespace(
                                    step=lambda found_inf, grad_scale: flags.append((found_inf, grad_scale)),
-                                   device_skip=True))
+                                   device_skip=True, sharded=False, gather_weights=lambda wait=True: [],
+                                   attach_gradients=lambda gradients: None))
     micro, accum = 2, 2
     batches = [synthetic_batch(cfg, micro, META, cached=cached) for _ in range(accum)]
     host = torch.Generator().manual_seed(0)

@@ -13,19 +13,16 @@ All launches run once per module (each costs a few seconds of torch imports per 
 parallel; every rank runs with one thread, as does the one-rank reference (CPU reductions split
 by thread count).
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-LAUNCHES = {  # name: (ranks, scenarios)
-    "one": (1, ["train:2:0:fp32", "train:4:0:fp32"]),
-    "two": (2, ["train:1:0:fp32", "train:1:1:fp32", "train:1:0:bf16", "ddp:fp32", "ddp:bf16"]),
-    "four": (4, ["train:1:0:fp32", "ddp:fp32"]),
+from ranks import assert_state_equal, launch
+# the reduction alone, unsharded (issue 23's sharded update: test_sharding.py)
+ONE_ACCUM2, ONE_ACCUM4 = "train:2:0:fp32:shard=false", "train:4:0:fp32:shard=false"
+PLAIN, GRAPHED, BF16 = "train:1:0:fp32:shard=false", "train:1:1:fp32:shard=false", "train:1:0:bf16:shard=false"
+LAUNCHES = {  # name: (ranks, scenarios: rank_worker.py)
+    "one": (1, [ONE_ACCUM2, ONE_ACCUM4]),
+    "two": (2, [PLAIN, GRAPHED, BF16, "ddp:fp32", "ddp:bf16"]),
+    "four": (4, [PLAIN, "ddp:fp32"]),
 }
 # 4 steps at the quickstart's lr 3e-3: weights move by ~lr per step, and a difference of fp32
 # rounding in a gradient changes an Adam update by far less than that
@@ -35,37 +32,11 @@ BF16_UNIT = 2.0 ** -8  # bf16 keeps 8 significant bits: a rounding moves a value
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    procs = {}
-    for name, (ranks, scenarios) in LAUNCHES.items():
-        out = tmp_path_factory.mktemp(name)
-        launcher = [sys.executable]
-        if ranks > 1:
-            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-        procs[name] = (out, ranks, subprocess.Popen([*launcher, os.path.join(HERE, "rank_worker.py"), str(out),
-                                                     *scenarios], env=ENV, cwd=HERE, stdout=subprocess.PIPE,
-                                                    stderr=subprocess.STDOUT, text=True))
-    results = {}
-    for name, (out, ranks, proc) in procs.items():
-        output, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, output
-        results[name] = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(ranks)]
-    return results
-
-
-def assert_state_equal(a, b, **tol):
-    check = (lambda x, y: torch.testing.assert_close(x, y, **tol)) if tol else \
-        (lambda x, y: torch.testing.assert_close(x, y, rtol=0, atol=0))
-    for key in ("model", "ema"):
-        assert a[key].keys() == b[key].keys()
-        for k in a[key]:
-            check(a[key][k], b[key][k])
-    for x, y in zip(a["optimizer"], b["optimizer"], strict=True):
-        for k in x:
-            check(x[k], y[k])
+    return launch(LAUNCHES, tmp_path_factory)
 
 
 def test_two_ranks_equal_one_rank_with_two_accumulation_steps_bit_for_bit(runs):
-    one, (r0, r1) = runs["one"][0]["train:2:0:fp32"], [r["train:1:0:fp32"] for r in runs["two"]]
+    one, (r0, r1) = runs["one"][0][ONE_ACCUM2], [r[PLAIN] for r in runs["two"]]
     assert set(one["coins"]) == {False, True}  # both path-drop branches were taken
     for rank in (r0, r1):
         assert_state_equal(rank, one)
@@ -75,9 +46,9 @@ def test_two_ranks_equal_one_rank_with_two_accumulation_steps_bit_for_bit(runs):
 
 
 def test_four_ranks_equal_one_rank_with_four_accumulation_steps_to_rounding(runs):
-    one = runs["one"][0]["train:4:0:fp32"]
+    one = runs["one"][0][ONE_ACCUM4]
     for rank in runs["four"]:
-        rank = rank["train:1:0:fp32"]
+        rank = rank[PLAIN]
         assert_state_equal(rank, one, **FOUR_RANKS_TOL)
         for a, b in zip(rank["values"], one["values"], strict=True):
             torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-6, atol=0)
@@ -86,7 +57,7 @@ def test_four_ranks_equal_one_rank_with_four_accumulation_steps_to_rounding(runs
 
 def test_the_graphed_step_on_two_ranks_equals_the_plain_one_through_both_branches(runs):
     for rank in runs["two"]:
-        plain, graphed = rank["train:1:0:fp32"], rank["train:1:1:fp32"]
+        plain, graphed = rank[PLAIN], rank[GRAPHED]
         assert set(graphed["coins"]) == {False, True}
         assert_state_equal(graphed, plain)
         for a, b in zip(graphed["values"], plain["values"], strict=True):
@@ -107,7 +78,7 @@ def test_every_rank_issues_the_same_collectives_and_draws_the_same_coins(runs):
 
 
 def test_gradients_stay_at_the_flat_buffers_addresses_across_steps(runs):
-    for spec in ("train:1:0:fp32", "train:1:1:fp32"):
+    for spec in (PLAIN, GRAPHED):
         rank = runs["two"][0][spec]
         assert all(step == rank["views"] for step in rank["addresses"])
 
@@ -139,7 +110,7 @@ def test_the_bf16_reduction_is_within_its_stated_bound(runs):
 
 def test_two_bf16_ranks_stay_close_to_fp32(runs):
     for rank in runs["two"]:
-        a, b = rank["train:1:0:bf16"], rank["train:1:0:fp32"]
+        a, b = rank[BF16], rank[PLAIN]
         for x, y in zip(a["values"], b["values"]):
             torch.testing.assert_close(x["loss"], y["loss"], rtol=1e-2, atol=0)
         assert_state_equal(a, b, rtol=5e-2, atol=5e-3)

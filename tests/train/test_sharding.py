@@ -1,0 +1,120 @@
+"""Each rank updates 1/world of the weights (train.shard_optimizer; srdit.train.flat.ShardLayout,
+the reducer's reduce-scatter, the sharded AdamW and EMA, the gather of the weights behind the
+teacher), on gloo ranks launched as torchrun launches srdit.train (rank_worker.py).
+
+What is equal bit for bit, and why. The update is elementwise: given the same summed gradients
+and the same clip coefficient, AdamW and the EMA give the same bits on a piece as on the whole.
+At 2 ranks a reduce-scatter sums the same two terms as an all-reduce (a + b), so sharded equals
+unsharded bit for bit when the clip is inactive (train.grad_clip huge: its coefficient is then
+exactly 1). With the clip active the coefficient comes from the norm summed in another order
+(shards, then ranks): equal to fp32 rounding, and the weights with it. A checkpoint holds whole
+tensors (gathered), the same format sharded or not, so it resumes at any world size: bit for bit
+where the summed gradients are (the same world size, or 2 ranks to 1 rank with 2 micro-batches:
+g1/2 + g2/2 either way); from 4 ranks to 2 or 1 the same micro-batches' gradients are summed in
+another association (floating-point addition is not associative), so to fp32 rounding.
+"""
+import pytest
+import torch
+from ranks import assert_state_equal, launch
+
+OFF = "clip=1e9"  # the clip's coefficient exactly 1: the update is elementwise end to end
+S2, U2 = f"train:1:0:fp32:shard=true:{OFF}:save=ckpt2.pt@2", f"train:1:0:fp32:shard=false:{OFF}"
+S2_GRAPHED, S2_BF16 = f"train:1:1:fp32:shard=true:{OFF}", f"train:1:0:bf16:shard=true:{OFF}"
+S2_CLIP, U2_CLIP = "train:1:0:fp32:shard=auto:clip=0.3", "train:1:0:fp32:shard=false:clip=0.3"  # norms 0.47-0.73
+S4, U4 = f"train:1:0:fp32:shard=true:{OFF}:save=ckpt4.pt@2", f"train:1:0:fp32:shard=false:{OFF}"
+FIRST = {"two": (2, [S2, U2, S2_GRAPHED, S2_BF16, S2_CLIP, U2_CLIP]), "four": (4, [S4, U4])}
+# the step's clip coefficient: a norm of the same gradients summed in another order
+CLIP_TOL = dict(rtol=1e-5, atol=1e-6)
+FOUR_RANKS_TOL = dict(rtol=1e-4, atol=1e-5)  # as test_ranks.py: another association of the same sums
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    return launch(FIRST, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def resumed(first, tmp_path_factory):
+    ckpt4 = tmp_path_factory.getbasetemp() / "four0" / "ckpt4.pt"
+    ckpt2 = tmp_path_factory.getbasetemp() / "two0" / "ckpt2.pt"
+    assert ckpt4.exists() and ckpt2.exists()
+    rest = f"{OFF}:start=2:steps=2"
+    return launch({
+        "on4": (4, [f"train:1:0:fp32:shard=true:load={ckpt4}:{rest}"]),
+        "on2": (2, [f"train:2:0:fp32:shard=true:load={ckpt4}:{rest}"]),
+        "on1": (1, [f"train:4:0:fp32:load={ckpt4}:{rest}", f"train:2:0:fp32:load={ckpt2}:{rest}"]),
+    }, tmp_path_factory)
+
+
+def test_the_sharded_path_ran_and_every_rank_issued_the_same_collectives(first):
+    for name, spec in (("two", S2), ("four", S4)):
+        calls = first[name][0][spec]["collectives"]
+        assert first[name][0][spec]["sharded"] and not first[name][0][U2 if name == "two" else U4]["sharded"]
+        names = {c[0] for c in calls}
+        assert names & {"reduce_scatter_single", "reduce_scatter_tensor"}, names
+        assert names & {"all_gather_single", "all_gather_into_tensor"}, names
+        for other in first[name][1:]:
+            assert other[spec]["collectives"] == calls and other[spec]["coins"] == first[name][0][spec]["coins"]
+        assert set(first[name][0][spec]["coins"]) == {False, True}  # both path-drop branches
+
+
+def test_sharded_equals_unsharded_bit_for_bit_at_two_ranks_with_the_clip_inactive(first):
+    for rank in first["two"]:
+        sharded, unsharded = rank[S2], rank[U2]
+        assert_state_equal(sharded, unsharded)
+        for a, b in zip(sharded["values"], unsharded["values"], strict=True):
+            assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["skipped"], b["skipped"])
+            torch.testing.assert_close(a["grad_norm"], b["grad_norm"], **CLIP_TOL)
+
+
+def test_with_the_clip_active_sharded_follows_unsharded_to_the_coefficients_rounding(first):
+    for rank in first["two"]:
+        sharded, unsharded = rank[S2_CLIP], rank[U2_CLIP]
+        norms = [v["grad_norm"].item() for v in unsharded["values"]]
+        assert min(norms) > 0.3, norms  # the clip acted at every step
+        for a, b in zip(sharded["values"], unsharded["values"], strict=True):
+            torch.testing.assert_close(a["grad_norm"], b["grad_norm"], **CLIP_TOL)
+        assert_state_equal(sharded, unsharded, **FOUR_RANKS_TOL)
+
+
+def test_at_four_ranks_sharded_follows_unsharded_to_the_sums_association(first):
+    for rank in first["four"]:
+        assert_state_equal(rank[S4], rank[U4], **FOUR_RANKS_TOL)
+
+
+def test_the_graphed_sharded_step_equals_the_plain_sharded_one(first):
+    for rank in first["two"]:
+        assert_state_equal(rank[S2_GRAPHED], rank[S2])
+        for a, b in zip(rank[S2_GRAPHED]["values"], rank[S2]["values"], strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_sharded_reduction_stays_close(first):
+    for rank in first["two"]:
+        for a, b in zip(rank[S2_BF16]["values"], rank[S2]["values"], strict=True):
+            torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-2, atol=0)
+        assert_state_equal(rank[S2_BF16], rank[S2], rtol=5e-2, atol=5e-3)
+
+
+def test_a_four_rank_checkpoint_resumes_on_four_bit_for_bit(first, resumed):
+    straight = first["four"][0][S4]
+    for rank in resumed["on4"]:
+        (run,) = rank.values()
+        assert_state_equal(run, straight)
+        assert [v["loss"] for v in run["values"]] == [v["loss"] for v in straight["values"][2:]]
+
+
+def test_a_four_rank_checkpoint_resumes_on_two_and_one_with_the_same_micro_batch(first, resumed):
+    straight = first["four"][0][S4]
+    for runs in (resumed["on2"], resumed["on1"][:1]):
+        run = next(v for k, v in runs[0].items() if "ckpt4" in k)
+        assert_state_equal(run, straight, **FOUR_RANKS_TOL)
+        for a, b in zip(run["values"], straight["values"][2:], strict=True):
+            torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-6, atol=0)
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_bit_for_bit(first, resumed):
+    straight = first["two"][0][S2]
+    run = next(v for k, v in resumed["on1"][0].items() if "ckpt2" in k)
+    assert_state_equal(run, straight)
+    assert [v["loss"] for v in run["values"]] == [v["loss"] for v in straight["values"][2:]]
