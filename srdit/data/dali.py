@@ -29,9 +29,12 @@ DALI resize calls `teacher.forward_features(batch["teacher_input"])` instead of
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from srdit.config import IMAGENET_MEAN, IMAGENET_STD
+from srdit.data.loaders import shield_from_stop_signals, stop_signals_blocked
 from srdit.data.order import GlobalBatches
 
 
@@ -41,6 +44,15 @@ class _Source:
 
     def __init__(self, plan: GlobalBatches, start_step: int):
         self.plan, self.start_step = plan, start_step
+        self.owner = os.getpid()
+
+    def __setstate__(self, state: dict) -> None:
+        # a DALI worker unpickles its source as it starts (its stop signals blocked since it was
+        # spawned: DaliBatches): the one place srdit's code runs there, where DataLoader has
+        # worker_init_fn
+        self.__dict__.update(state)
+        if os.getpid() != self.owner:
+            shield_from_stop_signals()
 
     def __call__(self, info):
         step, j = divmod(info.iteration, self.plan.accum)
@@ -102,7 +114,8 @@ class DaliBatches:
             return out, latent, label
 
         self.pipeline = pipeline()
-        self.pipeline.build()
+        with stop_signals_blocked():  # the worker processes start here
+            self.pipeline.build()
         self.names = names
         self._it = DALIGenericIterator([self.pipeline], names, auto_reset=False, prepare_first_batch=False)
 

@@ -8,18 +8,26 @@ s (the training checkpoint's "data" entry already stores it).
 
   backend   where the work happens                                      when
   global    GlobalBatches: ShardDataset.batch in the training process    workers = 0 (tests, quickstart)
-  torch     TorchBatches: DataLoader workers read + decode (PIL) the      no DALI, or no GPU
-            micro-batches ahead, pinned memory, async copy; decode="gpu"
+  torch     TorchBatches: DataLoader workers read + decode (PIL) the      no DALI, or no GPU, or data
+            micro-batches ahead, pinned memory, async copy; decode="gpu"  in memory (the digits)
             decodes JPEGs on the GPU with torchvision.io.decode_jpeg
   dali      DaliBatches (srdit/data/dali.py): DALI reads through the      DALI installed and a GPU
             same ShardDataset.read, nvJPEG "mixed" decode on the GPU
 
 Raw images (the default format) are read as uint8 [B, 3, r, r] by ShardDataset.read itself: no
 backend decodes anything, every backend copies them as they are.
+
+Worker processes (DataLoader's, DALI's) ignore the stop signals that reach a whole job, and end
+only when the training process ends them (shield_from_stop_signals): the trainer stops cleanly
+on such a signal, which needs its data until it has checkpointed.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -37,6 +45,54 @@ def dali_available() -> bool:
     except (ImportError, OSError):
         return False
     return True
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_shielded_pid = None
+
+
+def shield_from_stop_signals(*_) -> None:
+    """In a data worker process, before it starts threads of its own (or started with the
+    signals blocked: stop_signals_blocked): SIGINT and SIGTERM are ignored unless the parent
+    sends SIGTERM, which ends the process at once (how DataLoader, DALI and multiprocessing's
+    exit end a worker).
+
+    Ctrl-C, `kill -- -PGID`, SLURM's preemption and time limit signal every process of the job,
+    these workers too, and a worker that died of it crashed the trainer, which was finishing its
+    step to checkpoint and exit (srdit.train). Python's handlers cannot see who sent a signal, so
+    both are blocked in every thread (threads inherit the mask) and one thread takes them with
+    sigwaitinfo, which can."""
+    global _shielded_pid
+    if _shielded_pid == os.getpid():
+        return
+    _shielded_pid = os.getpid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    parent = os.getppid()
+
+    def take_signals():
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_signals, name="srdit-stop-signals", daemon=True).start()
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """SIGINT and SIGTERM blocked in this thread for the block, so that worker processes started
+    in it begin with them blocked (a signal mask survives fork and exec), in the threads their
+    imports start too, before shield_from_stop_signals runs (a spawned DALI worker imports torch
+    first). A signal that reaches this process meanwhile goes to another of its threads or waits
+    for the block's end: it is not lost."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # its first start unblocks both signals in the thread that starts it
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _MicroBatchIndices:
@@ -91,7 +147,7 @@ class TorchBatches:
         self.loader = torch.utils.data.DataLoader(
             _MicroBatches(dataset, self.gpu_decode), sampler=_MicroBatchIndices(self.plan, start_step), batch_size=None,
             num_workers=workers, pin_memory=self.device.type == "cuda", prefetch_factor=prefetch if workers else None,
-            persistent_workers=False)
+            persistent_workers=False, worker_init_fn=shield_from_stop_signals)
         self._it = None
 
     def _to_device(self, batch: dict) -> dict:
@@ -117,14 +173,15 @@ class TorchBatches:
 def make_batches(dataset, global_batch: int, *, rank: int = 0, world: int = 1, accum: int = 1, seed: int = 0,
                  start_step: int = 0, device="cpu", backend: str = "auto", workers: int = 4, **options):
     """The loader for `backend` (see the module docstring); "auto" takes DALI on a GPU when it is
-    installed and the dataset is prepared shards, else DataLoader workers, else in-process."""
+    installed and the dataset is prepared shards, else DataLoader workers when `workers` > 0,
+    else in-process."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     device = torch.device(device)
     shards = hasattr(dataset, "read")
     if backend == "auto":
         backend = ("dali" if device.type == "cuda" and shards and dali_available()
-                   else "torch" if workers > 0 and shards else "global")
+                   else "torch" if workers > 0 else "global")
     common = {"rank": rank, "world": world, "accum": accum, "seed": seed, "start_step": start_step, "device": device}
     if backend == "global":
         return GlobalBatches(dataset, global_batch, **common)
