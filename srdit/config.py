@@ -82,7 +82,7 @@ RANGES = {
     "train.dispersive_weight": _NATURAL, "train.dispersive_tau": _POSITIVE, "train.time_shift": _POSITIVE,
     "train.seed": _NATURAL, "train.log_every": _COUNT, "train.ckpt_every": _COUNT, "train.sample_every": _NATURAL,
     "train.eval_every": _NATURAL, "train.eval_samples": _COUNT, "train.keep_checkpoints": _COUNT,
-    "train.max_bad_steps": _COUNT,
+    "train.max_bad_steps": _COUNT, "train.process_group_timeout": _POSITIVE,
     "sample.num_steps": _COUNT, "sample.t_min": "(0, 1)", "sample.time_shift": _POSITIVE,
     "sample.guidance_scale": _NATURAL, "sample.cls_guidance_scale": _NATURAL,
     "sample.guidance_low": "[0, 1]", "sample.guidance_high": "[0, 1]",
@@ -225,7 +225,9 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = field(default=400_000, metadata=RESUMABLE)
     global_batch: int = 256
-    grad_accum: int = 1
+    # resumable: the math is defined by the micro-batch, global_batch / (world size x grad_accum),
+    # which a resume on another number of ranks keeps by changing this (srdit.train.resume)
+    grad_accum: int = field(default=1, metadata=RESUMABLE)
     optimizer: str = "adamw"
     lr: float = 1e-4
     # 0: constant lr (the release); N: the lr falls linearly to ~0 over the last N steps of max_steps
@@ -262,6 +264,13 @@ class TrainConfig:
     eval_samples: int = field(default=10_000, metadata=RESUMABLE)
     keep_checkpoints: int = field(default=3, metadata=RESUMABLE)
     max_bad_steps: int = field(default=10, metadata=RESUMABLE)
+    # seconds any collective waits for the other ranks before the run stops with an error naming
+    # this setting (a rank that died or hangs); the longest a rank works alone (rank 0 writing a
+    # checkpoint or drawing the sample grid) must fit in it
+    process_group_timeout: float = field(default=300.0, metadata=RESUMABLE)
+    # a resume whose micro-batch differs from the checkpoint's (another world size with the same
+    # grad_accum) changes the math: refused unless this is true (then a warning in the log)
+    allow_micro_batch_change: bool = field(default=False, metadata=RESUMABLE)
     compile: bool = field(default=False, metadata=RESUMABLE)
     # torch.compile mode when train.compile: "reduce-overhead" and "max-autotune" capture CUDA
     # graphs of the model on a GPU

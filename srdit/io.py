@@ -43,10 +43,18 @@ def atomic_write(path: str, mode: str = "wb"):
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(error, OSError) and error.errno is not None and error.filename is None:
-            raise OSError(error.errno, error.strerror, path) from error  # a failed write() names no file
+        if isinstance(error, OSError):
+            raise_naming(error, path)
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def raise_naming(error: OSError, path) -> None:
+    """Raise `error`; where it names no file (a failed write() or flush() does not: "No space left
+    on device" alone), as the same error naming `path`, so that describe_error's line says where."""
+    if error.errno is None or error.filename is not None:
+        raise error
+    raise OSError(error.errno, error.strerror, os.fspath(path)) from error
 
 
 def write_text(path: str, text: str) -> None:
@@ -150,9 +158,14 @@ class OutputLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        try:  # fsynced: the other ranks of a command read it (srdit.distributed.check_shared)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            os.fsync(fd)
+        except OSError as error:
+            os.close(fd)
+            raise_naming(error, self.path)
         self.fd = fd
         return self
 

@@ -5,8 +5,10 @@ keys.
 A checkpoint holds everything a resumed run needs to continue the same trajectory: model, EMA,
 optimizer, step, the step and host generators (which draw all noise, routing and path-drop
 coins), every rank's global RNG states (torch, CUDA, numpy, python), the data position (the
-step: the loaders' order depends on nothing else) and the resolved config. It loads with
-`torch.load(weights_only=True)`: RNG states are stored as plain Python values.
+step: the loaders' order depends on nothing else; and the world size and micro-batch it was
+written with, which a resume compares: the micro-batch defines the math) and the resolved
+config. It loads with `torch.load(weights_only=True)`: RNG states are stored as plain Python
+values.
 """
 from __future__ import annotations
 
@@ -60,26 +62,39 @@ class TrainState:
         average and AdamW's moments: the file holds them whole, at any number of ranks)."""
         self.optimizers.gather_weights()
         self.ema.gather()
+        rng = distributed.all_gather_objects(capture_rng())
+        t = self.cfg.train
         return {"format": FORMAT, "step": self.step, "config": self.cfg.to_dict(),
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizers.state_dict(), "step_generator": self.step_generator.get_state(),
-                "host_generator": self.host_generator.get_state(),
-                "rng": distributed.all_gather_objects(capture_rng()),
-                "data": {"step": self.step, "seed": self.cfg.train.seed}}
+                "host_generator": self.host_generator.get_state(), "rng": rng,
+                "data": {"step": self.step, "seed": t.seed, "world": len(rng),
+                         "micro_batch": t.global_batch // (len(rng) * t.grad_accum)}}
 
     def load_state_dict(self, sd: dict, *, rank: int = 0, world: int = 1) -> None:
         """Put a checkpoint back into the live objects, in place. Each rank takes its own RNG
         states when the world size is the checkpoint's (else the step generators alone carry
         the trajectory, which they do: they draw every random number of a step)."""
         check(sd)
-        self.model.load_state_dict(sd["model"])
-        self.ema.load_state_dict(sd["ema"])
-        self.optimizers.load_state_dict(sd["optimizer"])
+        for part, target in (("model", self.model), ("ema", self.ema), ("optimizer", self.optimizers)):
+            try:
+                target.load_state_dict(sd[part])
+            except (RuntimeError, ValueError, KeyError, IndexError) as error:  # torch's words for a misfit
+                details = [line.strip().rstrip(". ") for line in str(error).strip().splitlines()]
+                raise ValueError(f"its {part} does not fit this run's: {'; '.join(details[1:] or details)}") from None
         self.step_generator.set_state(sd["step_generator"])
         self.host_generator.set_state(sd["host_generator"])
         if len(sd["rng"]) == world:
             restore_rng(sd["rng"][rank])
         self.step = int(sd["step"])
+
+
+def written_layout(sd: dict) -> tuple[int, int]:
+    """(world size, micro-batch) a checkpoint was written with; a checkpoint from before they
+    were stored has them in its RNG states (one per rank) and its config."""
+    world = sd["data"].get("world", len(sd["rng"]))
+    t = sd["config"]["train"]
+    return world, sd["data"].get("micro_batch", t["global_batch"] // (world * t.get("grad_accum", 1)))
 
 
 def is_checkpoint(obj) -> bool:

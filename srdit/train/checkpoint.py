@@ -3,9 +3,11 @@ weights_only=True, with fallback to an older one. What is in a checkpoint is srd
 business; this module only keeps the files.
 
 A checkpoint is written to a temporary file, fsynced and renamed (srdit.io.atomic_write), so a
-crash leaves either the old or the new file, never half of one. Nothing a user could still want
-is deleted: rotation removes only older checkpoints of the same run, and a checkpoint that does
-not load is moved aside to `unreadable/`, never deleted.
+crash leaves either the old or the new file, never half of one; weights that are not finite are
+never written (srdit.train refuses to save them: all_finite). Nothing a user could still want
+is deleted: rotation removes only older checkpoints of the same run, and a checkpoint that
+cannot be used (it does not load, its weights hold NaN or Inf, its tensors do not fit the model)
+is moved aside to `unreadable/`, never deleted.
 """
 from __future__ import annotations
 
@@ -14,9 +16,12 @@ import os
 import re
 
 import torch
+import torch.nn as nn
 
 from srdit import trainstate
-from srdit.io import atomic_write, describe_load_error
+from srdit.config import ConfigError
+from srdit.io import atomic_write, describe_load_error, non_finite_tensors
+from srdit.train.flat import flat_view
 
 _NAME = re.compile(r"step_(\d{9})\.pt$")
 UNREADABLE = "unreadable"
@@ -44,8 +49,27 @@ def save(state_dict: dict, directory: str, step: int) -> str:
     path = checkpoint_path(directory, step)
     os.makedirs(directory, exist_ok=True)
     with atomic_write(path) as f:
-        torch.save(state_dict, f)
+        try:
+            torch.save(state_dict, f)
+        except RuntimeError as error:
+            # torch's zip writer reports a failed write (a full disk) as "unexpected pos ..."; the
+            # OSError behind it is its context: raise that, and atomic_write names the file
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None
+            raise
     return path
+
+
+def all_finite(*modules: nn.Module) -> bool:
+    """Whether every parameter of `modules` is finite, at the cost of one reduction per module
+    (the min and max of its flat parameter buffer, srdit.train.flat, which a NaN or an Inf
+    shows in) and one host read for all: checked for each checkpoint, never for a step."""
+    ends = []
+    for module in modules:
+        params = list(module.parameters())
+        flat = flat_view(params)
+        ends += [torch.stack(torch.aminmax(t)) for t in ([flat] if flat is not None else params) if t.numel()]
+    return bool(torch.isfinite(torch.cat(ends)).all()) if ends else True
 
 
 def rotate(directory: str, keep: int, newest: int) -> None:
@@ -56,16 +80,31 @@ def rotate(directory: str, keep: int, newest: int) -> None:
         os.remove(path)
 
 
-def load_latest(directory: str, log=print) -> tuple[dict | None, str | None, list[str]]:
-    """(checkpoint, its path, the newer files that did not load) for the newest readable
-    checkpoint of `directory`; a corrupt or truncated one is reported and the previous one is
-    tried. (None, None, []) when there is none; NoLoadableCheckpoint when files exist but none
-    loads (starting over silently would lose the run)."""
+def check_finite(saved: dict) -> None:
+    """A ValueError naming the tensors of a checkpoint's model and EMA that hold NaN or Inf."""
+    bad = [f"{part} {name}" for part in ("model", "ema") for name in non_finite_tensors(saved[part])]
+    if bad:
+        raise ValueError(f"its weights hold NaN or Inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+
+
+def load_latest(directory: str, use, log=print) -> tuple[str | None, list[str]]:
+    """Find the newest usable checkpoint of `directory` and `use(checkpoint, path)` it (load it
+    into the live objects); return (its path, the newer files that could not be used). One that
+    does not load (truncated, corrupt, a foreign file), holds NaN or Inf weights, or whose
+    tensors `use` cannot take (another shape, a missing key) is reported and the previous one is
+    tried. A ConfigError from `use` (the checkpoint's settings are not this command's) is the
+    user's to resolve and propagates. (None, []) when there is none; NoLoadableCheckpoint when
+    files exist but none can be used (starting over silently would lose the run)."""
     unreadable = []
     for path in list_checkpoints(directory):
         try:
-            return trainstate.check(torch.load(path, map_location="cpu", weights_only=True)), path, unreadable
-        except Exception as error:  # truncated, corrupt, or foreign file: say so, fall back
+            saved = trainstate.check(torch.load(path, map_location="cpu", weights_only=True))
+            check_finite(saved)
+            use(saved, path)
+            return path, unreadable
+        except ConfigError:
+            raise
+        except Exception as error:  # truncated, corrupt, not finite, or not this model's: say so, fall back
             log(f"checkpoint {path} is unreadable ({describe_load_error(error)[:300]}); trying the previous one")
             unreadable.append(path)
     if unreadable:
@@ -73,7 +112,7 @@ def load_latest(directory: str, log=print) -> tuple[dict | None, str | None, lis
         raise NoLoadableCheckpoint(
             f"none of the {len(unreadable)} checkpoint(s) in {directory} loads ({names}); to start this run over, "
             "add --restart (the previous run's files are moved to a folder beside them, nothing is deleted)")
-    return None, None, []
+    return None, []
 
 
 def set_aside(paths: list[str], directory: str) -> list[str]:

@@ -4,12 +4,14 @@ Reads as the loop (STYLE 8): setup, build, data, loop, close; the loop body call
 each thing that happens when due (log, checkpoint, sample grid, quick evaluation). Running the
 same command again with the same --out resumes from the newest good checkpoint; settings marked
 RESUMABLE in srdit/config.py may change then (extend a run, re-cadence it, run the same math
-faster), any other change of the config is an error naming the keys.
+faster), any other change of the config is an error naming the keys (srdit.train.resume).
+
+A stop signal (SIGTERM, SIGINT) ends the run at a step boundary that every rank agrees on
+(srdit.distributed.StepVote), with a checkpoint; weights that are not finite are never saved.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -20,9 +22,9 @@ import torch
 import yaml
 
 from srdit import distributed
-from srdit.config import Config, ConfigError, apply_overrides, from_dict, preset, resumable_keys
+from srdit.config import Config, ConfigError, apply_overrides, preset
 from srdit.data import make_batches
-from srdit.io import check_same_settings, remove_stale_temporaries, write_text
+from srdit.io import remove_stale_temporaries, write_text
 from srdit.model import build_model, count_params
 from srdit.model.flops import model_flops
 from srdit.runinfo import code_version, device_name
@@ -32,7 +34,8 @@ from srdit.train.inputs import build_dataset, build_teacher
 from srdit.train.loss import draw_step_noise, loss_weights
 from srdit.train.flat import flatten_for_training
 from srdit.train.optim import EMA, Optimizers, lr_factor
-from srdit.train.runlog import RunLog, plot_loss_curve
+from srdit.train.resume import ResumeError, resume
+from srdit.train.runlog import RunLog, keep_history_until, plot_loss_curve
 from srdit.train.sample_grid import write_sample_grid
 from srdit.train.step import DeviceMetrics, step_autocast
 from srdit.trainstate import TrainState
@@ -60,16 +63,9 @@ def resolve_config(args) -> Config:
     return cfg
 
 
-def check_resumed_config(out: str, cfg: Config, saved: dict) -> None:
-    """A resumed run must agree with its checkpoint's config outside the RESUMABLE keys."""
-    check_same_settings(from_dict(saved["config"]).to_dict(), cfg.to_dict(), ignore=resumable_keys(),
-                        error=ConfigError, what=f"{out} holds a run with another config",
-                        fix=f"use a new --out, add --restart, or change only {', '.join(sorted(resumable_keys()))}")
-
-
 def write_config(out: str, cfg: Config) -> None:
     """config.yaml, the run's resolved config. It is enforced only through a checkpoint's own
-    config (check_resumed_config): a folder without one (a first launch that failed) holds
+    config (srdit.train.resume.check_config): a folder without one (a first launch that failed) holds
     nothing to protect, so its config.yaml is simply replaced."""
     write_text(os.path.join(out, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -87,21 +83,27 @@ def start_over(out: str) -> str | None:
     return target
 
 
-def keep_history_until(metrics: str, step: int) -> None:
-    """metrics.jsonl of a resumed run: rows after the resumed step (logged by the attempt that was
-    cut short) are dropped, atomically, so the file stays the run's one history."""
-    if not os.path.exists(metrics):
-        return
-    with open(metrics) as f:
-        rows = [line for line in f if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(rows):
-        write_text(metrics, "".join(kept))
+def prepare_folder(args) -> None:
+    """Rank 0, holding the lock: --restart's move, and the temporaries of a killed run removed."""
+    moved = start_over(args.out) if args.restart else None
+    if moved:
+        print(f"--restart: the previous run's files are in {moved}")
+    for path in remove_stale_temporaries(args.out) + remove_stale_temporaries(checkpoint_dir(args.out)):
+        print(f"removed {path}, left by a run that was killed while writing it")
+
+
+def begin_writing(args, cfg: Config, step: int) -> None:
+    """Rank 0, once the run is built: config.yaml, and metrics.jsonl cut back to the resumed step."""
+    write_config(args.out, cfg)
+    note = keep_history_until(os.path.join(args.out, "metrics.jsonl"), step)
+    if note:
+        print(note)
 
 
 class GracefulStop:
-    """SIGTERM/SIGINT: finish the current step, checkpoint, exit 0. A context manager, so the
-    previous handlers come back when the run ends (main() may be called from Python)."""
+    """SIGTERM/SIGINT: finish the current step (with several ranks, the step they agree on: the
+    loop's StepVote), checkpoint, exit 0. A context manager, so the previous handlers come back
+    when the run ends (main() may be called from Python)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -143,7 +145,13 @@ class Run:
 
 def main(argv=None) -> int:
     return distributed.run_command("srdit.train", train, parse_args(argv),
-                                   (ConfigError, TrainingError, ValueError, FileNotFoundError))
+                                   (ConfigError, TrainingError, ResumeError, ValueError, FileNotFoundError),
+                                   setup_options=setup_options, timeout_setting="train.process_group_timeout")
+
+
+def setup_options(args) -> dict:
+    """What the process group needs before it starts (srdit.distributed.setup), from the config."""
+    return {"timeout": resolve_config(args).train.process_group_timeout}
 
 
 def train(args, dist) -> int:
@@ -157,35 +165,31 @@ def run_training(args, dist, stop: GracefulStop) -> int:
     check_runtime(cfg, dist.device, dist.world)
     dataset = build_dataset(cfg)
     with distributed.locked_output(os.path.join(args.out, ".lock"), f"the run folder {args.out}", dist):
-        if dist.is_main:
-            moved = start_over(args.out) if args.restart else None
-            if moved:
-                print(f"--restart: the previous run's files are in {moved}")
-            for path in remove_stale_temporaries(args.out) + remove_stale_temporaries(checkpoint_dir(args.out)):
-                print(f"removed {path}, left by a run that was killed while writing it")
-        distributed.barrier()
+        distributed.on_main(prepare_folder, args)
         run = build_run(args, cfg, dist, dataset)
         t = cfg.train  # the data from the resumed step: the loaders' order depends on nothing else
         batches = make_batches(dataset, t.global_batch, rank=dist.rank, world=dist.world, accum=t.grad_accum,
                                seed=t.seed, start_step=run.state.step, device=dist.device,
                                workers=cfg.data.num_workers)
-        if dist.is_main:  # from here on the run writes
-            write_config(args.out, cfg)
-            keep_history_until(os.path.join(args.out, "metrics.jsonl"), run.state.step)
-        distributed.barrier()
+        distributed.on_main(begin_writing, args, cfg, run.state.step)  # from here on the run writes
         open_log(run, args, dataset)
-        # loop
-        while run.state.step < t.max_steps and not stop.requested:
+        # loop: a stop signal is acted on when every rank has heard of it (one step later)
+        vote, stopping = distributed.StepVote(), False
+        while run.state.step < t.max_steps and not stopping:
             train_one_step(run, batches.next_step())
             maybe_log(run)
             if run.state.step % t.ckpt_every == 0:
                 save_checkpoint(run)
             maybe_sample(run)
             maybe_eval(run)
+            stopping = vote.cast(stop.requested)
+        vote.close()
         # close
-        if run.state.step % t.ckpt_every != 0 or stop.requested:
+        if run.metrics.steps:  # stopped between log steps: the steps since the last row
+            maybe_log(run, force=True)
+        if run.state.step % t.ckpt_every != 0:  # (a multiple was saved in the loop)
             save_checkpoint(run)
-        finish(run, stopped=stop.requested)
+        finish(run, stopped=stopping)
     return 0
 
 
@@ -210,16 +214,9 @@ def build_run(args, cfg: Config, dist, dataset) -> Run:
     # teacher (quickstart) must come out as it did when the run began
     say = print if dist.is_main else (lambda *_: None)
     try:
-        saved, path, unreadable = checkpoint.load_latest(checkpoint_dir(args.out), log=say)
+        path = resume(state, cfg, args.out, checkpoint_dir(args.out), dist, say)
     except checkpoint.NoLoadableCheckpoint as error:
         raise TrainingError(str(error)) from None
-    distributed.barrier()  # every rank has read before rank 0 moves files
-    if dist.is_main and unreadable:
-        moved = checkpoint.set_aside(unreadable, checkpoint_dir(args.out))
-        say(f"moved {len(moved)} unreadable checkpoint(s) to {os.path.dirname(moved[0])}")
-    if saved is not None:
-        check_resumed_config(args.out, cfg, saved)
-        state.load_state_dict(saved, rank=dist.rank, world=dist.world)
     step = build_step(cfg, model, teacher, device=device, rank=dist.rank, world=dist.world, optimizers=optimizers,
                       ema=ema)
     evaluate = None
@@ -283,31 +280,44 @@ def train_one_step(run: Run, micro_batches: list[dict]) -> None:
     run.log.step()
 
 
-def maybe_log(run: Run) -> None:
-    """Every train.log_every steps (and at the last): read the device metrics (the one host
-    sync), write them, and stop the run after train.max_bad_steps skipped steps in a row."""
+def maybe_log(run: Run, force: bool = False) -> None:
+    """Every train.log_every steps (and at the last, or when `force`d): read the device metrics
+    (the one host sync), write them, and stop the run after train.max_bad_steps skipped steps in
+    a row, with a checkpoint that rotates none out (its state is the last good one's, the data
+    position later)."""
     t, step = run.cfg.train, run.state.step
-    if step % t.log_every and step != t.max_steps:
+    if step % t.log_every and step != t.max_steps and not force:
         return
     values = run.metrics.read()
     # the weighted terms too, as the release logs them (its curves show 0.5 repa, 0.03 cls, 0.05 cfm)
     values.update({f"{k}_w": w * values[k] for k, w in loss_weights(t).items() if k != "vel"})
     run.log.log(step, values, run.state.optimizers.lr)
     if values["worst_bad_streak"] >= t.max_bad_steps:
-        save_checkpoint(run)
+        save_checkpoint(run, rotate=False)
         raise TrainingError(f"{values['worst_bad_streak']} steps in a row had a non-finite loss or gradient "
                             f"(last at step <= {step}); updates were skipped, stopping (train.max_bad_steps)")
 
 
-def save_checkpoint(run: Run) -> None:
+def save_checkpoint(run: Run, rotate: bool = True) -> None:
     """A checkpoint of the current step (every rank takes part: RNG states are gathered); rank 0
-    writes it and keeps the newest train.keep_checkpoints."""
+    writes it and keeps the newest train.keep_checkpoints (`rotate`). Weights or an EMA that are
+    not finite are never saved: the run stops, and the newest checkpoint stays its last good state."""
+    step = run.state.step
     with run.log.untimed():
+        if distributed.any_rank(not checkpoint.all_finite(run.state.model, run.state.ema.model)):
+            newest = checkpoint.list_checkpoints(run.checkpoints)
+            kept = f"the newest checkpoint, {newest[0]}, is the last good state" if newest else "none was written"
+            raise TrainingError(f"the weights at step {step} hold NaN or Inf, so they were not saved and the run "
+                                f"stops: {kept} (an update overflowed: is train.lr too high?)")
         state_dict = run.state.state_dict()
-        if run.dist.is_main:
-            checkpoint.save(state_dict, run.checkpoints, run.state.step)
-            checkpoint.rotate(run.checkpoints, run.cfg.train.keep_checkpoints, newest=run.state.step)
-        distributed.barrier()
+        distributed.on_main(write_checkpoint, state_dict, run.checkpoints, step,
+                            run.cfg.train.keep_checkpoints if rotate else None)
+
+
+def write_checkpoint(state_dict: dict, directory: str, step: int, keep: int | None) -> None:
+    checkpoint.save(state_dict, directory, step)
+    if keep is not None:
+        checkpoint.rotate(directory, keep, newest=step)
 
 
 def maybe_sample(run: Run, force: bool = False) -> None:
@@ -334,7 +344,9 @@ def finish(run: Run, *, stopped: bool) -> None:
             maybe_sample(run, force=True)
         metrics, curve = os.path.join(run.out, "metrics.jsonl"), os.path.join(run.out, "loss.png")
         plot_loss_curve(metrics, curve)
-        run.log.print(f"{'stopped by signal' if stopped else 'done'} at step {run.state.step}; "
+        last = run.log.last if run.log.last and run.log.last["step"] == run.state.step else None
+        loss = f" (loss {last['loss']:.4f})" if last else ""
+        run.log.print(f"{'stopped by signal' if stopped else 'done'} at step {run.state.step}{loss}; "
                       f"samples in {run.samples}, loss curve {curve}")
     run.log.close()
 

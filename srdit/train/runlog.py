@@ -2,19 +2,71 @@
 on a terminal, a line every train.log_every steps in a log file), metrics.jsonl, optional wandb,
 GPU telemetry when there is a GPU, and a loss-curve PNG.
 
+metrics.jsonl is strict JSON, one object per line: a value that is not finite (the loss of a
+skipped step) is written as null, as JSON has no NaN. A resumed run keeps it as the run's one
+history (keep_history_until).
+
 Only rank 0 writes. Every method is cheap unless it is called at a log step.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 
 import torch
 
+from srdit.io import raise_naming, write_text
 from srdit.progress import Progress
 from srdit.runinfo import peak_flops
+
+
+def strict_json(record: dict) -> str:
+    """One metrics.jsonl line: non-finite numbers become null (json.dumps would write NaN)."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()},
+                      allow_nan=False)
+
+
+def read_history(path: str) -> list[tuple[int, str, dict | None]]:
+    """(line number, line, the row or None where the line is not a JSON object) for each line of
+    a metrics.jsonl that is not blank."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    row = None
+                rows.append((number, line, row if isinstance(row, dict) else None))
+    return rows
+
+
+def keep_history_until(path: str, step: int) -> str | None:
+    """metrics.jsonl of a resumed run: rows after the resumed step (logged by the attempt that was
+    cut short) are dropped, atomically, so the file stays the run's one history. A line that does
+    not parse after the last row kept (a crash in mid-write) goes with them; one before it is
+    damage inside the history: a ValueError naming the file and the line. Returns a note for the
+    log when damaged lines were dropped."""
+    if not os.path.exists(path):
+        return None
+    rows = read_history(path)
+    kept = max((i + 1 for i, (_, _, row) in enumerate(rows) if row is not None and row.get("step", 0) <= step),
+               default=0)
+    damaged = [(number, line) for number, line, row in rows[:kept] if row is None]
+    if damaged:
+        number, line = damaged[0]
+        raise ValueError(f"{path} line {number} is not a JSON row ({line.strip()[:60]!r}), before the resumed step "
+                         f"{step}: repair or delete that line")
+    if kept != len(rows) or (rows and not rows[-1][1].endswith("\n")):  # the next row must start a line
+        write_text(path, "".join(line if line.endswith("\n") else line + "\n" for _, line, _ in rows[:kept]))
+    dropped = [number for number, _, row in rows[kept:] if row is None]
+    if dropped:
+        return (f"dropped {len(dropped)} line(s) of {path} that were not JSON (line {dropped[0]}: a write cut short) "
+                f"with the rows after the resumed step {step}")
+    return None
 
 
 class GpuTelemetry:
@@ -55,9 +107,11 @@ class RunLog:
         self.wandb = None
         self.last_time, self.last_step = time.perf_counter(), start_step
         self.progress = Progress("train", max_steps, unit="step", initial=start_step, enabled=enabled, seconds=None)
+        self.last = None  # the last record logged by this process
         if not enabled:
             return
-        self.metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.metrics = open(self.metrics_path, "a")
         if cfg.train.wandb_mode != "disabled":
             import wandb  # optional: only when asked for
 
@@ -93,11 +147,11 @@ class RunLog:
                   "model_tflops": img_per_s * self.flops_per_image / 1e12}
         if self.peak:
             record["mfu"] = img_per_s * self.flops_per_image / self.peak
+        self.last = record
         if not self.enabled:
             return record
         record.update(self.telemetry.read())
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        self._append(record)
         self.progress.line(loss=f"{values['loss']:.4f}", **{"img/s": f"{img_per_s:.0f}"})
         if self.wandb is not None:
             self.wandb.log(record, step=step)
@@ -107,11 +161,17 @@ class RunLog:
         """An extra metrics.jsonl record (e.g. the quick evaluation), also sent to wandb."""
         if not self.enabled:
             return
-        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
-        self.metrics.flush()
+        self._append({"step": step, **values})
         self.print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
         if self.wandb is not None:
             self.wandb.log(values, step=step)
+
+    def _append(self, record: dict) -> None:
+        try:
+            self.metrics.write(strict_json(record) + "\n")
+            self.metrics.flush()
+        except OSError as error:  # a full disk: name the file
+            raise_naming(error, self.metrics_path)
 
     def image(self, name: str, path: str, step: int) -> None:
         if self.enabled and self.wandb is not None:
@@ -132,12 +192,8 @@ def plot_loss_curve(metrics_path: str, png_path: str, width: int = 640, height: 
     """A loss-versus-step line plot from metrics.jsonl, drawn with PIL (no plotting dependency)."""
     from PIL import Image, ImageDraw
 
-    points = []
-    with open(metrics_path) as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("loss") is not None and record["loss"] == record["loss"]:  # skip NaN
-                points.append((record["step"], record["loss"]))
+    points = [(row["step"], row["loss"]) for _, _, row in read_history(metrics_path)
+              if row is not None and isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"])]
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     left, right, top, bottom = 60, width - 20, 20, height - 40

@@ -32,13 +32,14 @@ def losses(out) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
-def spawn(out, *overrides, nproc=1):
-    launcher = [sys.executable, "-m", "srdit.train"]
+def spawn(out, *overrides, nproc=1, program=("-m", "srdit.train"), env=None):
+    """srdit.train (or `program` given its arguments) in a process of its own, or under torchrun."""
+    launcher = [sys.executable, *program]
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    "-m", "srdit.train"]
+                    *program]
     return subprocess.Popen([*launcher, "--preset", "quickstart", "--out", str(out), *TINY, *overrides],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for_step(out, step, proc, timeout=120):
@@ -158,6 +159,7 @@ def test_two_process_resume_is_bit_identical(tmp_path):
 def test_non_finite_steps_are_skipped_then_stop_with_a_clear_error(tmp_path, monkeypatch, capsys):
     from srdit.data.digits import DigitsDataset
 
+    assert run(tmp_path, "train.max_steps=2", "train.ckpt_every=2") == 0  # two good steps, then poisoned data
     clean = DigitsDataset.batch
 
     def poisoned(self, indices):
@@ -166,11 +168,17 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_clear_error(tmp_path, mon
         return items
 
     monkeypatch.setattr(DigitsDataset, "batch", poisoned)
-    assert run(tmp_path, "train.max_steps=50", "train.max_bad_steps=3") == 2
+    assert run(tmp_path, "train.max_steps=50", "train.max_bad_steps=3", "train.keep_checkpoints=1") == 2
     assert "3 steps in a row had a non-finite loss" in capsys.readouterr().err
-    state = torch.load(next((tmp_path / "checkpoints").iterdir()), weights_only=True)
+    # the stop's checkpoint rotates none out, although train.keep_checkpoints=1
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000000002.pt", "step_000000005.pt"]
+    state = torch.load(tmp_path / "checkpoints" / "step_000000005.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())  # no update was applied
-    assert state["optimizer"][0]["state"][0]["step"].item() == 0
+    assert state["optimizer"][0]["state"][0]["step"].item() == 2
+    # metrics.jsonl is strict JSON: the skipped steps' NaN loss is null
+    rows = [json.loads(line, parse_constant=lambda word: pytest.fail(f"bare {word} in metrics.jsonl"))
+            for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["loss"] is None for r in rows] == [False, False, True, True, True]
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, capsys):
