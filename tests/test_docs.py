@@ -19,6 +19,7 @@ SCRIPTS = ["bench/throughput.py", "bench/kernels.py", "bench/data.py", "bench/sa
            "bench/traffic.py", "bench/compile_check.py", "profiling/profile_step.py"]
 # flags of other programs the guides show: torchrun, sbatch, nsys, ncu, the release's generate.py
 FOREIGN = {"--cls-cfg-scale", "--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id", "--nodes",
+           "--max-restarts", "--cpus-per-task", "--time", "--signal", "--requeue",
            "--ntasks-per-node", "--gpus-per-node", "--clock-control", "--kernel-name", "--launch-skip",
            "--launch-count", "--set", "--import", "--page", "--section"}
 SETTING = re.compile(r"(?<![\w./-])(model|data|train|sample|eval)\.(?!(?:py|md|sh)\b)([a-z][a-z0-9_]*)\b(?!\()")

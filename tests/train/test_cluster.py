@@ -1,6 +1,6 @@
 """Nothing lost on a cluster: several ranks (gloo, launched by torchrun as srdit.train is) agree on
 when to stop, on what to resume and on the folder they share; a rank that stops answering ends
-the job after train.process_group_timeout."""
+the job after train.process_group_timeout; the SLURM script the docs show parses."""
 import glob
 import os
 import signal
@@ -9,6 +9,7 @@ import time
 
 from test_train import losses, run, spawn, wait_for_step
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAULTY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faulty_rank.py")
 
 
@@ -81,3 +82,11 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_timeout(tmp_path):
     assert error and "within the process-group timeout (10 s)" in error[0], output
     assert "(train.process_group_timeout)" in error[0] and "Timed out" in error[0], error
 
+
+def test_the_slurm_script_is_the_one_the_docs_show_and_parses():
+    script = open(os.path.join(ROOT, "scripts", "slurm_train.sbatch")).read()
+    assert script.strip() in open(os.path.join(ROOT, "docs", "training.md")).read()
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", "slurm_train.sbatch")], check=True)
+    for needed in ("--signal=TERM@", "--cpus-per-task", "SRUN_CPUS_PER_TASK", "--max-restarts",
+                   "train.process_group_timeout", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        assert needed in script, needed
