@@ -47,11 +47,12 @@ def _waiting(timeout: float | None) -> dict:
     return {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
 
 
-def setup(*, timeout: float | None = None) -> Dist:
+def setup(*, timeout: float | None = None, capture_collectives: bool = False) -> Dist:
     """This process's rank and device; with several ranks, the process group and the host group
     beside it. Settings that must be known before the group starts are keywords, which a
     command passes through run_command's `setup_options`: `timeout`, the seconds any collective
-    waits for the other ranks before it fails (None: torch's default, 30 min on gloo, 10 on NCCL)."""
+    waits for the other ranks before it fails (None: torch's default, 30 min on gloo, 10 on NCCL);
+    `capture_collectives`, CUDA graphs will hold NCCL collectives (allow_collective_capture)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -61,9 +62,21 @@ def setup(*, timeout: float | None = None) -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        if capture_collectives and device.type == "cuda":
+            allow_collective_capture()
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", **_waiting(timeout))
         host_group(timeout)
     return Dist(rank, world, local_rank, device, timeout)
+
+
+def allow_collective_capture() -> None:
+    """What NCCL needs before its process group starts for a CUDA graph to hold collectives:
+    PyTorch's async error handling off (its CUDA-graph notes, "Usage with DistributedDataParallel";
+    MLPerf's captured steps set it too), unless the user chose a value. Without it the error
+    handler may query or abort work that a graph owns. The cost: a collective that never completes
+    is no longer torn down by the process group's timeout (a hung graphed run hangs until killed:
+    SLURM's time limit or the user)."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
 
 
 _capturing = False

@@ -29,7 +29,7 @@ from srdit.model import build_model, count_params
 from srdit.model.flops import model_flops
 from srdit.runinfo import code_version, device_name
 from srdit.train import checkpoint
-from srdit.train.assemble import build_step, check_runtime
+from srdit.train.assemble import build_step, check_runtime, shard_layout
 from srdit.train.inputs import build_dataset, build_teacher
 from srdit.train.loss import draw_step_noise, loss_weights
 from srdit.train.flat import flatten_for_training
@@ -151,7 +151,8 @@ def main(argv=None) -> int:
 
 def setup_options(args) -> dict:
     """What the process group needs before it starts (srdit.distributed.setup), from the config."""
-    return {"timeout": resolve_config(args).train.process_group_timeout}
+    t = resolve_config(args).train
+    return {"timeout": t.process_group_timeout, "capture_collectives": t.cuda_graphs}
 
 
 def train(args, dist) -> int:
@@ -205,8 +206,9 @@ def build_run(args, cfg: Config, dist, dataset) -> Run:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(t.seed)
-    model = flatten_for_training(build_model(cfg).to(device), cfg)  # one buffer: see srdit.train.assemble
-    ema, optimizers = EMA(model, t.ema_decay, t.ema_update), Optimizers(model, t, device)
+    model = flatten_for_training(build_model(cfg).to(device), cfg, dist.world)  # one buffer: srdit.train.assemble
+    shards = shard_layout(cfg, model, dist.rank, dist.world)  # train.shard_optimizer: each rank updates its pieces
+    ema, optimizers = EMA(model, t.ema_decay, t.ema_update, shards), Optimizers(model, t, device, shards)
     state = TrainState(cfg, model, ema, optimizers,
                        step_generator=torch.Generator(device).manual_seed(t.seed),  # per-sample noise, all ranks
                        host_generator=torch.Generator().manual_seed(t.seed + 1))  # the path-drop coin, all ranks
@@ -240,6 +242,9 @@ def open_log(run: Run, args, dataset) -> None:
         f"device {device_name(device)} x {dist.world} process(es)  precision "
         f"{'bf16 autocast' if step_autocast(cfg, device) else 'fp32'}"
         f"{'  compiled' if t.compile else ''}{'  whole step as CUDA graphs' if t.cuda_graphs else ''}",
+        *([f"gradients summed across ranks in {t.grad_reduce_dtype} (srdit's reducer)  update "
+           f"{'sharded: each rank updates 1/' + str(dist.world) if run.state.optimizers.sharded else 'on every rank'}"]
+          if dist.world > 1 else []),
         f"preset {args.preset}  model {count_params(run.state.model):,} trainable parameters  "
         f"{flops.train / 1e9:.2f} GFLOP per training image (fwd+bwd)",
         f"teacher: {run.notes['teacher']}  attention: {getattr(run.step, 'attention', cfg.model.attention_backend)}",
@@ -321,27 +326,31 @@ def write_checkpoint(state_dict: dict, directory: str, step: int, keep: int | No
 
 
 def maybe_sample(run: Run, force: bool = False) -> None:
-    """The EMA sample grid every train.sample_every steps (rank 0; 0 = never)."""
+    """The EMA sample grid every train.sample_every steps (drawn by rank 0; 0 = never). Every
+    rank calls it: with a sharded update the EMA is gathered first (a collective)."""
     step, every = run.state.step, run.cfg.train.sample_every
-    if run.dist.is_main and every and (force or step % every == 0):  # train.sample_every=0: no grids
-        png = os.path.join(run.samples, f"step_{step:09d}.png")
+    if every and (force or step % every == 0):  # train.sample_every=0: no grids
         with run.log.untimed():
-            if write_sample_grid(run.state.ema.model, run.cfg, run.dist.device, png):
-                run.log.image("samples", png, step)
+            run.state.ema.gather()
+            if run.dist.is_main:
+                png = os.path.join(run.samples, f"step_{step:09d}.png")
+                if write_sample_grid(run.state.ema.model, run.cfg, run.dist.device, png):
+                    run.log.image("samples", png, step)
 
 
 def maybe_eval(run: Run) -> None:
     """The quick FID-10K + KDD every train.eval_every steps (every rank samples its share)."""
     if run.evaluate is not None and run.state.step % run.cfg.train.eval_every == 0:
         with run.log.untimed():
+            run.state.ema.gather()  # sharded: every rank's pieces of the average (a collective)
             run.log.record(run.state.step, run.evaluate(run.state.ema.model))
 
 
 def finish(run: Run, *, stopped: bool) -> None:
     """The last sample grid and the loss curve (rank 0), the closing line, the log closed."""
+    if run.cfg.train.sample_every and run.state.step % run.cfg.train.sample_every != 0:
+        maybe_sample(run, force=True)  # every rank: the EMA may be gathered
     if run.dist.is_main:
-        if run.cfg.train.sample_every and run.state.step % run.cfg.train.sample_every != 0:
-            maybe_sample(run, force=True)
         metrics, curve = os.path.join(run.out, "metrics.jsonl"), os.path.join(run.out, "loss.png")
         plot_loss_curve(metrics, curve)
         last = run.log.last if run.log.last and run.log.last["step"] == run.state.step else None

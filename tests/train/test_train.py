@@ -147,13 +147,27 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) < 1e-5 for s in la)
 
 
-def test_two_process_resume_is_bit_identical(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    for out, steps in ((straight, 4), (split, 2), (split, 4)):
-        proc = spawn(out, f"train.max_steps={steps}", "train.ckpt_every=2", nproc=2)
+def test_two_process_resume_is_bit_identical_also_on_one_process(tmp_path):
+    """2 ranks shard the update (train.shard_optimizer=auto); their checkpoint holds whole
+    tensors, so a resume on 2 ranks, and on 1 with the same micro-batch (grad_accum=2), continues
+    the run bit for bit. The clip is set not to act: its coefficient is then exactly 1 (acting, it
+    comes from the norm summed per shard then across ranks on 2, over the whole buffer on 1: equal
+    to rounding; tests/train/test_sharding.py)."""
+    straight, split, one = tmp_path / "straight", tmp_path / "split", tmp_path / "one"
+    common = ["train.ckpt_every=2", "train.grad_clip=1e9"]
+    for out, steps, nproc in ((straight, 4, 2), (split, 2, 2), (split, 4, 2), (one, 2, 2)):
+        proc = spawn(out, f"train.max_steps={steps}", *common, nproc=nproc)
         output, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, output
-    assert losses(split) == losses(straight)
+        assert "update sharded: each rank updates 1/2" in output
+    output, _ = spawn(one, "train.max_steps=4", "train.grad_accum=2", *common).communicate(timeout=300)
+    assert "resumed from" in output and "done at step 4" in output, output
+    assert losses(split) == losses(straight) == losses(one)
+    final = [torch.load(out / "checkpoints" / "step_000000004.pt", weights_only=True) for out in (straight, one)]
+    for part in ("model", "ema"):
+        assert all(torch.equal(final[0][part][k], final[1][part][k]) for k in final[0][part]), part
+    for a, b in zip(final[0]["optimizer"][0]["state"].values(), final[1]["optimizer"][0]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_non_finite_steps_are_skipped_then_stop_with_a_clear_error(tmp_path, monkeypatch, capsys):
