@@ -34,8 +34,8 @@ import os
 import torch
 
 from srdit.config import IMAGENET_MEAN, IMAGENET_STD
-from srdit.data.loaders import shield_from_stop_signals, stop_signals_blocked
 from srdit.data.order import GlobalBatches
+from srdit.data.workers import shield_from_stop_signals, stop_signals_blocked
 
 
 class _Source:

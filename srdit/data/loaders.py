@@ -18,21 +18,17 @@ Raw images (the default format) are read as uint8 [B, 3, r, r] by ShardDataset.r
 backend decodes anything, every backend copies them as they are.
 
 Worker processes (DataLoader's, DALI's) ignore the stop signals that reach a whole job, and end
-only when the training process ends them (shield_from_stop_signals): the trainer stops cleanly
-on such a signal, which needs its data until it has checkpointed.
+only when the training process ends them (srdit/data/workers.py).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import signal
-import threading
 
 import numpy as np
 import torch
 
 from srdit.data.order import GlobalBatches
+from srdit.data.workers import shield_from_stop_signals
 
 BACKENDS = ("auto", "global", "torch", "dali")
 
@@ -45,54 +41,6 @@ def dali_available() -> bool:
     except (ImportError, OSError):
         return False
     return True
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_shielded_pid = None
-
-
-def shield_from_stop_signals(*_) -> None:
-    """In a data worker process, before it starts threads of its own (or started with the
-    signals blocked: stop_signals_blocked): SIGINT and SIGTERM are ignored unless the parent
-    sends SIGTERM, which ends the process at once (how DataLoader, DALI and multiprocessing's
-    exit end a worker).
-
-    Ctrl-C, `kill -- -PGID`, SLURM's preemption and time limit signal every process of the job,
-    these workers too, and a worker that died of it crashed the trainer, which was finishing its
-    step to checkpoint and exit (srdit.train). Python's handlers cannot see who sent a signal, so
-    both are blocked in every thread (threads inherit the mask) and one thread takes them with
-    sigwaitinfo, which can."""
-    global _shielded_pid
-    if _shielded_pid == os.getpid():
-        return
-    _shielded_pid = os.getpid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    parent = os.getppid()
-
-    def take_signals():
-        while True:
-            info = signal.sigwaitinfo(STOP_SIGNALS)
-            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
-                os._exit(0)
-
-    threading.Thread(target=take_signals, name="srdit-stop-signals", daemon=True).start()
-
-
-@contextlib.contextmanager
-def stop_signals_blocked():
-    """SIGINT and SIGTERM blocked in this thread for the block, so that worker processes started
-    in it begin with them blocked (a signal mask survives fork and exec), in the threads their
-    imports start too, before shield_from_stop_signals runs (a spawned DALI worker imports torch
-    first). A signal that reaches this process meanwhile goes to another of its threads or waits
-    for the block's end: it is not lost."""
-    from multiprocessing import resource_tracker
-
-    resource_tracker.ensure_running()  # its first start unblocks both signals in the thread that starts it
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _MicroBatchIndices:
