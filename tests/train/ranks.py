@@ -10,10 +10,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
 
 
-def launch(launches: dict, tmp_path_factory) -> dict:
-    """Run every launch (name: (ranks, scenarios)) at once, each in its own folder (also given to
-    `scenarios` as {out[name]} for the paths of another's files); name -> every rank's results."""
+def launch(launches: dict, tmp_path_factory, folders: dict | None = None) -> dict:
+    """Run every launch (name: (ranks, scenarios)) at once, each in a folder of its own (into
+    `folders` by name, when given: where its files are); name -> every rank's results."""
     outs = {name: tmp_path_factory.mktemp(name) for name in launches}
+    if folders is not None:
+        folders.update(outs)
     procs = {}
     for name, (ranks, scenarios) in launches.items():
         launcher = [sys.executable]

@@ -28,15 +28,17 @@ CLIP_TOL = dict(rtol=1e-5, atol=1e-6)
 FOUR_RANKS_TOL = dict(rtol=1e-4, atol=1e-5)  # as test_ranks.py: another association of the same sums
 
 
+FOLDERS = {}  # the first wave's folders, where its checkpoints are
+
+
 @pytest.fixture(scope="module")
 def first(tmp_path_factory):
-    return launch(FIRST, tmp_path_factory)
+    return launch(FIRST, tmp_path_factory, FOLDERS)
 
 
 @pytest.fixture(scope="module")
 def resumed(first, tmp_path_factory):
-    ckpt4 = tmp_path_factory.getbasetemp() / "four0" / "ckpt4.pt"
-    ckpt2 = tmp_path_factory.getbasetemp() / "two0" / "ckpt2.pt"
+    ckpt4, ckpt2 = FOLDERS["four"] / "ckpt4.pt", FOLDERS["two"] / "ckpt2.pt"
     assert ckpt4.exists() and ckpt2.exists()
     rest = f"{OFF}:start=2:steps=2"
     return launch({
