@@ -79,9 +79,10 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
         teacher.precast_gemm_weights(torch.bfloat16)  # autocast would cast them at every call; same values
     if ema is None:  # before the EMA sees the weights (optimizers keep the same Parameter objects)
         flatten_for_training(model, cfg, world)
-    # sharded when srdit.train built its optimizer so (the one place: shard_layout)
-    shards = (optimizers.layout if optimizers is not None and optimizers.sharded else
-              None if optimizers is not None else shard_layout(cfg, model, rank, world))
+    if optimizers is not None:  # sharded when srdit.train built its optimizer so (with shard_layout)
+        shards = optimizers.layout if optimizers.sharded else None
+    else:
+        shards = shard_layout(cfg, model, rank, world)
     optimizers = optimizers if optimizers is not None else Optimizers(model, cfg.train, device, shards)
     ema = ema if ema is not None else EMA(model, cfg.train.ema_decay, cfg.train.ema_update, shards)
     grads, reducer = FlatGradients(model), None

@@ -77,10 +77,18 @@ def gather_pieces(buffer: torch.Tensor, layout: ShardLayout, group=None) -> list
 
 def wait_for(works: list) -> None:
     """Wait for collectives (on a GPU: the current stream waits, the host does not); a profiler
-    range marks the point, where bench/traffic.py's model makes the step wait too."""
+    range marks the point, where bench/traffic.py's model makes the step wait too. A collective
+    that failed (another rank stopped answering) is raised as torch.distributed's DistError: gloo
+    raises a plain RuntimeError from an async work's wait ("Application timeout caused pair
+    closure"), which srdit.distributed.run_command could not tell from a bug."""
     with torch.profiler.record_function("wait"):
         for work in works:
-            work.wait()
+            try:
+                work.wait()
+            except dist.DistError:
+                raise
+            except RuntimeError as error:
+                raise dist.DistError(str(error)) from error
 
 
 class GradReducer:

@@ -129,3 +129,18 @@ def test_bf16_reduction_rounds_through_bf16(one_rank_group):
     reducer.finish()
     assert torch.equal(grads.buffer, expected)
     assert flat_view(list(model.parameters())) is not None
+
+
+def test_a_failed_wait_is_a_distributed_error():
+    """gloo's async work raises a plain RuntimeError when another rank stops answering; wait_for
+    makes it the DistError srdit.distributed.run_command turns into its one-line message."""
+    from srdit.distributed import collective_failed
+    from srdit.train.reduce import wait_for
+
+    class Failed:
+        def wait(self):
+            raise RuntimeError("Application timeout caused pair closure")
+
+    with pytest.raises(dist.DistError, match="Application timeout") as raised:
+        wait_for([Failed()])
+    assert collective_failed(raised.value)
