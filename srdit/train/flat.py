@@ -12,8 +12,8 @@ reduce with no copy into a bucket (srdit.train.reduce). The addresses never chan
 what a captured CUDA graph needs.
 
 The layout follows the order autograd finishes the gradients (gradient_ready_order, measured on
-a two-sample step of a copy of the model on the meta device): the buffer then fills from its start during backward, so its leading chunks
-can be reduced while the rest of the backward runs. In parameters() order they would not: the
+a two-sample step of a copy of the model on the meta device): the buffer then fills from its
+start during backward, so its leading chunks can be reduced while the rest of the backward runs. In parameters() order they would not: the
 REG token's projection and norm are registered late but get their gradients last, and would hold
 back the chunk of the output layers, whose gradients come first.
 """
@@ -102,6 +102,12 @@ def flat_buffer(module: nn.Module) -> torch.Tensor | None:
     return first.as_strided((first.untyped_storage().nbytes() // first.element_size(),), (1,), 0)
 
 
+def span(p: torch.Tensor) -> tuple[int, int]:
+    """[start, end) of a flat parameter in its buffer (flat_buffer starts at the storage's first
+    element), which is also where its gradient, its moments and its average lie in theirs."""
+    return p.storage_offset(), p.storage_offset() + p.numel()
+
+
 def same_layout(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     """True when two lists of flat tensors sit at the same offsets of their buffers, so their flat
     views correspond element for element (the model and its EMA copy, made by deepcopy)."""
@@ -149,7 +155,6 @@ class FlatGradients:
         if flat is None:
             raise ValueError("flat gradients need flat parameters: call srdit.train.flat.flatten_parameters first")
         self.buffer = torch.zeros_like(flat)
-        self.base = flat.storage_offset()
         # the parameters' extent, without the padding to equal shards: a norm over it does not
         # depend on the number of ranks
         self.used = flat_view(params).numel()
@@ -158,13 +163,7 @@ class FlatGradients:
             p.grad = self.view_of(p)
 
     def view_of(self, p: torch.Tensor) -> torch.Tensor:
-        start = p.storage_offset() - self.base
-        return self.buffer[start: start + p.numel()].view_as(p)
-
-    def span(self, p: torch.Tensor) -> tuple[int, int]:
-        """[start, end) of p's gradient in the buffer."""
-        start = p.storage_offset() - self.base
-        return start, start + p.numel()
+        return self.buffer[slice(*span(p))].view_as(p)
 
     def zero(self) -> None:
         self.buffer.zero_()
@@ -243,8 +242,7 @@ class ShardLayout:
         if buffer is None or (world > 1 and buffer.numel() % (world * ALIGN)):
             raise ValueError(f"sharding over {world} ranks needs flat parameters padded for them "
                              "(srdit.train.flat.flatten_for_training(model, cfg, world))")
-        base = buffer.storage_offset()
-        spans = [(p.storage_offset() - base, p.storage_offset() - base + p.numel()) for p in params]
+        spans = [span(p) for p in params]
         self.rank, self.world = rank, world
         self.total = buffer.numel()
         self.bounds = chunk_bounds([s for s, p in zip(spans, params) if p.requires_grad], self.total, chunks,

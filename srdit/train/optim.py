@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from srdit.config import TrainConfig
-from srdit.train.flat import ShardLayout, flat_buffer, flat_view, flatten_parameters, layout_order, same_layout
+from srdit.train.flat import (ShardLayout, flat_buffer, flat_view, flatten_parameters, layout_order, same_layout,
+                              span)
 from srdit.train.reduce import gather_pieces, wait_for
 
 MUON_LR = 1e-3  # the SR-DiT author's Muon run (FID 3.40)
@@ -155,11 +156,6 @@ class Optimizers:
                 if "capturable" in group:
                     group["capturable"] = self.capturable
 
-
-    def _spans(self) -> list[tuple[int, int]]:
-        base = self.buffer.storage_offset()
-        return [(p.storage_offset() - base, p.storage_offset() - base + p.numel()) for p in self.model_params]
-
     def _per_parameter_state(self) -> dict:
         """The flat AdamW's state as torch's AdamW over the parameters writes it: moments per
         parameter (sharded: gathered from every rank's pieces, a collective), the same step and
@@ -180,7 +176,7 @@ class Optimizers:
             full[key] = flat
         step = opt.state[shard_params[0]]["step"]
         state = {i: {"step": step.clone(), **{k: full[k][a:b].view_as(p).clone() for k in full}}
-                 for i, (p, (a, b)) in enumerate(zip(self.model_params, self._spans()))}
+                 for i, (p, (a, b)) in enumerate(zip(self.model_params, map(span, self.model_params)))}
         return {"state": state, "param_groups": [group]}
 
     def _runs_state(self, unsharded: dict) -> dict:
@@ -195,7 +191,7 @@ class Optimizers:
         full = {}
         for key in ("exp_avg", "exp_avg_sq"):
             flat = torch.zeros_like(self.buffer)
-            for i, (a, b) in enumerate(self._spans()):
+            for i, (a, b) in enumerate(map(span, self.model_params)):
                 flat[a:b] = unsharded["state"][i][key].reshape(-1).to(flat)
             full[key] = flat
         step = unsharded["state"][0]["step"]
@@ -209,9 +205,10 @@ class EMA:
     release's EMA does) and a copy of the buffers. `update="release"` computes it as the
     release does, ema * decay + p * (1 - decay) in fp32 (quirk Q5: the coefficients do not sum to
     exactly 1); "lerp" is the exact average. The skip flag is applied on the device (no host
-    sync). Over flat parameters (flatten_parameters) that is two or one kernels for the whole
-    model; otherwise per-parameter multi-tensor ops, whose 0-dim weights make CUDA launch one
-    kernel per parameter and op."""
+    sync). Over flat parameters (flatten_parameters) the update runs on the whole buffers (two or
+    one kernels for the whole model) or, sharded, on this rank's pieces of them; otherwise
+    per-parameter multi-tensor ops, whose 0-dim weights make CUDA launch one kernel per parameter
+    and op."""
 
     def __init__(self, model: nn.Module, decay: float, update: str = "release", layout: ShardLayout | None = None):
         if update not in ("release", "lerp"):
@@ -228,10 +225,10 @@ class EMA:
         self._src = [p.detach() for p in model.parameters()]
         self._upcast = any(p.dtype != torch.float32 for p in self._src)  # fp32 masters (the trainer): no copies
         # flat parameters (the model's from flatten_parameters, the copy's made so): the lists
-        # become one tensor each, so every update below is one kernel for the whole model, the
-        # same arithmetic per element as over the per-parameter lists
-        flat = (flat_view(self._ema), None if self._upcast else flat_view(self._src))
-        if None not in flat and same_layout(self._ema, self._src):
+        # become the buffers' pieces, so every update below is one kernel per piece, the same
+        # arithmetic per element as over the per-parameter lists
+        flat = flat_view(self._ema) is not None and not self._upcast and flat_view(self._src) is not None
+        if flat and same_layout(self._ema, self._src):
             # the whole buffers, or sharded this rank's pieces of them (gather() brings the rest)
             self.layout = layout if layout is not None else ShardLayout.whole(model)
             self._ema, self._src = self.layout.pieces(flat_buffer(self.model)), self.layout.pieces(source)

@@ -38,15 +38,15 @@ to; captured whole, it needs its own warm-up ritual (MULTI_GPU.md). FSDP2 shards
 which a 140M model does not need, and gathers them per layer on the critical path.
 ZeroRedundancyOptimizer steps per-parameter optimizers outside any graph. apex's
 DistributedFusedAdam, MLPerf's choice, is on no package registry. This reducer is one buffer,
-a few collectives and hooks: capturable as it is, overlapped with backward, and ready to become
-a reduce-scatter for a sharded optimizer.
+a few collectives and hooks: capturable as it is, overlapped with backward, and the same chunks
+reduce-scattered for the sharded update.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from srdit.train.flat import FlatGradients, ShardLayout, chunk_bounds
+from srdit.train.flat import FlatGradients, ShardLayout, chunk_bounds, span
 
 CHUNKS = 4  # a few, so the first all_reduce starts a quarter into the backward; fewer launches than DDP's 25 MB buckets
 REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -100,7 +100,7 @@ class GradReducer:
                  layout: ShardLayout | None = None):
         self.grads, self.group, self.layout = grads, group, layout
         self.dtype = REDUCE_DTYPES[dtype]
-        spans = {id(p): grads.span(p) for p in grads.params}
+        spans = {id(p): span(p) for p in grads.params}
         self.bounds = layout.bounds if layout is not None else chunk_bounds(list(spans.values()), grads.buffer.numel(),
                                                                             chunks)
         self.chunks = [grads.buffer[a:b] for a, b in zip(self.bounds, self.bounds[1:])]
@@ -119,8 +119,8 @@ class GradReducer:
                           for key, (start, end) in spans.items()}
         self.members = [sum(1 for ks in self.chunks_of.values() if i in ks) for i in range(len(self.chunks))]
         self.armed, self.remaining, self.works = False, [], []
-        # of the last reduction: the chunks in the order they went out, and how many gradients had
-        # landed when each did (the overlap with the backward: bench/traffic.py models it)
+        # of the last reduction, for the tests: the chunks in the order they went out, and how many
+        # gradients had landed when each did (how far into the backward it overlapped)
         self.launch_order: list[int] = []
         self.landed_at_launch: list[int] = []
         self.landed = 0

@@ -13,8 +13,8 @@ import torch.nn as nn
 
 from srdit.config import Config
 from srdit.model.dinov2 import repa_targets
-from srdit.train.loss import StepNoise, diffusion_loss
 from srdit.train.flat import FlatGradients
+from srdit.train.loss import StepNoise, diffusion_loss
 from srdit.train.optim import EMA, Optimizers
 from srdit.train.reduce import GradReducer, wait_for
 
