@@ -36,38 +36,67 @@ def _aligned(offset: int, element_size: int) -> int:
     return -(-offset // step) * step
 
 
-def flatten_parameters(module: nn.Module, order: list[int] | None = None, multiple: int = 1) -> nn.Module:
+def flatten_parameters(module: nn.Module, order: list[int] | None = None, multiple: int = 1,
+                       frozen_apart: bool = False) -> nn.Module:
     """Every parameter of `module` becomes a view of one contiguous buffer, values unchanged (in
     place: optimizers and hooks keep the same Parameter objects), laid out in `order` (indices
     into parameters(); default parameters() order), the buffer's length padded with zeros to a
-    multiple of `multiple` elements (equal shards for several ranks). Each view starts 256 bytes
-    aligned, as a tensor of its own would: the alignment that Triton specialises on and
-    vectorised GEMM loads want does not change with the model's size (the gaps are zeros and stay
-    zeros). Call it before the EMA and the optimizers are made. Parameters of several dtypes or
-    devices are left as they are; already flat parameters too."""
+    multiple of `multiple` elements (equal shards for several ranks). frozen_apart: the
+    parameters that need no gradient go after all the others (in `order` among themselves),
+    starting at a multiple of `multiple`: the trainable ones then fill a region of their own,
+    which ranks can split into equal pieces that hold trainable weights only (ShardLayout). Each
+    view starts 256 bytes aligned, as a tensor of its own would: the alignment that Triton
+    specialises on and vectorised GEMM loads want does not change with the model's size (the gaps
+    are zeros and stay zeros). Call it before the EMA and the optimizers are made. Parameters of
+    several dtypes or devices are left as they are; already flat parameters too."""
     params = list(module.parameters())
     if not params or len({(p.dtype, p.device) for p in params}) > 1 or flat_view(params) is not None:
         return module
     order = list(range(len(params))) if order is None else list(order)
     if sorted(order) != list(range(len(params))):
         raise ValueError(f"a parameter order must list each of the {len(params)} parameters once")
+    if frozen_apart:
+        order = [i for i in order if params[i].requires_grad] + [i for i in order if not params[i].requires_grad]
     size = params[0].element_size()
     offsets, end = {}, 0
     for i in order:
+        if frozen_apart and not params[i].requires_grad and all(params[j].requires_grad for j in offsets):
+            end = _padded(end, multiple)  # the first frozen parameter opens the frozen region
         offsets[i] = _aligned(end, size)
         end = offsets[i] + params[i].numel()
-    flat = torch.zeros(-(-end // multiple) * multiple, dtype=params[0].dtype, device=params[0].device)
-    for i, p in enumerate(params):
-        view = flat[offsets[i]: offsets[i] + p.numel()].view_as(p)
-        view.copy_(p.detach())
-        p.data = view
+    _place(params, [offsets[i] for i in range(len(params))], _padded(end, multiple))
     return module
 
 
+def flatten_like(module: nn.Module, source: nn.Module) -> nn.Module:
+    """`module`'s parameters (a copy of `source`'s: the same shapes, in the same order) become
+    views of one buffer laid out exactly as `source`'s flat parameters are: the same offsets and
+    length, so the two buffers correspond element for element (the EMA's copy of the model)."""
+    params, theirs = list(module.parameters()), list(source.parameters())
+    buffer = flat_buffer(source)
+    if buffer is None or [p.shape for p in params] != [p.shape for p in theirs]:
+        raise ValueError("flatten_like needs a flat source with the same parameters")
+    _place(params, [p.storage_offset() for p in theirs], buffer.numel())
+    return module
+
+
+def _padded(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _place(params: list[torch.Tensor], offsets: list[int], length: int) -> None:
+    flat = torch.zeros(length, dtype=params[0].dtype, device=params[0].device)
+    for p, offset in zip(params, offsets):
+        view = flat[offset: offset + p.numel()].view_as(p)
+        view.copy_(p.detach())
+        p.data = view
+
+
 def flat_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """One 1-D tensor over `tensors` when they lie in one storage, each contiguous, one after
-    another (in any order) where flatten_parameters puts them (the end of the previous one,
-    aligned), else None. Its elements are in storage order."""
+    """One 1-D tensor over `tensors` when they lie in one storage, each contiguous and 256-byte
+    aligned, none overlapping another (in any order, with zeros between them where
+    flatten_parameters puts gaps), else None. Its elements are in storage order, from the first
+    tensor's start to the last one's end."""
     if not tensors:
         return None
     first = tensors[0]
@@ -77,19 +106,11 @@ def flat_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     ordered = sorted(tensors, key=lambda t: t.storage_offset())
     start = end = ordered[0].storage_offset()
     for t in ordered:
-        if t.storage_offset() - start != _aligned(end - start, t.element_size()):
+        at = t.storage_offset()
+        if at < end or at != start + _aligned(at - start, t.element_size()):
             return None
-        end = t.storage_offset() + t.numel()
+        end = at + t.numel()
     return first.detach().as_strided((end - start,), (1,), start)
-
-
-def layout_order(module: nn.Module) -> list[int] | None:
-    """The order `module`'s flat parameters lie in (indices into parameters()), to lay a copy out
-    alike (deepcopy clones each parameter on its own); None when they are not flat."""
-    params = list(module.parameters())
-    if flat_view(params) is None:
-        return None
-    return sorted(range(len(params)), key=lambda i: params[i].storage_offset())
 
 
 def flat_buffer(module: nn.Module) -> torch.Tensor | None:
@@ -155,10 +176,11 @@ class FlatGradients:
         if flat is None:
             raise ValueError("flat gradients need flat parameters: call srdit.train.flat.flatten_parameters first")
         self.buffer = torch.zeros_like(flat)
-        # the parameters' extent, without the padding to equal shards: a norm over it does not
-        # depend on the number of ranks
-        self.used = flat_view(params).numel()
         self.params = [p for p in params if p.requires_grad]
+        # the trainable parameters' extent, without the padding to equal shards or the frozen
+        # region: a norm over it does not depend on the number of ranks, and nothing past it is
+        # ever anything but zero
+        self.used = max((span(p)[1] for p in self.params), default=0)
         for p in self.params:
             p.grad = self.view_of(p)
 
@@ -206,10 +228,12 @@ ALIGN = FLAT_ALIGN_BYTES // 4  # fp32 elements: each rank's piece of a chunk sta
 def flatten_for_training(model: nn.Module, cfg, world: int = 1) -> nn.Module:
     """flatten_parameters in gradient-ready order (see the module's docstring), padded so that
     `world` ranks get equal aligned pieces: what srdit.train and build_step lay a fresh model out
-    as, before its EMA and optimizers are made. The parameters' offsets do not depend on `world`."""
+    as, before its EMA and optimizers are made. The frozen parameters (pos_embed) lie apart, after
+    the trainable ones: the pieces the ranks update then hold trainable weights only, an equal
+    share each. The trainable parameters' offsets do not depend on `world`."""
     if flat_view(list(model.parameters())) is not None:
         return model
-    return flatten_parameters(model, training_order(cfg), multiple=world * ALIGN)
+    return flatten_parameters(model, training_order(cfg), multiple=world * ALIGN, frozen_apart=True)
 
 
 def chunk_bounds(spans: list[tuple[int, int]], total: int, chunks: int, multiple: int = 1) -> list[int]:
@@ -231,10 +255,14 @@ def chunk_bounds(spans: list[tuple[int, int]], total: int, chunks: int, multiple
 
 class ShardLayout:
     """How `world` ranks split the flat buffers of `model` (flatten_for_training(..., world)):
-    CHUNKS contiguous chunks (chunk_bounds), each cut into `world` equal pieces; rank r owns the
-    r-th piece of every chunk. One layout serves the gradients (reduce-scatter: each rank gets the
-    sum of its pieces), the optimizer and the EMA (each rank updates its pieces) and the weights
-    (all-gather: the pieces back into every rank's chunks)."""
+    the trainable region is cut into CHUNKS contiguous chunks (chunk_bounds), each cut into
+    `world` equal pieces; rank r owns the r-th piece of every chunk. One layout serves the
+    gradients (reduce-scatter: each rank gets the sum of its pieces), the optimizer and the EMA
+    (each rank updates its pieces) and the weights (all-gather: the pieces back into every rank's
+    chunks). The frozen region after it (flatten_parameters' frozen_apart: pos_embed), `tail`, is
+    cut into `world` pieces too, for the EMA only: it gets no gradient and no update, and its
+    weights never change, so they are never gathered. Frozen parameters among the trainable ones
+    (a model flattened otherwise) stay in the chunks, and the optimizer's runs skip them."""
 
     def __init__(self, model: nn.Module, rank: int, world: int, chunks: int):
         params = list(model.parameters())
@@ -243,38 +271,63 @@ class ShardLayout:
             raise ValueError(f"sharding over {world} ranks needs flat parameters padded for them "
                              "(srdit.train.flat.flatten_for_training(model, cfg, world))")
         spans = [span(p) for p in params]
+        trainable = [s for s, p in zip(spans, params) if p.requires_grad]
         self.rank, self.world = rank, world
         self.total = buffer.numel()
-        self.bounds = chunk_bounds([s for s, p in zip(spans, params) if p.requires_grad], self.total, chunks,
-                                   world * ALIGN)
         self.frozen = sorted(s for s, p in zip(spans, params) if not p.requires_grad)
+        self.end = self.total  # of the chunks: the frozen region starts there when it lies apart
+        if self.frozen and trainable:
+            apart = self.frozen[0][0] // (world * ALIGN) * (world * ALIGN)
+            if max(e for _, e in trainable) <= apart:
+                self.end = apart
+        self.tail = (self.end, self.total) if self.end < self.total else None
+        self.bounds = chunk_bounds(trainable, self.end, chunks, world * ALIGN)
 
     @classmethod
     def whole(cls, model: nn.Module) -> "ShardLayout":
-        """One rank's layout: the whole buffer is its one piece (the unsharded update)."""
+        """One rank's layout: each chunk (and the tail) is its one piece (the unsharded update)."""
         return cls(model, 0, 1, 1)
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
         return list(zip(self.bounds, self.bounds[1:]))
 
-    def piece(self, k: int) -> tuple[int, int]:
-        """[start, end) of this rank's piece of chunk k, in the flat buffer."""
-        a, b = self.chunks[k]
+    def piece(self, k: int, rank: int | None = None) -> tuple[int, int]:
+        """[start, end) of this rank's (or `rank`'s) piece of chunk k, in the flat buffer."""
+        return self._piece(*self.chunks[k], self.rank if rank is None else rank)
+
+    def _piece(self, a: int, b: int, rank: int) -> tuple[int, int]:
         size = (b - a) // self.world
-        return a + self.rank * size, a + (self.rank + 1) * size
+        return a + rank * size, a + (rank + 1) * size
 
-    def pieces(self, buffer: torch.Tensor) -> list[torch.Tensor]:
-        """This rank's piece of every chunk of a flat buffer, as views."""
-        return [buffer[slice(*self.piece(k))] for k in range(len(self.chunks))]
+    def pieces(self, buffer: torch.Tensor, tail: bool = False) -> list[torch.Tensor]:
+        """This rank's piece of every chunk of a flat buffer, as views; with `tail`, its piece of
+        the frozen region too (the EMA's)."""
+        spans = [self.piece(k) for k in range(len(self.chunks))]
+        if tail and self.tail is not None:
+            spans.append(self._piece(*self.tail, self.rank))
+        return [buffer[a:b] for a, b in spans]
 
-    def compact_offsets(self) -> list[int]:
+    def gathers(self, tail: bool = False) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """(whole, this rank's piece) spans of every chunk (and with `tail`, of the frozen
+        region): what an all-gather of the pieces fills."""
+        out = [((a, b), self.piece(k)) for k, (a, b) in enumerate(self.chunks)]
+        if tail and self.tail is not None:
+            out.append((self.tail, self._piece(*self.tail, self.rank)))
+        return out
+
+    @property
+    def shard_size(self) -> int:
+        """Elements of this rank's pieces of the chunks (the reduced gradients it holds)."""
+        return self.end // self.world
+
+    def compact_offsets(self, rank: int | None = None) -> list[int]:
         """Where each piece starts in a compact buffer of this rank's pieces only (the reduced
-        gradients: total / world elements)."""
+        gradients: shard_size elements)."""
         offsets, at = [], 0
         for k in range(len(self.chunks)):
             offsets.append(at)
-            start, end = self.piece(k)
+            start, end = self.piece(k, rank)
             at += end - start
         return offsets
 

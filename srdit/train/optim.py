@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from srdit.config import TrainConfig
-from srdit.train.flat import (ShardLayout, flat_buffer, flat_view, flatten_parameters, layout_order, same_layout,
+from srdit.train.flat import (ShardLayout, flat_buffer, flat_view, flatten_like, flatten_parameters, same_layout,
                               span)
 from srdit.train.reduce import gather_pieces, wait_for
 
@@ -217,8 +217,8 @@ class EMA:
         # laid out as the model is, padding included (deepcopy clones parameter by parameter):
         # then the flat views of the two correspond element for element
         source = flat_buffer(model)
-        self.model = flatten_parameters(copy.deepcopy(model).float().eval().requires_grad_(False),
-                                        layout_order(model), multiple=source.numel() if source is not None else 1)
+        copied = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.model = flatten_like(copied, model) if source is not None else flatten_parameters(copied)
         self._ema = list(self.model.parameters())
         # detached views of the master weights, made once: optimizer steps and checkpoint loads
         # write in place, so they stay current without a per-step list of new tensors
@@ -231,7 +231,8 @@ class EMA:
         if flat and same_layout(self._ema, self._src):
             # the whole buffers, or sharded this rank's pieces of them (gather() brings the rest)
             self.layout = layout if layout is not None else ShardLayout.whole(model)
-            self._ema, self._src = self.layout.pieces(flat_buffer(self.model)), self.layout.pieces(source)
+            self._ema, self._src = (self.layout.pieces(flat_buffer(self.model), tail=True),
+                                   self.layout.pieces(source, tail=True))
         elif layout is not None:
             raise ValueError("a sharded EMA needs the model's flat fp32 parameters (flatten_for_training)")
         device = self._ema[0].device if self._ema else torch.device("cpu")
@@ -257,7 +258,7 @@ class EMA:
         """Sharded: every rank's averaged pieces into every rank's copy (a collective), before the
         whole average is read (checkpoint, sample grid, evaluation). Nothing to do unsharded."""
         if self.layout is not None and self.layout.world > 1:
-            wait_for(gather_pieces(flat_buffer(self.model), self.layout))
+            wait_for(gather_pieces(flat_buffer(self.model), self.layout, tail=True))
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -67,12 +67,12 @@ def _all_gather(output, input, group):
     return fn(output, input, group=group, async_op=True)
 
 
-def gather_pieces(buffer: torch.Tensor, layout: ShardLayout, group=None) -> list:
+def gather_pieces(buffer: torch.Tensor, layout: ShardLayout, group=None, tail: bool = False) -> list:
     """Launch the all-gather of every rank's pieces of a flat buffer into every rank's copy, in
-    place (each rank's input is its own piece of the output), chunk by chunk; returns the works
-    to wait for. What the weights and the EMA go through after a sharded update."""
-    return [_all_gather(buffer[a:b], buffer[slice(*layout.piece(k))], group)
-            for k, (a, b) in enumerate(layout.chunks)]
+    place (each rank's input is its own piece of the output), chunk by chunk (with `tail`, the
+    frozen region's pieces too: the EMA's); returns the works to wait for. What the weights and
+    the EMA go through after a sharded update."""
+    return [_all_gather(buffer[a:b], buffer[p:q], group) for (a, b), (p, q) in layout.gathers(tail)]
 
 
 def wait_for(works: list) -> None:
@@ -101,15 +101,14 @@ class GradReducer:
         self.grads, self.group, self.layout = grads, group, layout
         self.dtype = REDUCE_DTYPES[dtype]
         spans = {id(p): span(p) for p in grads.params}
-        self.bounds = layout.bounds if layout is not None else chunk_bounds(list(spans.values()), grads.buffer.numel(),
-                                                                            chunks)
+        # unsharded, up to the trainable parameters' end: past it the buffer is zero on every rank
+        self.bounds = layout.bounds if layout is not None else chunk_bounds(list(spans.values()), grads.used, chunks)
         self.chunks = [grads.buffer[a:b] for a, b in zip(self.bounds, self.bounds[1:])]
         self.staging = (None if self.dtype == grads.buffer.dtype else
                         [torch.empty(c.numel(), dtype=self.dtype, device=c.device) for c in self.chunks])
         self.shard = self.shard_staging = None
         if layout is not None:
-            self.shard = torch.zeros(grads.buffer.numel() // layout.world, dtype=grads.buffer.dtype,
-                                     device=grads.buffer.device)
+            self.shard = torch.zeros(layout.shard_size, dtype=grads.buffer.dtype, device=grads.buffer.device)
             offsets = layout.compact_offsets() + [self.shard.numel()]
             self.shard_pieces = [self.shard[a:b] for a, b in zip(offsets, offsets[1:])]
             if self.staging is not None:

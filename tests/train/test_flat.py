@@ -144,3 +144,33 @@ def test_a_failed_wait_is_a_distributed_error():
     with pytest.raises(dist.DistError, match="Application timeout") as raised:
         wait_for([Failed()])
     assert collective_failed(raised.value)
+
+
+@pytest.mark.parametrize("world", [2, 8])
+def test_frozen_weights_lie_apart_so_every_rank_updates_an_equal_share(world):
+    """flatten_for_training puts pos_embed after the trainable weights, in a region of its own:
+    each rank's AdamW runs then hold exactly 1/world of what the unsharded AdamW updates in the
+    same layout, and its EMA pieces 1/world of the whole buffer (issue 23's bytes target)."""
+    from srdit.train.flat import ShardLayout, flat_buffer, span
+
+    cfg = tiny()
+    model = flatten_for_training(build_model(cfg), cfg, world)
+    frozen = [span(p) for p in model.parameters() if not p.requires_grad]
+    trainable_end = max(span(p)[1] for p in model.parameters() if p.requires_grad)
+    assert frozen and trainable_end <= min(s for s, _ in frozen)
+    whole = ShardLayout.whole(model)
+    total = flat_buffer(model).numel()
+    unsharded_adam = sum(b - a for a, b, _ in whole.trainable_runs())
+    unsharded_ema = sum(t.numel() for t in whole.pieces(flat_buffer(model), tail=True))
+    assert unsharded_ema == total
+    for rank in range(world):
+        layout = ShardLayout(model, rank, world, 4)
+        assert layout.tail is not None and layout.end % (world * 64) == 0
+        assert sum(b - a for a, b, _ in layout.trainable_runs()) * world == unsharded_adam
+        assert sum(t.numel() for t in layout.pieces(flat_buffer(model), tail=True)) * world == total
+        pieces = [layout.piece(k) for k in range(len(layout.chunks))]
+        assert all(a < b for a, b in pieces) and all(b <= layout.end for _, b in pieces)
+    # the same parameters lie at the same offsets whatever the world size
+    other = flatten_for_training(build_model(cfg), cfg, 1)
+    assert [span(p) for p in other.parameters() if p.requires_grad] == \
+        [span(p) for p in model.parameters() if p.requires_grad]
