@@ -60,12 +60,14 @@ VARIANTS = {
 
 
 def build_variant_step(preset_name: str, spec: dict, batch: int, device, *, autocast=None, reduce=None,
-                       overrides=(), shard_world: int | None = None):
+                       overrides=(), world: int = 1, shard: bool = False):
     """(cfg, model, step runner, one synthetic micro-batch) of the variant `spec` (a value of
     VARIANTS) at `batch`, built through srdit.train.assemble.build_step, seed 0. autocast, reduce:
     as build_step's (bench/traffic.py gives CUDA's policy on the CPU, and a rank's reduction);
-    overrides: more config settings; shard_world: the update sharded as rank 0 of that many
-    (AdamW and the EMA over its pieces; bench/traffic.py counts its collectives, not runs them)."""
+    overrides: more config settings; world: the flat buffers laid out for that many ranks (as
+    srdit.train lays them out: the unsharded update of a rank of `world` covers that layout);
+    shard: the update sharded as rank 0 of them (AdamW and the EMA over its pieces;
+    bench/traffic.py counts its collectives, not runs them)."""
     fused = spec["kernels"] == "triton"
     cfg = apply_overrides(preset(preset_name), [
         f"model.kernels={spec['kernels']}", f"model.batched_adaln={fused}", f"train.global_batch={batch}",
@@ -75,8 +77,9 @@ def build_variant_step(preset_name: str, spec: dict, batch: int, device, *, auto
     model = build_model(cfg).to(device)
     teacher, _ = build_teacher(cfg, device, random_init=True)  # the real teacher's cost, without its file
     optimizers = ema = None
-    if shard_world:
-        layout = ShardLayout(flatten_for_training(model, cfg, shard_world), 0, shard_world, CHUNKS)
+    flatten_for_training(model, cfg, world)
+    if shard:
+        layout = ShardLayout(model, 0, world, CHUNKS)
         optimizers, ema = Optimizers(model, cfg.train, device, layout), EMA(model, cfg.train.ema_decay,
                                                                              cfg.train.ema_update, layout)
     runner = build_step(cfg, model, teacher, device=device, autocast=autocast, reduce=reduce, optimizers=optimizers,

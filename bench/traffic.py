@@ -48,6 +48,9 @@ all-gather before the student's forward) whatever has not ended is exposed, the 
 overlap). The per-rank step is the ops' modelled time plus the exposed part, and 400K such steps
 the run's modelled wall-clock. --shard counts the sharded update (train.shard_optimizer=true):
 reduce-scatter, AdamW and EMA on the rank's 1/N, the weights' all-gather behind the teacher.
+--reduce-orders fixed counts train.reduce_order=fixed: an all-to-all (the reduce-scatter's wire
+bytes, no NVLink SHARP) and the rank's own pairwise sums in place of each reduce-scatter, and the
+norm's tile sums all-gathered.
 --measure (a GPU): the same step's device time per phase from torch.profiler, printed next to
 the model (bench/gpu_check.sh runs it; bench/record.py files it), so the model meets the hardware.
 """
@@ -99,7 +102,7 @@ BUS_SOURCE = "NCCL busBw on 8x NVLink4 H100/H200, ring: ~370 GB/s (NVIDIA/nccl-t
 # NCCL's bus bandwidth convention: algorithm bandwidth = bus bandwidth / this (nccl-tests PERFORMANCE.md)
 BUS_FACTOR = {"allreduce_": lambda n: 2 * (n - 1) / n, "reduce_scatter_tensor_coalesced_": lambda n: (n - 1) / n,
               "_reduce_scatter_base_": lambda n: (n - 1) / n, "_allgather_base_": lambda n: (n - 1) / n,
-              "allgather_into_tensor_coalesced_": lambda n: (n - 1) / n}
+              "allgather_into_tensor_coalesced_": lambda n: (n - 1) / n, "alltoall_base_": lambda n: (n - 1) / n}
 RUN_STEPS = 400_000  # the paper's run
 
 # CUDA's multi_tensor_apply (ATen/native/cuda/MultiTensorApply.cuh): tensors per launch by list depth
@@ -344,8 +347,9 @@ def collectives_counted(counter: Counter):
         counter.ops.append(Op("reduce", name, 1, 0.0, 0.0, unique_bytes(tensor)))
         return _Launched()
 
-    saved = {name: getattr(reduce, name) for name in ("_all_reduce", "_reduce_scatter", "_all_gather")}
+    saved = {name: getattr(reduce, name) for name in ("_all_reduce", "_reduce_scatter", "_all_gather", "_all_to_all")}
     reduce._all_reduce = lambda tensor, group: counted("allreduce_", tensor)
+    reduce._all_to_all = lambda output, input, group: counted("alltoall_base_", input)
     reduce._reduce_scatter = lambda output, input, group: counted("_reduce_scatter_base_", input)
     reduce._all_gather = lambda output, input, group: counted("_allgather_base_", output)
     try:
@@ -420,11 +424,12 @@ def one_rank_group():
 
 def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = False,
                launch_batch: int | None = None, reduce_dtype: str | None = None, world: int = 1,
-               shard: bool = False) -> list[Op]:
+               shard: bool = False, reduce_order: str = "library") -> list[Op]:
     """The ops of one training step of `variant` at `batch`, with the split launches of
     `launch_batch` (default `batch`; see split_launches_of and the module docstring); with
     `reduce_dtype`, the step of a rank of `world`, its gradients reduced in that dtype (with
-    `shard`, reduce-scattered and the update sharded: rank 0's 1/world)."""
+    `shard`, reduce-scattered and the update sharded: rank 0's 1/world; `reduce_order`:
+    train.reduce_order)."""
     device = torch.device("cpu")
     reduce = reduce_dtype is not None
     with contextlib.ExitStack() as stack:
@@ -435,8 +440,8 @@ def count_step(preset_name: str, variant: str, batch: int, *, path_drop: bool = 
         with env_vars(TRITON_INTERPRET="1"):
             cfg, model, runner, data = build_variant_step(
                 preset_name, COUNTED_VARIANTS[variant], batch, device, autocast=cuda_autocast_on_cpu, reduce=reduce,
-                overrides=[f"train.grad_reduce_dtype={reduce_dtype}"] if reduce else [],
-                shard_world=world if shard else None)
+                overrides=[f"train.grad_reduce_dtype={reduce_dtype}", f"train.reduce_order={reduce_order}"] if reduce else [],
+                world=world, shard=shard)
         noise = routed_noise(cfg, batch, device, path_drop)
         with flush_denormals(), split_launches_of(batch, launch_batch or batch):
             with Counter().counting(model):  # warm-up, not counted: optimizer state and lazy buffers come first
@@ -458,9 +463,11 @@ def extrapolate(small: dict[int, list[Op]], batch: int) -> list[Op]:
 
 
 def count_variant(preset_name: str, variant: str, batch: int, *, path_drop: bool = False,
-                  small=SMALL_BATCHES, reduce_dtype: str | None = None, world: int = 1, shard: bool = False) -> list[Op]:
+                  small=SMALL_BATCHES, reduce_dtype: str | None = None, world: int = 1, shard: bool = False,
+                  reduce_order: str = "library") -> list[Op]:
     return extrapolate({b: count_step(preset_name, variant, b, path_drop=path_drop, launch_batch=batch,
-                                      reduce_dtype=reduce_dtype, world=world, shard=shard) for b in small}, batch)
+                                      reduce_dtype=reduce_dtype, world=world, shard=shard, reduce_order=reduce_order)
+                        for b in small}, batch)
 
 
 # --------------------------------------------------------------------------- model and report
@@ -619,6 +626,8 @@ def main(argv=None) -> None:
                         help="with --world > 1: train.grad_reduce_dtype values, a row each")
     parser.add_argument("--shard", nargs="+", default=["false"], choices=["false", "true"],
                         help="with --world > 1: train.shard_optimizer values, a row each")
+    parser.add_argument("--reduce-orders", nargs="+", default=["library"], choices=["library", "fixed"],
+                        help="with --world > 1: train.reduce_order values, a row each (fixed: fp32 rows only)")
     parser.add_argument("--bus-gbps", type=float, default=BUS_GBPS, help=f"collective bus bandwidth ({BUS_SOURCE})")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--measure", action="store_true",
@@ -643,19 +652,22 @@ def main(argv=None) -> None:
     if args.world > 1:
         print(f"collectives: {args.bus_gbps:.0f} GB/s bus bandwidth ({BUS_SOURCE if args.bus_gbps == BUS_GBPS else 'given'})")
     results = []
-    runs = [(v, d, sh) for v in args.variants for d in (args.reduce_dtypes if args.world > 1 else [None])
-            for sh in (args.shard if args.world > 1 else ["false"])]
-    for variant, dtype, shard in runs:
+    runs = [(v, d, sh, o) for v in args.variants for d in (args.reduce_dtypes if args.world > 1 else [None])
+            for sh in (args.shard if args.world > 1 else ["false"])
+            for o in (args.reduce_orders if args.world > 1 else ["library"]) if o == "library" or d == "fp32"]
+    for variant, dtype, shard, order in runs:
         ops = count_variant(args.preset, variant, args.batch, path_drop=args.path_drop, reduce_dtype=dtype,
-                            world=args.world, shard=shard == "true")
+                            world=args.world, shard=shard == "true", reduce_order=order)
         summary, tops = summarize(ops, rates, args.batch), top_ops(ops, rates, args.top)
-        name = variant if dtype is None else f"{variant}, {dtype} reduction{', sharded' if shard == 'true' else ''}"
+        name = variant if dtype is None else (f"{variant}, {dtype} reduction{', sharded' if shard == 'true' else ''}"
+                                              f"{', fixed order' if order == 'fixed' else ''}")
         print(report(name, summary, tops, args.batch), flush=True)
         row = {"variant": variant, **summary["total"], "phases": summary["phases"], "top": tops}
         if dtype is not None:
             comm = model_communication(ops, rates, args.world, args.bus_gbps)
             step_ms = summary["total"]["model_ms"] + comm["exposed_ms"]
-            row.update(reduce_dtype=dtype, world=args.world, sharded=shard == "true", communication=comm, step_ms=step_ms,
+            row.update(reduce_dtype=dtype, world=args.world, sharded=shard == "true", reduce_order=order,
+                       communication=comm, step_ms=step_ms,
                        run_hours=RUN_STEPS * step_ms / 3.6e6)
             print(communication_report(comm, summary["total"]["model_ms"], step_ms), flush=True)
         if args.measure:

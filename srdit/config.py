@@ -281,6 +281,12 @@ class TrainConfig:
     # the dtype of the cross-rank gradient sum (srdit/train/reduce.py): fp32 is DDP's arithmetic;
     # bf16 halves the bytes on the wire at a rounding of 2^-8 (relative to the summed magnitudes)
     grad_reduce_dtype: str = "fp32"
+    # the order of the gradient and norm sums (srdit/train/fixed_sum.py): library = the collectives'
+    # own (fastest); fixed = one pairwise tree over the global batch's micro-batches, the same for
+    # any number of ranks: a resume on other ranks with the same micro-batch is bit for bit (when
+    # grad_accum is a power of two); costs an all-to-all in place of the reduce-scatter and a
+    # gradient-sized receive buffer (docs/training.md)
+    reduce_order: str = field(default="library", metadata=RESUMABLE)
     # each rank updates 1/world of the weights (AdamW and EMA sharded, ZeRO-1; srdit/train/reduce.py):
     # auto = with several ranks and AdamW; the same math (the clip's norm summed in another order)
     shard_optimizer: str = field(default="auto", metadata=RESUMABLE)
@@ -298,6 +304,10 @@ class TrainConfig:
         _one_of("train.compile_mode", self.compile_mode, COMPILE_MODES)
         _one_of("train.ema_update", self.ema_update, ("release", "lerp"))
         _one_of("train.grad_reduce_dtype", self.grad_reduce_dtype, ("fp32", "bf16"))
+        _one_of("train.reduce_order", self.reduce_order, ("library", "fixed"))
+        if self.reduce_order == "fixed" and self.grad_reduce_dtype != "fp32":
+            raise ConfigError("train.reduce_order=fixed sums in fp32 (a bf16 rounding of each rank's partial sum "
+                              "depends on the split): set train.grad_reduce_dtype=fp32")
         _one_of("train.shard_optimizer", self.shard_optimizer, ("auto", "true", "false"))
         if self.shard_optimizer == "true" and self.optimizer != "adamw":
             raise ConfigError(f"train.shard_optimizer=true shards AdamW; train.optimizer={self.optimizer} is not "

@@ -245,6 +245,8 @@ def open_log(run: Run, args, dataset) -> None:
         *([f"gradients summed across ranks in {t.grad_reduce_dtype} (srdit's reducer)  update "
            f"{'sharded: each rank updates 1/' + str(dist.world) if run.state.optimizers.sharded else 'on every rank'}"]
           if dist.world > 1 else []),
+        *(["sums in the fixed order (train.reduce_order=fixed): the same bits at any number of ranks with this "
+           "micro-batch, where grad_accum is a power of two (docs/training.md)"] if t.reduce_order == "fixed" else []),
         f"preset {args.preset}  model {count_params(run.state.model):,} trainable parameters  "
         f"{flops.train / 1e9:.2f} GFLOP per training image (fwd+bwd)",
         f"teacher: {run.notes['teacher']}  attention: {getattr(run.step, 'attention', cfg.model.attention_backend)}",

@@ -32,6 +32,12 @@ sum_r |g_r| / world. In all, to first order: |error| <= 2^-8 sum_r |g_r| per ele
 the world size (tests/train/test_ranks.py checks it). Where the ranks' gradients agree, that is
 up to world x 2^-8 of the result: fp32 stays the default.
 
+Order: the collectives add the ranks' terms in their own order (NCCL's ring or tree, gloo's),
+which changes with the world size. train.reduce_order=fixed replaces the reduce-scatter by an
+all-to-all and adds the pieces by pairs in rank order here, and the clip's norm comes from tile
+sums in one tree (srdit.train.fixed_sum): the same bits at any world size with the same
+micro-batch.
+
 Why not a library's: DDP copies every fresh gradient into its buckets (a pass over the buffer and
 a launch per parameter each step) and re-broadcasts buffers before each forward unless told not
 to; captured whole, it needs its own warm-up ritual (MULTI_GPU.md). FSDP2 shards parameters,
@@ -46,6 +52,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from srdit.train.fixed_sum import TILE, pairwise_sum, tile_order, tile_sums, whole_norm
 from srdit.train.flat import FlatGradients, ShardLayout, chunk_bounds, span
 
 CHUNKS = 4  # a few, so the first all_reduce starts a quarter into the backward; fewer launches than DDP's 25 MB buckets
@@ -60,6 +67,10 @@ def _reduce_scatter(output, input, group):
     # torch 2.14 renames reduce_scatter_tensor (the GPU image's torch 2.11 has only the old name)
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     return fn(output, input, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+def _all_to_all(output, input, group):
+    return dist.all_to_all_single(output, input, group=group, async_op=True)
 
 
 def _all_gather(output, input, group):
@@ -94,12 +105,23 @@ def wait_for(works: list) -> None:
 class GradReducer:
     """Sum the flat gradients of every rank (each already divided by the world size): in place
     with all_reduce, or, with a ShardLayout, reduce-scattered into `shard`, a compact buffer of
-    this rank's pieces (the sharded optimizer's gradients)."""
+    this rank's pieces (the sharded optimizer's gradients).
+
+    order="fixed" (train.reduce_order; srdit.train.fixed_sum): the sum is the same pairwise tree
+    over ranks whatever the library does: each chunk goes out by an all-to-all (rank r receives
+    every rank's r-th piece, the bytes of a reduce-scatter), and the received pieces are added by
+    pairs in rank order into `shard`; with gather_back (an unsharded optimizer) the summed pieces
+    are all-gathered back into the buffer (the all-reduce's second half). It needs a ShardLayout
+    and fp32. before_launch(start, end) runs before a chunk goes out (MicroBatchTree.collapse)."""
 
     def __init__(self, grads: FlatGradients, *, dtype: str = "fp32", chunks: int = CHUNKS, group=None,
-                 layout: ShardLayout | None = None):
+                 layout: ShardLayout | None = None, order: str = "library", gather_back: bool = False,
+                 before_launch=None):
         self.grads, self.group, self.layout = grads, group, layout
         self.dtype = REDUCE_DTYPES[dtype]
+        self.fixed, self.gather_back, self.before_launch = order == "fixed", gather_back, before_launch
+        if self.fixed and (layout is None or self.dtype != grads.buffer.dtype):
+            raise ValueError("the fixed-order reduction needs a ShardLayout and fp32 (train.grad_reduce_dtype=fp32)")
         spans = {id(p): span(p) for p in grads.params}
         # unsharded, up to the trainable parameters' end: past it the buffer is zero on every rank
         self.bounds = layout.bounds if layout is not None else chunk_bounds(list(spans.values()), grads.used, chunks)
@@ -113,6 +135,12 @@ class GradReducer:
             self.shard_pieces = [self.shard[a:b] for a, b in zip(offsets, offsets[1:])]
             if self.staging is not None:
                 self.shard_staging = [torch.empty(p.numel(), dtype=self.dtype, device=p.device) for p in self.shard_pieces]
+        if self.fixed:  # every rank's copy of this rank's pieces, and where the norm's tile sums go
+            self.received = [torch.empty(layout.world, p.numel(), dtype=p.dtype, device=p.device)
+                             for p in self.shard_pieces]
+            self.tiles = layout.shard_size // TILE + 1  # a rank's tile sums and its non-finite-loss flag
+            self.tile_order = tile_order(layout, self.tiles).to(grads.buffer.device)
+            self.gathered = torch.empty(layout.world * self.tiles, dtype=grads.buffer.dtype, device=grads.buffer.device)
         # a parameter belongs to every chunk it overlaps (a sharded chunk may cut one)
         self.chunks_of = {key: [i for i, (a, b) in enumerate(zip(self.bounds, self.bounds[1:])) if start < b and a < end]
                           for key, (start, end) in spans.items()}
@@ -140,11 +168,15 @@ class GradReducer:
                 self._launch(i)
 
     def _launch(self, i: int) -> None:
+        if self.before_launch is not None:
+            self.before_launch(self.bounds[i], self.bounds[i + 1])
         tensor = self.chunks[i]
         if self.staging is not None:
             self.staging[i].copy_(tensor)
             tensor = self.staging[i]
-        if self.layout is None:
+        if self.fixed:
+            self.works[i] = _all_to_all(self.received[i].view(-1), tensor, self.group)
+        elif self.layout is None:
             self.works[i] = _all_reduce(tensor, self.group)
         else:
             out = self.shard_pieces[i] if self.shard_staging is None else self.shard_staging[i]
@@ -161,10 +193,31 @@ class GradReducer:
             if work is None:
                 self._launch(i)
         wait_for(self.works)
-        if self.staging is not None:  # back from bf16
+        if self.fixed:  # the ranks' copies of each piece added by pairs, in rank order
+            for received, piece in zip(self.received, self.shard_pieces):
+                pairwise_sum(received, out=piece)
+            if self.gather_back:
+                wait_for([_all_gather(chunk, piece, self.group) for chunk, piece in zip(self.chunks, self.shard_pieces)])
+        elif self.staging is not None:  # back from bf16
             for i in range(len(self.chunks)):
                 if self.layout is None:
                     self.chunks[i].copy_(self.staging[i])
                 else:
                     self.shard_pieces[i].copy_(self.shard_staging[i])
         self.armed, self.works = False, []
+
+    def fixed_norm_and_skip(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """order="fixed": the global gradient norm in the fixed order (srdit.train.fixed_sum) and
+        the skip flag (1.0: a non-finite norm, or a non-finite `loss` on any rank). Sharded, each
+        rank's tile sums and loss flag are all-gathered (a few MB) and summed in buffer order;
+        gathered back, every rank holds the whole sum and computes the same."""
+        bad_loss = (~torch.isfinite(loss)).float()
+        if self.gather_back:
+            norm = whole_norm(self.grads.buffer, self.grads.used)
+            # a non-finite loss on one rank makes its gradients, and so the sum, non-finite too
+            return norm, ((~torch.isfinite(norm)) | (bad_loss > 0)).float()
+        mine = torch.cat([tile_sums(self.shard), bad_loss[None]])
+        wait_for([_all_gather(self.gathered, mine, self.group)])
+        norm = pairwise_sum(self.gathered[self.tile_order]).sqrt()
+        flags = self.gathered.view(self.layout.world, self.tiles)[:, -1]
+        return norm, ((~torch.isfinite(norm)) | (flags.sum() > 0)).float()

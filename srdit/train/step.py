@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from srdit.config import Config
 from srdit.model.dinov2 import repa_targets
+from srdit.train.fixed_sum import MicroBatchTree, whole_norm
 from srdit.train.flat import FlatGradients
 from srdit.train.loss import StepNoise, diffusion_loss
 from srdit.train.optim import EMA, Optimizers
@@ -98,6 +99,12 @@ class StepRunner:
         if world > 1 and reducer is None:
             raise ValueError(f"{world} ranks need a GradReducer")
         self.params = self.grads.params
+        # train.reduce_order=fixed: the micro-batches summed by pairs (srdit.train.fixed_sum); the
+        # reducer collapses the saved pairs into each chunk before it goes out
+        self.fixed = cfg.train.reduce_order == "fixed"
+        self.tree = MicroBatchTree(self.grads.buffer, cfg.train.grad_accum, self.grads.used) if self.fixed else None
+        if self.tree is not None and reducer is not None:
+            reducer.before_launch = self.tree.collapse
         # autocast: a context factory (build_step resolves it: step_autocast by default), None for fp32
         self.autocast = autocast if autocast is not None else contextlib.nullcontext
 
@@ -105,7 +112,13 @@ class StepRunner:
         """The global gradient norm and the skip flag (1.0: a non-finite loss or gradient). Sharded,
         each rank holds 1/world of the summed gradients: the norm is the square root of the
         all-reduced sum of the shards' squared norms (summed in another order than one norm over
-        the whole buffer: equal to rounding), and a non-finite loss on any rank skips everywhere."""
+        the whole buffer: equal to rounding), and a non-finite loss on any rank skips everywhere.
+        train.reduce_order=fixed: the norm in the fixed order, the same bits at any world size."""
+        if self.fixed and self.reducer is not None:
+            return self.reducer.fixed_norm_and_skip(total_sum)
+        if self.fixed:
+            grad_norm = whole_norm(self.grads.buffer, self.grads.used)
+            return grad_norm, (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
         if self.reducer is None or self.reducer.shard is None:
             grad_norm = self.grads.norm()
             return grad_norm, (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
@@ -140,6 +153,9 @@ class StepRunner:
 
     def run(self, micro_batches: list[dict], noise: StepNoise) -> dict[str, torch.Tensor]:
         accum = len(micro_batches)
+        if self.tree is not None and accum != self.tree.accum:
+            raise ValueError(f"the fixed-order sum was planned for train.grad_accum={self.tree.accum} micro-batches, "
+                             f"the step got {accum}")
         micro = micro_batches[0]["latent"].shape[0]
         offset = self.rank * micro * accum  # this rank's first row of the global batch
         parts_sum = {k: torch.zeros((), device=self.device) for k in LOSS_PARTS}
@@ -164,12 +180,18 @@ class StepRunner:
                 # the mean over the global batch: each rank's share arrives divided by the world
                 # size, so the reduction only sums (srdit.train.reduce)
                 (total / (accum * self.world)).backward()
+            if self.tree is not None:
+                self.tree.after_backward(i)
             total_sum += total.detach() / accum
             for k in LOSS_PARTS:
                 parts_sum[k] += parts[k].float() / accum
         if self.reducer is not None:
             with phase("reduce"):
                 self.reducer.finish()
+        elif self.tree is not None:
+            self.tree.collapse()
+        if self.tree is not None:
+            self.tree.reset()
         with phase("clip"):
             # measured also with clipping off (train.grad_clip=0): the log and the skip flag use it
             grad_norm, found_inf = self.norm_and_skip(total_sum)

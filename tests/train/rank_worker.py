@@ -4,12 +4,12 @@ or alone as one process. Runs the scenarios named on the command line on a tiny 
 with gloo and saves what the tests compare to OUT/rank<R>.pt.
 
 Scenarios:
-  train:ACCUM:GRAPHS:DTYPE[:shard=..:clip=..:save=NAME@STEP:load=NAME:start=N:steps=N]
+  train:ACCUM:GRAPHS:DTYPE[:shard=..:clip=..:order=..:save=NAME@STEP:load=NAME:start=N:steps=N]
                             steps of build_step's step (the global batch split over the ranks and
                             ACCUM micro-batches; EagerReplay graphs when GRAPHS=1; the gradient
-                            sum in DTYPE; train.shard_optimizer, train.grad_clip), both path-drop
-                            branches: per-step values, final model, EMA and optimizer state (as a
-                            checkpoint holds them), gradient addresses, the collectives issued;
+                            sum in DTYPE; train.shard_optimizer, train.grad_clip,
+                            train.reduce_order), both path-drop branches: per-step values, final
+                            model, EMA and optimizer state (as a checkpoint holds them), gradient addresses, the collectives issued;
                             save/load a checkpoint of model, EMA and optimizer in OUT
   ddp DTYPE                 one backward reduced by srdit's reducer and by torch's DDP, and each
                             rank's own unreduced gradient (for the bf16 bound)
@@ -33,7 +33,8 @@ TINY = ["model.hidden=32", "model.heads=2", "model.depth=5", "model.projector_di
         "train.lr_decay_steps=0", "train.global_batch=8", "model.kernels=eager"]
 STEPS = 4  # host coins with seed 7 at p=0.5 give both branches in 4 steps (checked by the tests)
 COLLECTIVES = ("all_reduce", "broadcast", "barrier", "all_gather_object", "broadcast_object_list", "all_gather",
-               "reduce_scatter_tensor", "all_gather_into_tensor", "reduce_scatter_single", "all_gather_single")
+               "reduce_scatter_tensor", "all_gather_into_tensor", "reduce_scatter_single", "all_gather_single",
+               "all_to_all_single")
 
 
 class CollectiveLog:
@@ -73,12 +74,12 @@ def global_batches(cfg, steps, device):
 
 
 def train(rank, world, accum, graphs, dtype, *, shard="false", clip=None, save=None, load=None, start=0,
-          steps=STEPS, out="."):
+          steps=STEPS, order="library", out="."):
     """`steps` steps of build_step's step from step `start` (the data and noise of the steps
     before are drawn and skipped; `load`: the checkpoint file they left, in out/), the checkpoint
     saved to out/`save`=NAME@STEP after that step (all ranks take part: gathers)."""
     overrides = [*TINY, f"train.grad_accum={accum}", f"train.cuda_graphs={graphs}", f"train.grad_reduce_dtype={dtype}",
-                 f"train.shard_optimizer={shard}"] + ([f"train.grad_clip={clip}"] if clip else [])
+                 f"train.shard_optimizer={shard}", f"train.reduce_order={order}"] + ([f"train.grad_clip={clip}"] if clip else [])
     cfg = apply_overrides(preset("quickstart"), overrides)
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -12,6 +12,11 @@ tensors (gathered), the same format sharded or not, so it resumes at any world s
 where the summed gradients are (the same world size, or 2 ranks to 1 rank with 2 micro-batches:
 g1/2 + g2/2 either way); from 4 ranks to 2 or 1 the same micro-batches' gradients are summed in
 another association (floating-point addition is not associative), so to fp32 rounding.
+
+train.reduce_order=fixed (srdit.train.fixed_sum) sums in one pairwise tree over the global
+batch's micro-batches, and the norm in one tree over fixed tiles, whatever the split: 4 ranks x
+1, 2 x 2 (sharded or not) and 1 x 4 then take the same steps bit for bit with the clip active,
+and a 4-rank checkpoint resumes on 2 and on 1 bit for bit.
 """
 import pytest
 import torch
@@ -22,7 +27,13 @@ S2, U2 = f"train:1:0:fp32:shard=true:{OFF}:save=ckpt2.pt@2", f"train:1:0:fp32:sh
 S2_GRAPHED, S2_BF16 = f"train:1:1:fp32:shard=true:{OFF}", f"train:1:0:bf16:shard=true:{OFF}"
 S2_CLIP, U2_CLIP = "train:1:0:fp32:shard=auto:clip=0.3", "train:1:0:fp32:shard=false:clip=0.3"  # norms 0.47-0.73
 S4, U4 = f"train:1:0:fp32:shard=true:{OFF}:save=ckpt4.pt@2", f"train:1:0:fp32:shard=false:{OFF}"
-FIRST = {"two": (2, [S2, U2, S2_GRAPHED, S2_BF16, S2_CLIP, U2_CLIP]), "four": (4, [S4, U4])}
+FIXED = "fp32:clip=0.3:order=fixed"  # the clip active at every step (norms 0.47-0.73)
+F4 = f"train:1:0:{FIXED}:shard=true:save=fixed4.pt@2"
+F2, F2_UNSHARDED, F2_GRAPHED = (f"train:2:0:{FIXED}:shard=true", f"train:2:0:{FIXED}:shard=false",
+                                f"train:2:1:{FIXED}:shard=true")
+F1 = f"train:4:0:{FIXED}"
+FIRST = {"two": (2, [S2, U2, S2_GRAPHED, S2_BF16, S2_CLIP, U2_CLIP, F2, F2_UNSHARDED, F2_GRAPHED]),
+         "four": (4, [S4, U4, F4]), "one": (1, [F1])}
 # the step's clip coefficient: a norm of the same gradients summed in another order
 CLIP_TOL = dict(rtol=1e-5, atol=1e-6)
 FOUR_RANKS_TOL = dict(rtol=1e-4, atol=1e-5)  # as test_ranks.py: another association of the same sums
@@ -38,13 +49,14 @@ def first(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(first, tmp_path_factory):
-    ckpt4, ckpt2 = FOLDERS["four"] / "ckpt4.pt", FOLDERS["two"] / "ckpt2.pt"
-    assert ckpt4.exists() and ckpt2.exists()
-    rest = f"{OFF}:start=2:steps=2"
+    ckpt4, ckpt2, fixed4 = FOLDERS["four"] / "ckpt4.pt", FOLDERS["two"] / "ckpt2.pt", FOLDERS["four"] / "fixed4.pt"
+    assert ckpt4.exists() and ckpt2.exists() and fixed4.exists()
+    rest, fixed = f"{OFF}:start=2:steps=2", f"{FIXED}:load={fixed4}:start=2:steps=2"
     return launch({
-        "on4": (4, [f"train:1:0:fp32:shard=true:load={ckpt4}:{rest}"]),
-        "on2": (2, [f"train:2:0:fp32:shard=true:load={ckpt4}:{rest}"]),
-        "on1": (1, [f"train:4:0:fp32:load={ckpt4}:{rest}", f"train:2:0:fp32:load={ckpt2}:{rest}"]),
+        "on4": (4, [f"train:1:0:fp32:shard=true:load={ckpt4}:{rest}", f"train:1:0:{fixed}:shard=true"]),
+        "on2": (2, [f"train:2:0:fp32:shard=true:load={ckpt4}:{rest}", f"train:2:0:{fixed}:shard=true"]),
+        "on1": (1, [f"train:4:0:fp32:load={ckpt4}:{rest}", f"train:2:0:fp32:load={ckpt2}:{rest}",
+                    f"train:4:0:{fixed}"]),
     }, tmp_path_factory)
 
 
@@ -101,7 +113,7 @@ def test_bf16_sharded_reduction_stays_close(first):
 def test_a_four_rank_checkpoint_resumes_on_four_bit_for_bit(first, resumed):
     straight = first["four"][0][S4]
     for rank in resumed["on4"]:
-        (run,) = rank.values()
+        run = next(v for k, v in rank.items() if "ckpt4" in k)
         assert_state_equal(run, straight)
         assert [v["loss"] for v in run["values"]] == [v["loss"] for v in straight["values"][2:]]
 
@@ -120,3 +132,32 @@ def test_a_two_rank_checkpoint_resumes_on_one_bit_for_bit(first, resumed):
     run = next(v for k, v in resumed["on1"][0].items() if "ckpt2" in k)
     assert_state_equal(run, straight)
     assert [v["loss"] for v in run["values"]] == [v["loss"] for v in straight["values"][2:]]
+
+
+def test_in_the_fixed_order_every_split_of_the_batch_takes_the_same_steps_bit_for_bit(first):
+    """4 ranks x 1 micro-batch, 2 x 2 (sharded, unsharded, graphed) and 1 x 4, the clip active."""
+    straight = first["four"][0][F4]
+    norms = [v["grad_norm"].item() for v in straight["values"]]
+    assert min(norms) > 0.3, norms  # the clip acted at every step
+    names = {c[0] for c in straight["collectives"]}
+    assert "all_to_all_single" in names and not names & {"reduce_scatter_single", "reduce_scatter_tensor"}, names
+    runs = [rank[F4] for rank in first["four"]] + [rank[spec] for rank in first["two"]
+                                                   for spec in (F2, F2_UNSHARDED, F2_GRAPHED)] + [first["one"][0][F1]]
+    for run in runs:
+        assert_state_equal(run, straight)
+        for a, b in zip(run["values"], straight["values"], strict=True):
+            assert torch.equal(a["grad_norm"], b["grad_norm"]) and torch.equal(a["skipped"], b["skipped"])
+            torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-6, atol=0)  # the log's mean over ranks
+
+
+def test_in_the_fixed_order_a_four_rank_checkpoint_resumes_on_four_two_and_one_bit_for_bit(first, resumed):
+    straight = first["four"][0][F4]
+    for name in ("on4", "on2", "on1"):
+        for rank in resumed[name]:
+            run = next(v for k, v in rank.items() if "fixed4" in k)
+            assert_state_equal(run, straight)
+            for a, b in zip(run["values"], straight["values"][2:], strict=True):
+                assert torch.equal(a["grad_norm"], b["grad_norm"])
+    # the library's order does not give that: the same resume on one rank differs in its bits
+    library = next(v for k, v in resumed["on1"][0].items() if "ckpt4" in k)
+    assert any(not torch.equal(library["model"][k], first["four"][0][S4]["model"][k]) for k in library["model"])

@@ -147,14 +147,18 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) < 1e-5 for s in la)
 
 
-def test_two_process_resume_is_bit_identical_also_on_one_process(tmp_path):
+@pytest.mark.parametrize("order", ["library", "fixed"])
+def test_two_process_resume_is_bit_identical_also_on_one_process(tmp_path, order):
     """2 ranks shard the update (train.shard_optimizer=auto); their checkpoint holds whole
     tensors, so a resume on 2 ranks, and on 1 with the same micro-batch (grad_accum=2), continues
-    the run bit for bit. The clip is set not to act: its coefficient is then exactly 1 (acting, it
-    comes from the norm summed per shard then across ranks on 2, over the whole buffer on 1: equal
-    to rounding; tests/train/test_sharding.py)."""
+    the run bit for bit. In the library's order the clip is set not to act: its coefficient is
+    then exactly 1 (acting, it comes from the norm summed per shard then across ranks on 2, over
+    the whole buffer on 1: equal to rounding). train.reduce_order=fixed sums the norm in one order
+    at any world size: there the clip acts at every step (tests/train/test_sharding.py: 4 ranks
+    to 2 and 1)."""
     straight, split, one = tmp_path / "straight", tmp_path / "split", tmp_path / "one"
-    common = ["train.ckpt_every=2", "train.grad_clip=1e9"]
+    clip = "train.grad_clip=1e9" if order == "library" else "train.grad_clip=0.01"
+    common = ["train.ckpt_every=2", clip, f"train.reduce_order={order}"]
     for out, steps, nproc in ((straight, 4, 2), (split, 2, 2), (split, 4, 2), (one, 2, 2)):
         proc = spawn(out, f"train.max_steps={steps}", *common, nproc=nproc)
         output, _ = proc.communicate(timeout=300)
@@ -163,6 +167,10 @@ def test_two_process_resume_is_bit_identical_also_on_one_process(tmp_path):
     output, _ = spawn(one, "train.max_steps=4", "train.grad_accum=2", *common).communicate(timeout=300)
     assert "resumed from" in output and "done at step 4" in output, output
     assert losses(split) == losses(straight) == losses(one)
+    if order == "fixed":
+        with open(straight / "metrics.jsonl") as f:
+            norms = [r["grad_norm"] for r in map(json.loads, f)]
+        assert min(norms) > 0.01, norms  # the clip acted
     final = [torch.load(out / "checkpoints" / "step_000000004.pt", weights_only=True) for out in (straight, one)]
     for part in ("model", "ema"):
         assert all(torch.equal(final[0][part][k], final[1][part][k]) for k in final[0][part]), part
