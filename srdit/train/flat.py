@@ -302,11 +302,18 @@ class ShardLayout:
 
     def pieces(self, buffer: torch.Tensor, tail: bool = False) -> list[torch.Tensor]:
         """This rank's piece of every chunk of a flat buffer, as views; with `tail`, its piece of
-        the frozen region too (the EMA's)."""
+        the frozen region too (the EMA's). Pieces that meet are one view (one rank's: the whole
+        buffer, one tensor for a foreach op)."""
         spans = [self.piece(k) for k in range(len(self.chunks))]
         if tail and self.tail is not None:
             spans.append(self._piece(*self.tail, self.rank))
-        return [buffer[a:b] for a, b in spans]
+        merged = [list(spans[0])]
+        for a, b in spans[1:]:
+            if a == merged[-1][1]:
+                merged[-1][1] = b
+            else:
+                merged.append([a, b])
+        return [buffer[a:b] for a, b in merged]
 
     def gathers(self, tail: bool = False) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """(whole, this rank's piece) spans of every chunk (and with `tail`, of the frozen
