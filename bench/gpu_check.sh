@@ -5,7 +5,8 @@
 #      CUDA-graph step against the eager step (tests/train/test_graphs.py)
 #   1b. the step with srdit's gradient reduction captured in its CUDA graphs, on a one-rank NCCL
 #      communicator launched by torchrun (it captures its all_reduce as eight do), against the
-#      eager step (test_cuda_graph_step_with_the_nccl_reduction_captured_matches_eager)
+#      eager step (test_cuda_graph_step_with_the_nccl_reduction_captured_matches_eager), in the
+#      library's order and in train.reduce_order=fixed (all-to-all, pairwise sums, all-gathers)
 #   2. bench/throughput.py, sr-dit-b1-256 at the target's batch 256: eager, kernels, graphs,
 #      cached-teacher, best (kernels + compile + graphs + cached teacher), then kernels with the
 #      MLPs on cuBLAS (model.fused_mlp=false: is srdit's Triton GEMM worth it?), written row by row;
@@ -53,7 +54,7 @@ run env 15 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,cloc
     git rev-parse --short=12 HEAD'
 run tests 105 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_model.py tests/train/test_graphs.py \
     -k "not nccl"
-run nccl-step 30 python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m pytest -q -p no:cacheprovider \
+run nccl-step 40 python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m pytest -q -p no:cacheprovider \
     tests/train/test_graphs.py -k nccl
 run throughput-b256 150 python3 bench/throughput.py --preset sr-dit-b1-256 --batch 256 --steps 10 \
     --variants eager kernels graphs cached-teacher best kernels-cublas-mlp --json "$OUT/throughput_b256.json"
@@ -66,7 +67,7 @@ run kernels-before 25 bash -c "git worktree add -f /tmp/srdit-kernels-before $KE
     --json '$OUT/kernels_before.json'"
 run traffic 35 python3 bench/traffic.py --preset sr-dit-b1-256 --batch 256 --variants kernels+cached --top 10 \
     --measure --json "$OUT/traffic_gpu.json"
-run data 20 python3 bench/data.py --json "$OUT/data.json"
-run sample 20 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json"
+run data 15 python3 bench/data.py --json "$OUT/data.json"
+run sample 15 python3 bench/sample.py --nfe 25 250 --iters 2 --json "$OUT/sample.json"
 tail -60 "$LOG"
 exit $status

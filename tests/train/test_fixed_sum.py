@@ -125,3 +125,4 @@ def test_the_fixed_order_sums_in_fp32_only():
         apply_overrides(preset("quickstart"), ["train.reduce_order=fixed", "train.grad_reduce_dtype=bf16"])
     with pytest.raises(ConfigError, match="reduce_order"):
         apply_overrides(preset("quickstart"), ["train.reduce_order=sorted"])
+

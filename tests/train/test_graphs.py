@@ -142,9 +142,11 @@ def test_cuda_graph_step_matches_eager(kernels):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_step_with_the_nccl_reduction_captured_matches_eager():
+@pytest.mark.parametrize("order", ["library", "fixed"])
+def test_cuda_graph_step_with_the_nccl_reduction_captured_matches_eager(order):
     """The reduction captured with the step: a one-rank NCCL communicator captures its all_reduce
-    as eight do. bench/gpu_check.sh runs this under torchrun (env:// rendezvous); alone, it makes
+    (with train.reduce_order=fixed: its all-to-all, the pairwise sums and the all-gathers) as
+    eight do. bench/gpu_check.sh runs this under torchrun (env:// rendezvous); alone, it makes
     its own one-rank group."""
     import os
 
@@ -162,7 +164,8 @@ def test_cuda_graph_step_with_the_nccl_reduction_captured_matches_eager():
     try:
         cuda = torch.device("cuda")
         overrides = ["train.path_drop_prob=0.5", "train.cuda_graphs=true", "model.kernels=triton",
-                     "model.batched_adaln=true"]
+                     "model.batched_adaln=true", f"train.reduce_order={order}", "train.grad_accum=2",
+                     "train.global_batch=8"]
         cfg, eager = build_runner(cuda, *overrides, teacher=True, reduce=True)
         eager = eager.runner
         _, graphed = build_runner(cuda, *overrides, teacher=True, reduce=True)
@@ -177,6 +180,32 @@ def test_cuda_graph_step_with_the_nccl_reduction_captured_matches_eager():
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def test_the_fixed_order_through_a_one_rank_reducer_and_captured_equals_its_plain_step():
+    """What bench/gpu_check.sh's one-rank NCCL check captures, on a one-rank gloo group with the
+    EagerReplay stand-in: the all-to-all, the pairwise sums and the all-gather back, 4 micro-batches
+    (a saved pair collapsed into each chunk before it goes out), against the same fixed-order step
+    with no reducer: bit for bit."""
+    import torch.distributed as dist
+
+    overrides = [*TINY, "train.reduce_order=fixed", "train.grad_accum=4", "train.global_batch=8", "train.grad_clip=0.05"]
+    cpu = torch.device("cpu")
+    cfg, plain = build_runner(cpu, *overrides)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        _, graphed = build_runner(cpu, *overrides, "train.cuda_graphs=true", graph_type=EagerReplay, reduce=True)
+        assert graphed.runner.reducer is not None and graphed.runner.reducer.gather_back
+        a, coins = trajectory(plain.run, cfg, cpu, steps=4, micro=2, accum=4)
+        b, _ = trajectory(graphed.run, cfg, cpu, steps=4, micro=2, accum=4)
+    finally:
+        dist.destroy_process_group()
+    assert set(coins) == {False, True}
+    assert min(v["grad_norm"].item() for v in a) > 0.05  # the clip acted
+    for x, y in zip(a, b, strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    for p, q in zip(training_state(plain), training_state(graphed.runner), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_a_host_collective_inside_the_captured_step_is_an_error_that_says_so(monkeypatch):
