@@ -159,14 +159,19 @@ def test_two_process_resume_is_bit_identical_also_on_one_process(tmp_path, order
     straight, split, one = tmp_path / "straight", tmp_path / "split", tmp_path / "one"
     clip = "train.grad_clip=1e9" if order == "library" else "train.grad_clip=0.01"
     common = ["train.ckpt_every=2", clip, f"train.reduce_order={order}"]
-    for out, steps, nproc in ((straight, 4, 2), (split, 2, 2), (split, 4, 2), (one, 2, 2)):
+    # the resume on the same 2 ranks does not depend on the order: run once
+    runs = ((straight, 4, 2), (split, 2, 2), (split, 4, 2), (one, 2, 2)) if order == "library" else \
+        ((straight, 4, 2), (one, 2, 2))
+    for out, steps, nproc in runs:
         proc = spawn(out, f"train.max_steps={steps}", *common, nproc=nproc)
         output, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, output
         assert "update sharded: each rank updates 1/2" in output
     output, _ = spawn(one, "train.max_steps=4", "train.grad_accum=2", *common).communicate(timeout=300)
     assert "resumed from" in output and "done at step 4" in output, output
-    assert losses(split) == losses(straight) == losses(one)
+    assert losses(straight) == losses(one)
+    if order == "library":
+        assert losses(split) == losses(straight)
     if order == "fixed":
         with open(straight / "metrics.jsonl") as f:
             norms = [r["grad_norm"] for r in map(json.loads, f)]
