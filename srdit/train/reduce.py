@@ -49,6 +49,8 @@ reduce-scattered for the sharded update.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 
@@ -151,7 +153,18 @@ class GradReducer:
         self.launch_order: list[int] = []
         self.landed_at_launch: list[int] = []
         self.landed = 0
-        self.hooks = [p.register_post_accumulate_grad_hook(self._landed) for p in grads.params]
+        # through a weak reference: a parameter keeps its hooks on the C++ side, where the garbage
+        # collector cannot see the cycle parameter -> hook -> reducer -> gradients -> parameter, so
+        # a hook holding the reducer would keep every buffer of a finished step alive (bench
+        # scripts build one step after another)
+        this = weakref.ref(self)
+
+        def landed(p: torch.Tensor) -> None:
+            reducer = this()
+            if reducer is not None:
+                reducer._landed(p)
+
+        self.hooks = [p.register_post_accumulate_grad_hook(landed) for p in grads.params]
 
     def arm(self) -> None:
         """The next backward is the step's last: reduce each chunk as it completes."""

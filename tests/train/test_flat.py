@@ -174,3 +174,23 @@ def test_frozen_weights_lie_apart_so_every_rank_updates_an_equal_share(world):
     other = flatten_for_training(build_model(cfg), cfg, 1)
     assert [span(p) for p in other.parameters() if p.requires_grad] == \
         [span(p) for p in model.parameters() if p.requires_grad]
+
+
+def test_a_dropped_reducer_frees_its_buffers(one_rank_group):
+    """The reducer's hooks live on the parameters' C++ side, out of the garbage collector's sight:
+    a hook holding the reducer kept every buffer of a finished step alive (bench/traffic.py
+    counting twelve steps in one process ran out of memory)."""
+    import gc
+    import weakref
+
+    cfg = tiny()
+    model = flatten_for_training(build_model(cfg), cfg)
+    grads = FlatGradients(model)
+    reducer = GradReducer(grads)
+    reducer.arm()
+    probe_loss(cfg, CPU)(model).backward()
+    reducer.finish()
+    buffer, weights = weakref.ref(grads.buffer), weakref.ref(next(model.parameters()))
+    del model, grads, reducer
+    gc.collect()
+    assert buffer() is None and weights() is None
