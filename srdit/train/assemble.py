@@ -88,11 +88,11 @@ def build_step(cfg: Config, model: torch.nn.Module, teacher: torch.nn.Module | N
     grads, reducer = FlatGradients(model), None
     if reduce is None:
         reduce = world > 1
-    fixed = cfg.train.reduce_order == "fixed"
     if reduce:
         with torch.no_grad():  # every rank starts from rank 0's weights, as DDP makes sure
             for flat in (flat_buffer(model), flat_buffer(ema.model)):
                 dist.broadcast(flat, src=0)
+        fixed = cfg.train.reduce_order == "fixed"
         # the fixed order sums pieces by an all-to-all: it needs the pieces even when the
         # optimizer is not sharded (then the sums are gathered back)
         pieces = shards if shards is not None or not fixed else ShardLayout(model, rank, world, CHUNKS)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from srdit.train.flat import ALIGN, ShardLayout
+from srdit.train.flat import ALIGN, ShardLayout, round_up
 
 TILE = ALIGN  # every rank's piece of a chunk starts at a multiple of it, for any world size
 
@@ -112,7 +112,7 @@ def tile_sums(x: torch.Tensor) -> torch.Tensor:
 def whole_norm(gradients: torch.Tensor, used: int) -> torch.Tensor:
     """The fixed-order norm of a whole flat gradient buffer (its first `used` elements hold every
     gradient): pairs within tiles, then the tiles' sums by pairs in buffer order."""
-    return pairwise_sum(tile_sums(gradients[:-(-used // TILE) * TILE])).sqrt()
+    return pairwise_sum(tile_sums(gradients[:round_up(used, TILE)])).sqrt()
 
 
 def tile_order(layout: ShardLayout, stride: int) -> torch.Tensor:

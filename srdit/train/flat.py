@@ -13,9 +13,10 @@ what a captured CUDA graph needs.
 
 The layout follows the order autograd finishes the gradients (gradient_ready_order, measured on
 a two-sample step of a copy of the model on the meta device): the buffer then fills from its
-start during backward, so its leading chunks can be reduced while the rest of the backward runs. In parameters() order they would not: the
-REG token's projection and norm are registered late but get their gradients last, and would hold
-back the chunk of the output layers, whose gradients come first.
+start during backward, so its leading chunks can be reduced while the rest of the backward runs.
+In parameters() order they would not: the REG token's projection and norm are registered late
+but get their gradients last, and would hold back the chunk of the output layers, whose
+gradients come first.
 """
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ from srdit.train.loss import diffusion_loss, draw_step_noise
 FLAT_ALIGN_BYTES = 256  # what CUDA's allocator gives a tensor of its own
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _aligned(offset: int, element_size: int) -> int:
-    step = max(1, FLAT_ALIGN_BYTES // element_size)
-    return -(-offset // step) * step
+    return round_up(offset, max(1, FLAT_ALIGN_BYTES // element_size))
 
 
 def flatten_parameters(module: nn.Module, order: list[int] | None = None, multiple: int = 1,
@@ -55,16 +59,19 @@ def flatten_parameters(module: nn.Module, order: list[int] | None = None, multip
     order = list(range(len(params))) if order is None else list(order)
     if sorted(order) != list(range(len(params))):
         raise ValueError(f"a parameter order must list each of the {len(params)} parameters once")
+    opens_region = None  # the first frozen parameter, with frozen_apart
     if frozen_apart:
-        order = [i for i in order if params[i].requires_grad] + [i for i in order if not params[i].requires_grad]
+        frozen = [i for i in order if not params[i].requires_grad]
+        order = [i for i in order if params[i].requires_grad] + frozen
+        opens_region = frozen[0] if frozen else None
     size = params[0].element_size()
     offsets, end = {}, 0
     for i in order:
-        if frozen_apart and not params[i].requires_grad and all(params[j].requires_grad for j in offsets):
-            end = _padded(end, multiple)  # the first frozen parameter opens the frozen region
+        if i == opens_region:
+            end = round_up(end, multiple)
         offsets[i] = _aligned(end, size)
         end = offsets[i] + params[i].numel()
-    _place(params, [offsets[i] for i in range(len(params))], _padded(end, multiple))
+    _place(params, [offsets[i] for i in range(len(params))], round_up(end, multiple))
     return module
 
 
@@ -78,10 +85,6 @@ def flatten_like(module: nn.Module, source: nn.Module) -> nn.Module:
         raise ValueError("flatten_like needs a flat source with the same parameters")
     _place(params, [p.storage_offset() for p in theirs], buffer.numel())
     return module
-
-
-def _padded(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _place(params: list[torch.Tensor], offsets: list[int], length: int) -> None:
@@ -304,9 +307,7 @@ class ShardLayout:
         """This rank's piece of every chunk of a flat buffer, as views; with `tail`, its piece of
         the frozen region too (the EMA's). Pieces that meet are one view (one rank's: the whole
         buffer, one tensor for a foreach op)."""
-        spans = [self.piece(k) for k in range(len(self.chunks))]
-        if tail and self.tail is not None:
-            spans.append(self._piece(*self.tail, self.rank))
+        spans = [mine for _, mine in self.gathers(tail)]
         merged = [list(spans[0])]
         for a, b in spans[1:]:
             if a == merged[-1][1]:

@@ -50,10 +50,9 @@ class Optimizers:
     reduce-scattered shard (attach_gradients); gather_weights brings every rank's pieces back.
     Either way the state_dict is the per-parameter one torch's AdamW writes (gathered from every
     rank when sharded: a collective), so a checkpoint loads at any number of ranks, sharded or
-    not, and old checkpoints load too. (The same runs at one rank as at several: AdamW's
-    arithmetic per element does not depend on which tensor an element is in on a GPU; the CPU's
-    vectorised kernel rounds the last elements of a tensor apart, and the same runs keep the
-    tests' comparisons exact.)"""
+    not, and old checkpoints load too. (Fused AdamW's arithmetic per element does not depend on
+    which tensor an element is in: runs cut anywhere give the same bits, checked on the CPU, so
+    the sharded update is the unsharded one.)"""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, layout: ShardLayout | None = None):
         params = [p for p in model.parameters() if p.requires_grad]

@@ -54,7 +54,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from srdit.train.fixed_sum import TILE, pairwise_sum, tile_order, tile_sums, whole_norm
+from srdit.train.fixed_sum import TILE, pairwise_sum, tile_order, tile_sums
 from srdit.train.flat import FlatGradients, ShardLayout, chunk_bounds, span
 
 CHUNKS = 4  # a few, so the first all_reduce starts a quarter into the backward; fewer launches than DDP's 25 MB buckets
@@ -114,14 +114,14 @@ class GradReducer:
     every rank's r-th piece, the bytes of a reduce-scatter), and the received pieces are added by
     pairs in rank order into `shard`; with gather_back (an unsharded optimizer) the summed pieces
     are all-gathered back into the buffer (the all-reduce's second half). It needs a ShardLayout
-    and fp32. before_launch(start, end) runs before a chunk goes out (MicroBatchTree.collapse)."""
+    and fp32."""
 
     def __init__(self, grads: FlatGradients, *, dtype: str = "fp32", chunks: int = CHUNKS, group=None,
-                 layout: ShardLayout | None = None, order: str = "library", gather_back: bool = False,
-                 before_launch=None):
+                 layout: ShardLayout | None = None, order: str = "library", gather_back: bool = False):
         self.grads, self.group, self.layout = grads, group, layout
         self.dtype = REDUCE_DTYPES[dtype]
-        self.fixed, self.gather_back, self.before_launch = order == "fixed", gather_back, before_launch
+        self.fixed, self.gather_back = order == "fixed", gather_back
+        self.before_launch = None  # (start, end) -> None, run before a chunk goes out: MicroBatchTree.collapse
         if self.fixed and (layout is None or self.dtype != grads.buffer.dtype):
             raise ValueError("the fixed-order reduction needs a ShardLayout and fp32 (train.grad_reduce_dtype=fp32)")
         spans = {id(p): span(p) for p in grads.params}
@@ -210,7 +210,8 @@ class GradReducer:
             for received, piece in zip(self.received, self.shard_pieces):
                 pairwise_sum(received, out=piece)
             if self.gather_back:
-                wait_for([_all_gather(chunk, piece, self.group) for chunk, piece in zip(self.chunks, self.shard_pieces)])
+                wait_for([_all_gather(chunk, piece, self.group)
+                          for chunk, piece in zip(self.chunks, self.shard_pieces)])
         elif self.staging is not None:  # back from bf16
             for i in range(len(self.chunks)):
                 if self.layout is None:
@@ -220,15 +221,11 @@ class GradReducer:
         self.armed, self.works = False, []
 
     def fixed_norm_and_skip(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """order="fixed": the global gradient norm in the fixed order (srdit.train.fixed_sum) and
-        the skip flag (1.0: a non-finite norm, or a non-finite `loss` on any rank). Sharded, each
-        rank's tile sums and loss flag are all-gathered (a few MB) and summed in buffer order;
-        gathered back, every rank holds the whole sum and computes the same."""
+        """order="fixed", sharded (not gathered back): the global gradient norm in the fixed order
+        (srdit.train.fixed_sum) and the skip flag (1.0: a non-finite norm, or a non-finite `loss`
+        on any rank). Each rank's tile sums and loss flag are all-gathered (a few MB) and summed
+        in buffer order."""
         bad_loss = (~torch.isfinite(loss)).float()
-        if self.gather_back:
-            norm = whole_norm(self.grads.buffer, self.grads.used)
-            # a non-finite loss on one rank makes its gradients, and so the sum, non-finite too
-            return norm, ((~torch.isfinite(norm)) | (bad_loss > 0)).float()
         mine = torch.cat([tile_sums(self.shard), bad_loss[None]])
         wait_for([_all_gather(self.gathered, mine, self.group)])
         norm = pairwise_sum(self.gathered[self.tile_order]).sqrt()

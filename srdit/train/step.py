@@ -109,20 +109,19 @@ class StepRunner:
         self.autocast = autocast if autocast is not None else contextlib.nullcontext
 
     def norm_and_skip(self, total_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global gradient norm and the skip flag (1.0: a non-finite loss or gradient). Sharded,
-        each rank holds 1/world of the summed gradients: the norm is the square root of the
-        all-reduced sum of the shards' squared norms (summed in another order than one norm over
-        the whole buffer: equal to rounding), and a non-finite loss on any rank skips everywhere.
-        train.reduce_order=fixed: the norm in the fixed order, the same bits at any world size."""
-        if self.fixed and self.reducer is not None:
-            return self.reducer.fixed_norm_and_skip(total_sum)
+        """The global gradient norm and the skip flag (1.0: a non-finite loss or gradient). Where
+        this rank holds the whole summed buffer, its norm (train.reduce_order=fixed: in the fixed
+        order, the same bits at any world size); a non-finite loss on one rank makes the summed
+        gradients non-finite too. Sharded, each rank holds 1/world of them: the norm comes from
+        every rank's shard (summed in another order than one norm over the whole buffer: equal to
+        rounding; fixed: the same bits), and a non-finite loss on any rank skips everywhere."""
+        reducer = self.reducer
+        if reducer is None or reducer.shard is None or reducer.gather_back:
+            grad_norm = whole_norm(self.grads.buffer, self.grads.used) if self.fixed else self.grads.norm()
+            return grad_norm, (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
         if self.fixed:
-            grad_norm = whole_norm(self.grads.buffer, self.grads.used)
-            return grad_norm, (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
-        if self.reducer is None or self.reducer.shard is None:
-            grad_norm = self.grads.norm()
-            return grad_norm, (~(torch.isfinite(grad_norm) & torch.isfinite(total_sum))).float()
-        local = torch.stack([torch.linalg.vector_norm(self.reducer.shard).square(), (~torch.isfinite(total_sum)).float()])
+            return reducer.fixed_norm_and_skip(total_sum)
+        local = torch.stack([torch.linalg.vector_norm(reducer.shard).square(), (~torch.isfinite(total_sum)).float()])
         dist.all_reduce(local)  # a device collective: captured with the step
         grad_norm = local[0].sqrt()
         return grad_norm, ((~torch.isfinite(grad_norm)) | (local[1] > 0)).float()

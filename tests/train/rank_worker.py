@@ -9,8 +9,9 @@ Scenarios:
                             ACCUM micro-batches; EagerReplay graphs when GRAPHS=1; the gradient
                             sum in DTYPE; train.shard_optimizer, train.grad_clip,
                             train.reduce_order), both path-drop branches: per-step values, final
-                            model, EMA and optimizer state (as a checkpoint holds them), gradient addresses, the collectives issued;
-                            save/load a checkpoint of model, EMA and optimizer in OUT
+                            model, EMA and optimizer state (as a checkpoint holds them), gradient
+                            addresses, the collectives issued; save/load a checkpoint of model,
+                            EMA and optimizer in OUT
   ddp DTYPE                 one backward reduced by srdit's reducer and by torch's DDP, and each
                             rank's own unreduced gradient (for the bf16 bound)
 """
